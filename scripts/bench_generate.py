@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Benchmark plain greedy generation throughput: recontrol vs Hugging Face `generate()`.
+
+Both sides run the same random Llama model (8 layers, hidden 512, vocab 32000,
+float32) on CPU in the same invocation, with torch's default thread count.
+
+Usage (from the repo root)::
+
+    .venv/bin/python scripts/bench_generate.py [--recontrol target/release/recontrol] \\
+        [--new-tokens 64] [--batch-sizes 1 8] [--repeats 3] [--json FILE] [--hf-only]
+
+* HF: one warm-up, then `repeats` timed calls of
+  `model.generate(..., max_new_tokens=N, min_new_tokens=N, do_sample=False)`
+  (left padding); tokens/s = b*N / seconds; median over repeats.
+* recontrol: `repeats` runs of
+  `recontrol generate --model DIR --prompts FILE --batch-size b --max-new-tokens N
+  --ignore-eos --out OUT.jsonl`; tokens/s = sum(num_tokens) / (sum of the per-batch
+  `seconds`, model loading excluded); median over repeats.
+* Also checks that recontrol's greedy tokens for batch size 1 equal HF's.
+
+The model is cached in target/bench-model (when target/ exists) and rebuilt only
+when the settings change; otherwise it goes to a temporary directory.
+Exit status: 0 ok, 1 recontrol failed, 2 recontrol binary missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+from transformers.utils import logging as hf_logging
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_SCRIPT = REPO_ROOT / "tests" / "fixtures" / "lm" / "make_fixtures.py"
+TOKENIZER_SRC = REPO_ROOT / "tests" / "fixtures" / "generated" / "lm" / "llama-mha"
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+CACHE_DIR = REPO_ROOT / "target" / "bench-model"
+
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
+SEED = 0
+# Everything that determines the model's weights; a cached model is reused only if
+# its bench_settings.json holds exactly this (plus the tokenizer's hash).
+MODEL_SETTINGS = {
+    "num_hidden_layers": 8,
+    "hidden_size": 512,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "intermediate_size": 1376,
+    "vocab_size": 32000,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
+    "seed": SEED,
+    "init": "scaled-normal-v1",  # bump when randomize_() changes
+}
+
+# Eight distinct HH-style prompts of similar length (22-27 tokens with the fixture tokenizer).
+PROMPTS = [
+    "\n\nHuman: What is the best way to learn to cook?\n\nAssistant:",
+    "\n\nHuman: How do I prepare for an interview?\n\nAssistant:",
+    "\n\nHuman: Why is the sky blue during the day?\n\nAssistant:",
+    "\n\nHuman: How can I help my dog stop barking?\n\nAssistant:",
+    "\n\nHuman: What should I pack for a trip to Spain?\n\nAssistant:",
+    "\n\nHuman: How do I start running if I am tired?\n\nAssistant:",
+    "\n\nHuman: What are some good books to read in winter?\n\nAssistant:",
+    "\n\nHuman: Is it safe to swim right after eating?\n\nAssistant:",
+]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def tokenizer_hash() -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        h.update((TOKENIZER_SRC / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def ensure_tokenizer() -> None:
+    """Run the fixture script if its llama-mha tokenizer is missing."""
+    if all((TOKENIZER_SRC / f).exists() for f in TOKENIZER_FILES):
+        return
+    print(f"tokenizer fixture missing; running {FIXTURE_SCRIPT.relative_to(REPO_ROOT)}")
+    subprocess.run([sys.executable, str(FIXTURE_SCRIPT)], check=True, cwd=REPO_ROOT)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module) -> None:
+    """Seeded weights with peaked output distributions (robust greedy argmax).
+
+    Linear weights ~ N(0, 1/fan_in) keep activations O(1) through the layers;
+    the lm_head is scaled so logits have std ~2 (top-1/top-2 gaps far above
+    float32 round-off).  Norm weights are 1 + 0.1*N(0, 1).
+    """
+    torch.manual_seed(SEED)
+    hidden = MODEL_SETTINGS["hidden_size"]
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        elif "embed_tokens" in name:
+            p.copy_(torch.randn_like(p))
+        elif "lm_head" in name:
+            p.copy_(2.0 / hidden**0.5 * torch.randn_like(p))
+        elif p.dim() == 2:
+            p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+        else:
+            raise ValueError(f"unexpected parameter {name}")
+
+
+def build_model(dest: Path, settings: dict) -> None:
+    """Create the random model + tokenizer in `dest` (written to a temp dir, then renamed)."""
+    s = MODEL_SETTINGS
+    config = LlamaConfig(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"],
+        max_position_embeddings=s["max_position_embeddings"],
+        rms_norm_eps=s["rms_norm_eps"],
+        tie_word_embeddings=s["tie_word_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"]},
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            shutil.copy2(TOKENIZER_SRC / f, tmp / f)
+        (tmp / "bench_settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_dir(scratch: Path) -> Path:
+    """The bench model dir: cached under target/ when possible, else in `scratch`."""
+    ensure_tokenizer()
+    settings = {**MODEL_SETTINGS, "tokenizer_sha256": tokenizer_hash()}
+    use_cache = CACHE_DIR.parent.is_dir()
+    dest = CACHE_DIR if use_cache else scratch / "bench-model"
+    stamp = dest / "bench_settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == settings:
+        print(f"model: reusing {dest}")
+        return dest
+    t0 = time.perf_counter()
+    build_model(dest, settings)
+    print(f"model: built {dest} in {time.perf_counter() - t0:.1f}s")
+    return dest
+
+
+# --------------------------------------------------------------------------- HF side
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompts, n, **kw) -> torch.Tensor:
+    """Greedy left-padded generation; returns the new tokens [b, n]."""
+    enc = tokenizer(prompts, add_special_tokens=True, padding=True, return_tensors="pt")
+    out = model.generate(
+        **enc, max_new_tokens=n, do_sample=False, pad_token_id=PAD_ID, **kw
+    )
+    return out[:, enc["input_ids"].shape[1]:]
+
+
+def bench_hf(model, tokenizer, b: int, n: int, repeats: int) -> float:
+    """Median tokens/s of HF generate for the first `b` prompts."""
+    prompts = PROMPTS[:b]
+    hf_generate(model, tokenizer, prompts, n, min_new_tokens=n)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        new = hf_generate(model, tokenizer, prompts, n, min_new_tokens=n)
+        dt = time.perf_counter() - t0
+        assert new.shape == (b, n), new.shape
+        rates.append(b * n / dt)
+    return statistics.median(rates)
+
+
+# --------------------------------------------------------------------------- recontrol side
+
+
+def run_recontrol(binary: Path, model: Path, prompts_file: Path, out_file: Path,
+                  b: int, n: int) -> list[dict]:
+    cmd = [
+        str(binary), "generate",
+        "--model", str(model),
+        "--prompts", str(prompts_file),
+        "--batch-size", str(b),
+        "--max-new-tokens", str(n),
+        "--ignore-eos",
+        "--out", str(out_file),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"recontrol failed (exit {proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
+        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        sys.exit(1)
+    with open(out_file, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def recontrol_rate(rows: list[dict], b: int) -> float:
+    """tokens/s of one run: rows come in consecutive batches of `b`, each carrying its
+    batch's generation wall time in `seconds`."""
+    tokens = sum(r["num_tokens"] for r in rows)
+    seconds = sum(rows[i]["seconds"] for i in range(0, len(rows), b))
+    return tokens / seconds
+
+
+def bench_recontrol(binary, model, work: Path, b: int, n: int, repeats: int):
+    """Median tokens/s over `repeats` runs, and the rows of the last run."""
+    prompts_file = work / f"prompts_b{b}.jsonl"
+    with open(prompts_file, "w", encoding="utf-8") as f:
+        for p in PROMPTS[:b]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    rates, rows = [], []
+    for r in range(repeats):
+        rows = run_recontrol(binary, model, prompts_file, work / f"out_b{b}_{r}.jsonl", b, n)
+        assert len(rows) == b, f"expected {b} rows, got {len(rows)}"
+        assert all(row["num_tokens"] == n for row in rows), [row["num_tokens"] for row in rows]
+        rates.append(recontrol_rate(rows, b))
+    return statistics.median(rates), rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recontrol", type=Path, default=REPO_ROOT / "target" / "release" / "recontrol")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the results table as JSON here")
+    ap.add_argument("--hf-only", action="store_true", help="skip recontrol (test the HF half)")
+    args = ap.parse_args()
+    for b in args.batch_sizes:
+        if not 1 <= b <= len(PROMPTS):
+            ap.error(f"batch sizes must be in 1..{len(PROMPTS)}")
+
+    binary = args.recontrol if args.recontrol.is_absolute() else Path.cwd() / args.recontrol
+    if not args.hf_only and not binary.is_file():
+        print(f"error: recontrol binary not found at {binary}\n"
+              f"build it first (cargo build --release -p recontrol-cli) or pass --recontrol PATH "
+              f"(or --hf-only)", file=sys.stderr)
+        return 2
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    n = args.new_tokens
+    threads = torch.get_num_threads()  # torch's default; recontrol uses the same
+    print(f"torch {torch.__version__}, threads {threads}, new tokens {n}, repeats {args.repeats}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as scratch:
+        work = Path(scratch)
+        mdir = model_dir(work)
+        tokenizer = AutoTokenizer.from_pretrained(mdir, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+        lens = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+        print(f"prompt lengths (tokens incl. <s>): {lens}")
+
+        results = []
+        for b in args.batch_sizes:
+            hf = bench_hf(model, tokenizer, b, n, args.repeats)
+            rc, rc_rows = (None, None)
+            if not args.hf_only:
+                rc, rc_rows = bench_recontrol(binary, mdir, work, b, n, args.repeats)
+            results.append({"batch": b, "hf_tok_s": hf, "recontrol_tok_s": rc,
+                             "ratio": rc / hf if rc is not None else None})
+            print(f"  batch {b}: HF {hf:.1f} tok/s"
+                  + (f", recontrol {rc:.1f} tok/s" if rc is not None else ""))
+
+            if b == 1 and rc_rows is not None:
+                # Reference greedy tokens for prompt 0.  `--ignore-eos` may mean either
+                # "keep going after </s>" (HF eos_token_id=None) or "never emit </s>"
+                # (HF min_new_tokens); they only differ if </s> is ever the argmax.
+                ours = list(rc_rows[0]["tokens"])
+                cont = hf_generate(model, tokenizer, PROMPTS[:1], n, eos_token_id=None)[0].tolist()
+                supp = hf_generate(model, tokenizer, PROMPTS[:1], n, min_new_tokens=n)[0].tolist()
+                match = ours in (cont, supp)
+                results[-1]["tokens_match_hf"] = match
+                print(f"  batch 1 greedy tokens match HF: {'yes' if match else 'NO'}")
+                if not match:
+                    print(f"    recontrol: {ours}\n    HF:        {cont}"
+                          + (f"\n    HF (eos suppressed): {supp}" if supp != cont else ""))
+
+    # Table.
+    print()
+    print(f"{'batch':>5}  {'HF tok/s':>10}  {'recontrol tok/s':>15}  {'ratio':>6}")
+    for r in results:
+        rc = f"{r['recontrol_tok_s']:.1f}" if r["recontrol_tok_s"] is not None else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        print(f"{r['batch']:>5}  {r['hf_tok_s']:>10.1f}  {rc:>15}  {ratio:>6}")
+    if args.json:
+        report = {
+            "new_tokens": n,
+            "repeats": args.repeats,
+            "threads": threads,
+            "torch": torch.__version__,
+            "model": MODEL_SETTINGS,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+//! End-to-end tests of recontrol across crates, and the fixtures they share.
+//!
+//! Fixtures are made by Python scripts kept beside them (HF transformers is the reference) and
+//! written under `tests/fixtures/generated/`, which is not committed: `scripts/test.sh` runs
+//! the scripts before the tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use tch::Tensor;
+
+/// The tiny HF models written by `tests/fixtures/lm/make_fixtures.py`, one per supported
+/// architecture variant.
+pub const LM_FIXTURES: [&str; 4] = ["llama-mha", "llama3-gqa", "mistral", "qwen2"];
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// Where the generated LM fixtures live.
+pub fn lm_fixtures_root() -> PathBuf {
+    let dir = repo_root().join("tests/fixtures/generated/lm");
+    assert!(
+        dir.join("prompts.json").is_file(),
+        "LM fixtures missing at {}: run scripts/test.sh, or .venv/bin/python tests/fixtures/lm/make_fixtures.py",
+        dir.display()
+    );
+    dir
+}
+
+/// The model directory of one LM fixture.
+pub fn lm_fixture(name: &str) -> PathBuf {
+    lm_fixtures_root().join(name)
+}
+
+/// The HF outputs recorded for an LM fixture (`expected.safetensors`), by name.
+pub fn lm_expected(name: &str) -> HashMap<String, Tensor> {
+    let path = lm_fixture(name).join("expected.safetensors");
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// The prompts the LM fixtures were run on.
+pub fn lm_prompts() -> Vec<String> {
+    let path = lm_fixtures_root().join("prompts.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_value(value["prompts"].clone()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Copies a fixture model directory into `dest` (for tests that break a copy).
+pub fn copy_dir(src: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dest)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dest.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
