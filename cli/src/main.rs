@@ -1,1 +1,42 @@
-fn main() {}
+//! `recontrol`: test-time alignment of LLMs by editing their hidden states (RE-Control).
+
+mod args;
+mod env;
+mod generate;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Test-time alignment of LLMs by editing their hidden states (RE-Control).
+#[derive(Debug, Parser)]
+#[command(name = "recontrol", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate continuations of prompts with a Hugging Face model directory.
+    Generate(generate::GenerateArgs),
+    /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
+    Env(env::EnvArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => args.run(),
+        Command::Env(args) => args.run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

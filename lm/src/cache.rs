@@ -38,7 +38,12 @@ impl KvCache {
 
     /// Appends `k`, `v` `[batch, kv_heads, new, head_dim]` to layer `layer` and returns all keys
     /// and values of that layer so far, `[batch, kv_heads, len + new, head_dim]`.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let new = k.size()[2];
         let start = self.len as i64;
         let needed = start + new;
@@ -60,8 +65,10 @@ impl KvCache {
             };
             let (kb, vb) = (alloc(k)?, alloc(v)?);
             if let Some((old_k, old_v)) = slot.take() {
-                kb.f_narrow(2, 0, start)?.f_copy_(&old_k.f_narrow(2, 0, start)?)?;
-                vb.f_narrow(2, 0, start)?.f_copy_(&old_v.f_narrow(2, 0, start)?)?;
+                kb.f_narrow(2, 0, start)?
+                    .f_copy_(&old_k.f_narrow(2, 0, start)?)?;
+                vb.f_narrow(2, 0, start)?
+                    .f_copy_(&old_v.f_narrow(2, 0, start)?)?;
             }
             *slot = Some((kb, vb));
         }

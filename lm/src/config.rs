@@ -115,7 +115,9 @@ impl Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (inverse frequencies divided by it).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling of low, medium and high frequencies.
     Llama3 {
         factor: f64,
@@ -179,14 +181,13 @@ impl ModelConfig {
             path: path.to_owned(),
             message,
         };
-        let architecture =
-            Architecture::from_model_type(&hf.model_type).ok_or_else(|| {
-                Error::UnsupportedModelType {
-                    path: path.to_owned(),
-                    found: hf.model_type.clone(),
-                    supported: SUPPORTED_MODEL_TYPES,
-                }
-            })?;
+        let architecture = Architecture::from_model_type(&hf.model_type).ok_or_else(|| {
+            Error::UnsupportedModelType {
+                path: path.to_owned(),
+                found: hf.model_type.clone(),
+                supported: SUPPORTED_MODEL_TYPES,
+            }
+        })?;
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
                 return Err(invalid(format!(
@@ -223,7 +224,9 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid(format!("head_dim {head_dim} must be even for rotary embeddings")));
+            return Err(invalid(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            )));
         }
         if let Some(f) = hf.partial_rotary_factor {
             if f != 1.0 {
@@ -259,7 +262,11 @@ impl ModelConfig {
             mlp_bias: architecture == Architecture::Llama && hf.mlp_bias.unwrap_or(false),
             windows,
             bos_token_id: first(&hf.bos_token_id),
-            eos_token_ids: hf.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            eos_token_ids: hf
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::to_vec)
+                .unwrap_or_default(),
             pad_token_id: first(&hf.pad_token_id),
         })
     }
@@ -270,7 +277,12 @@ impl ModelConfig {
 fn rope_config(hf: &HfConfig) -> std::result::Result<RopeConfig, String> {
     let empty = Map::new();
     let (params, theta) = match &hf.rope_parameters {
-        Some(p) => (p, p.get("rope_theta").and_then(Value::as_f64).or(hf.rope_theta)),
+        Some(p) => (
+            p,
+            p.get("rope_theta")
+                .and_then(Value::as_f64)
+                .or(hf.rope_theta),
+        ),
         None => (hf.rope_scaling.as_ref().unwrap_or(&empty), hf.rope_theta),
     };
     let theta = theta.unwrap_or(10_000.0);

@@ -38,7 +38,9 @@ pub enum Error {
     #[error("{path}: malformed safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
-    #[error("{index}: shard {shard:?} is not a file inside the model directory; refusing to read it")]
+    #[error(
+        "{index}: shard {shard:?} is not a file inside the model directory; refusing to read it"
+    )]
     ShardOutsideModelDir { index: PathBuf, shard: String },
 
     #[error("{dir}: tensor {name:?} is missing from the checkpoint")]
@@ -69,7 +71,10 @@ pub enum Error {
     InvalidDevice(String),
 
     #[error("device {requested} requested but {available}")]
-    DeviceUnavailable { requested: String, available: String },
+    DeviceUnavailable {
+        requested: String,
+        available: String,
+    },
 
     #[error("invalid dtype {0:?}: expected f32, bf16 or f16")]
     InvalidDtype(String),
@@ -80,7 +85,9 @@ pub enum Error {
     #[error("prompt {index} is empty after tokenisation")]
     EmptyPrompt { index: usize },
 
-    #[error("prompt {index} has {tokens} tokens plus {new} new ones, over the model's {max} positions")]
+    #[error(
+        "prompt {index} has {tokens} tokens plus {new} new ones, over the model's {max} positions"
+    )]
     PromptTooLong {
         index: usize,
         tokens: usize,

@@ -2,10 +2,10 @@
 
 use tch::{Kind, Tensor};
 
+use crate::error::{Error, Result};
 use crate::hook::{HiddenStateHook, HookContext};
 use crate::model::{CausalLm, Positions, StepInput};
 use crate::sampling::{Sampler, Sampling};
-use crate::error::{Error, Result};
 
 /// Settings of one generation call.
 #[derive(Debug, Clone)]
@@ -81,10 +81,18 @@ pub fn generate(
         positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
     }
     let shape = [batch as i64, width as i64];
-    let input_ids = Tensor::from_slice(&ids).f_view(shape)?.f_to_device(device)?;
-    let position_ids = Tensor::from_slice(&positions).f_view(shape)?.f_to_device(device)?;
+    let input_ids = Tensor::from_slice(&ids)
+        .f_view(shape)?
+        .f_to_device(device)?;
+    let position_ids = Tensor::from_slice(&positions)
+        .f_view(shape)?
+        .f_to_device(device)?;
     let mut key_mask = if padded {
-        Some(Tensor::from_slice(&valid).f_view(shape)?.f_to_device(device)?)
+        Some(
+            Tensor::from_slice(&valid)
+                .f_view(shape)?
+                .f_to_device(device)?,
+        )
     } else {
         None
     };
@@ -131,8 +139,12 @@ pub fn generate(
                 Some(_) => config.pad_token_id,
             })
             .collect();
-        let step_ids = Tensor::from_slice(&feed).f_view([batch as i64, 1])?.f_to_device(device)?;
-        let step_pos = Tensor::from_slice(&next_pos).f_view([batch as i64, 1])?.f_to_device(device)?;
+        let step_ids = Tensor::from_slice(&feed)
+            .f_view([batch as i64, 1])?
+            .f_to_device(device)?;
+        let step_pos = Tensor::from_slice(&next_pos)
+            .f_view([batch as i64, 1])?
+            .f_to_device(device)?;
         for p in &mut next_pos {
             *p += 1;
         }
@@ -162,7 +174,9 @@ pub fn generate(
 
 fn validate(model: &CausalLm, prompts: &[Vec<i64>], config: &GenerationConfig) -> Result<()> {
     if config.max_new_tokens == 0 {
-        return Err(Error::InvalidGeneration("max-new-tokens must be at least 1".to_owned()));
+        return Err(Error::InvalidGeneration(
+            "max-new-tokens must be at least 1".to_owned(),
+        ));
     }
     let vocab = model.config().vocab_size as i64;
     for (index, p) in prompts.iter().enumerate() {
@@ -211,12 +225,18 @@ fn apply_hook(
             found: edited.size(),
         });
     }
-    let edited = edited.f_to_kind(hidden.kind())?.f_to_device(hidden.device())?;
+    let edited = edited
+        .f_to_kind(hidden.kind())?
+        .f_to_device(hidden.device())?;
     if all_rows {
         return Ok(edited);
     }
     let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-    Ok(hidden.f_index_copy(0, &Tensor::from_slice(&index).f_to_device(hidden.device())?, &edited)?)
+    Ok(hidden.f_index_copy(
+        0,
+        &Tensor::from_slice(&index).f_to_device(hidden.device())?,
+        &edited,
+    )?)
 }
 
 /// Next token of every row from final hidden states `[batch, hidden]` (rows not in `rows`,

@@ -93,7 +93,8 @@ impl LanguageModel {
             Some(ids) => ids.to_vec(),
             None => config.eos_token_ids.clone(),
         };
-        let first = |ids: &Option<config::TokenIds>| ids.as_ref().and_then(|t| t.to_vec().first().copied());
+        let first =
+            |ids: &Option<config::TokenIds>| ids.as_ref().and_then(|t| t.to_vec().first().copied());
         let pad_token_id = first(&defaults.pad_token_id)
             .or(config.pad_token_id)
             .or(eos_token_ids.first().copied())

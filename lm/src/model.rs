@@ -24,7 +24,10 @@ struct Linear {
 
 impl Linear {
     fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get(&format!("{prefix}.weight"), &[out_dim as i64, in_dim as i64])?;
+        let weight = w.get(
+            &format!("{prefix}.weight"),
+            &[out_dim as i64, in_dim as i64],
+        )?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out_dim as i64])?)
         } else {
@@ -79,10 +82,34 @@ impl Attention {
     fn load(w: &Weights, prefix: &str, cfg: &ModelConfig, window: AttentionWindow) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            q_proj: Linear::load(
+                w,
+                &format!("{prefix}.q_proj"),
+                h,
+                cfg.num_heads * d,
+                cfg.qkv_bias,
+            )?,
+            k_proj: Linear::load(
+                w,
+                &format!("{prefix}.k_proj"),
+                h,
+                cfg.num_kv_heads * d,
+                cfg.qkv_bias,
+            )?,
+            v_proj: Linear::load(
+                w,
+                &format!("{prefix}.v_proj"),
+                h,
+                cfg.num_kv_heads * d,
+                cfg.qkv_bias,
+            )?,
+            o_proj: Linear::load(
+                w,
+                &format!("{prefix}.o_proj"),
+                cfg.num_heads * d,
+                h,
+                cfg.o_bias,
+            )?,
             num_heads: cfg.num_heads as i64,
             num_kv_heads: cfg.num_kv_heads as i64,
             head_dim: d as i64,
@@ -150,7 +177,8 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.f_silu()?;
-        self.down_proj.forward(&gate.f_mul(&self.up_proj.forward(x)?)?)
+        self.down_proj
+            .forward(&gate.f_mul(&self.up_proj.forward(x)?)?)
     }
 }
 
@@ -194,7 +222,9 @@ impl DecoderLayer {
             layer,
         )?;
         let x = x.f_add(&attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok(x.f_add(&mlp)?)
     }
 }
@@ -328,7 +358,9 @@ impl CausalLm {
             .windows
             .iter()
             .enumerate()
-            .map(|(i, &window)| DecoderLayer::load(&w, &format!("model.layers.{i}"), &config, window))
+            .map(|(i, &window)| {
+                DecoderLayer::load(&w, &format!("model.layers.{i}"), &config, window)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&w, "model.norm", config.hidden_size, config.rms_norm_eps)?;
         let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {

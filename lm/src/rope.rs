@@ -20,10 +20,9 @@ impl Rope {
     pub fn new(cfg: &RopeConfig, head_dim: usize, device: Device) -> Result<Self> {
         let dim = head_dim as f64;
         // 1 / theta^(2i / dim), as transformers' `_compute_default_rope_parameters`.
-        let exponent =
-            Tensor::f_arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))?
-                .f_to_kind(Kind::Float)?
-                .f_div_scalar(dim)?;
+        let exponent = Tensor::f_arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))?
+            .f_to_kind(Kind::Float)?
+            .f_div_scalar(dim)?;
         let inv_freq = Tensor::f_pow_scalar(cfg.theta, &exponent)?.f_reciprocal()?;
         let inv_freq = match cfg.scaling {
             RopeScaling::None => inv_freq,
@@ -95,7 +94,9 @@ mod tests {
         };
         let rope = Rope::new(&cfg, 8, Device::Cpu)?;
         let got = Vec::<f32>::try_from(&rope.inv_freq)?;
-        let want: Vec<f32> = (0..4).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 8.0) as f32).collect();
+        let want: Vec<f32> = (0..4)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 8.0) as f32)
+            .collect();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-7, "{got:?} vs {want:?}");
         }

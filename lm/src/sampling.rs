@@ -24,14 +24,21 @@ pub enum Sampling {
 
 impl Sampling {
     /// Greedy for temperature 0, sampling otherwise; checks the ranges.
-    pub fn new(temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64) -> Result<Self> {
+    pub fn new(
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+    ) -> Result<Self> {
         if !temperature.is_finite() || temperature < 0.0 {
             return Err(Error::InvalidGeneration(format!(
                 "temperature must be a finite number >= 0, got {temperature}"
             )));
         }
         if top_k == Some(0) {
-            return Err(Error::InvalidGeneration("top-k must be at least 1".to_owned()));
+            return Err(Error::InvalidGeneration(
+                "top-k must be at least 1".to_owned(),
+            ));
         }
         if let Some(p) = top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -164,9 +171,15 @@ mod tests {
     #[test]
     fn top_k_and_top_p_keep_the_right_tokens() {
         // Probabilities 0.5, 0.25, 0.125, 0.125 (log-space logits).
-        let logits: Vec<f32> = [0.5f64, 0.25, 0.125, 0.125].iter().map(|p| p.ln() as f32).collect();
+        let logits: Vec<f32> = [0.5f64, 0.25, 0.125, 0.125]
+            .iter()
+            .map(|p| p.ln() as f32)
+            .collect();
         let kept = |k, p| -> Vec<usize> {
-            filtered_probabilities(&logits, 1.0, k, p).iter().map(|&(t, _)| t).collect()
+            filtered_probabilities(&logits, 1.0, k, p)
+                .iter()
+                .map(|&(t, _)| t)
+                .collect()
         };
         assert_eq!(kept(None, None), vec![0, 1, 2, 3]);
         assert_eq!(kept(Some(2), None), vec![0, 1]);
@@ -203,6 +216,9 @@ mod tests {
         assert!(Sampling::new(1.0, Some(0), None, 0).is_err());
         assert!(Sampling::new(1.0, None, Some(0.0), 0).is_err());
         assert!(Sampling::new(1.0, None, Some(1.5), 0).is_err());
-        assert_eq!(Sampling::new(0.0, Some(5), None, 0).ok(), Some(Sampling::Greedy));
+        assert_eq!(
+            Sampling::new(0.0, Some(5), None, 0).ok(),
+            Some(Sampling::Greedy)
+        );
     }
 }

@@ -210,7 +210,12 @@ mod tests {
             ("bos_token".to_owned(), "<s>".to_owned()),
             ("eos_token".to_owned(), "</s>".to_owned()),
         ];
-        let out = render_chat_template(template, &[msg("user", "  hi "), msg("assistant", "yo")], true, &special)?;
+        let out = render_chat_template(
+            template,
+            &[msg("user", "  hi "), msg("assistant", "yo")],
+            true,
+            &special,
+        )?;
         assert_eq!(out, "<s>\nUSER: hi\nASSISTANT: yo</s>\nASSISTANT:\n");
         Ok(())
     }

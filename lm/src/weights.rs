@@ -105,10 +105,11 @@ impl Weights {
 
     /// The named tensor, checked to have `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        self.get_opt(name, shape)?.ok_or_else(|| Error::MissingTensor {
-            dir: self.dir.clone(),
-            name: name.to_owned(),
-        })
+        self.get_opt(name, shape)?
+            .ok_or_else(|| Error::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.to_owned(),
+            })
     }
 
     /// The named tensor if the checkpoint has it, checked to have `shape`.
@@ -228,9 +229,18 @@ mod tests {
         let w = Weights::open(dir.path(), Device::Cpu, Kind::BFloat16)?;
         let a = w.get("a.weight", &[2, 3])?;
         assert_eq!(a.kind(), Kind::BFloat16);
-        assert_eq!(Vec::<f32>::try_from(a.to_kind(Kind::Float).flatten(0, -1))?, vec![1., 2., 3., 4., 5., 6.]);
-        let err = w.get("a.weight", &[3, 2]).expect_err("wrong shape").to_string();
-        assert!(err.contains("\"a.weight\" has shape [2, 3], expected [3, 2]"), "{err}");
+        assert_eq!(
+            Vec::<f32>::try_from(a.to_kind(Kind::Float).flatten(0, -1))?,
+            vec![1., 2., 3., 4., 5., 6.]
+        );
+        let err = w
+            .get("a.weight", &[3, 2])
+            .expect_err("wrong shape")
+            .to_string();
+        assert!(
+            err.contains("\"a.weight\" has shape [2, 3], expected [3, 2]"),
+            "{err}"
+        );
         let err = w.get("b.weight", &[1]).expect_err("missing").to_string();
         assert!(err.contains("\"b.weight\" is missing"), "{err}");
         Ok(())
@@ -241,12 +251,21 @@ mod tests {
         let outer = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let dir = outer.path().join("model");
         std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        write_single(outer.path(), &[("a", Tensor::zeros([1], (Kind::Float, Device::Cpu)))]);
+        write_single(
+            outer.path(),
+            &[("a", Tensor::zeros([1], (Kind::Float, Device::Cpu)))],
+        );
         for shard in ["../model.safetensors", "/etc/passwd"] {
             let index = serde_json::json!({"weight_map": {"a": shard}});
-            std::fs::write(dir.join(INDEX_FILE), index.to_string()).map_err(|e| Error::io(&dir, e))?;
-            let err = Weights::open(&dir, Device::Cpu, Kind::Float).expect_err("outside").to_string();
-            assert!(err.contains("not a file inside the model directory"), "{err}");
+            std::fs::write(dir.join(INDEX_FILE), index.to_string())
+                .map_err(|e| Error::io(&dir, e))?;
+            let err = Weights::open(&dir, Device::Cpu, Kind::Float)
+                .expect_err("outside")
+                .to_string();
+            assert!(
+                err.contains("not a file inside the model directory"),
+                "{err}"
+            );
         }
         Ok(())
     }
@@ -254,11 +273,16 @@ mod tests {
     #[test]
     fn truncated_file_is_a_clear_error() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-        write_single(dir.path(), &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))]);
+        write_single(
+            dir.path(),
+            &[("a", Tensor::zeros([64], (Kind::Float, Device::Cpu)))],
+        );
         let path = dir.path().join(SINGLE_FILE);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         std::fs::write(&path, &bytes[..bytes.len() - 10]).map_err(|e| Error::io(&path, e))?;
-        let err = Weights::open(dir.path(), Device::Cpu, Kind::Float).expect_err("truncated").to_string();
+        let err = Weights::open(dir.path(), Device::Cpu, Kind::Float)
+            .expect_err("truncated")
+            .to_string();
         assert!(err.contains("malformed safetensors file"), "{err}");
         Ok(())
     }

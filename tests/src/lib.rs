@@ -52,7 +52,8 @@ pub fn lm_prompts() -> Vec<String> {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let value: serde_json::Value =
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_value(value["prompts"].clone()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_json::from_value(value["prompts"].clone())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Copies a fixture model directory into `dest` (for tests that break a copy).

@@ -35,7 +35,11 @@ fn hf_row(t: &Tensor) -> Vec<i64> {
 fn max_abs_diff_on_mask(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
     // mask [batch, seq] -> [batch, seq, 1]
     let m = mask.to_kind(Kind::Bool).unsqueeze(-1);
-    (a - b).abs().masked_fill(&m.logical_not(), 0.0).max().double_value(&[])
+    (a - b)
+        .abs()
+        .masked_fill(&m.logical_not(), 0.0)
+        .max()
+        .double_value(&[])
 }
 
 #[test]
@@ -104,8 +108,16 @@ fn greedy_generation_matches_hf_batched_and_alone() {
             let alone = generate(&lm.model, std::slice::from_ref(prompt), &config, None)
                 .expect("generate alone");
             assert_eq!(alone[0].tokens, hf_single, "{name}: prompt {i} alone");
-            let reason = if hf_single.last() == Some(&EOS) { "eos" } else { "length" };
-            assert_eq!(alone[0].finish_reason.as_str(), reason, "{name}: prompt {i}");
+            let reason = if hf_single.last() == Some(&EOS) {
+                "eos"
+            } else {
+                "length"
+            };
+            assert_eq!(
+                alone[0].finish_reason.as_str(),
+                reason,
+                "{name}: prompt {i}"
+            );
         }
     }
 }
@@ -144,17 +156,34 @@ fn half_precision_tracks_f32() {
         let pos = Tensor::arange(n, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
         let run = |lm: &LanguageModel| {
             let mut cache = lm.model.new_cache(n as usize);
-            let input = StepInput { input_ids: &ids, position_ids: &pos, key_mask: None };
-            let h = lm.model.forward_hidden(&input, &mut cache, Positions::All).expect("forward");
+            let input = StepInput {
+                input_ids: &ids,
+                position_ids: &pos,
+                key_mask: None,
+            };
+            let h = lm
+                .model
+                .forward_hidden(&input, &mut cache, Positions::All)
+                .expect("forward");
             lm.model.logits(&h).expect("logits").to_kind(Kind::Float)
         };
         let (a, b) = (run(&lm32), run(&lm16));
         assert_eq!(b.size(), a.size());
         let scale = a.abs().max().double_value(&[]);
         let diff = (&a - &b).abs().max().double_value(&[]);
-        assert!(diff < 0.05 * scale, "{dtype}: max diff {diff} vs scale {scale}");
-        let agree = a.argmax(-1, false).eq_tensor(&b.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float);
-        assert!(agree.double_value(&[]) > 0.8, "{dtype}: argmax agreement {agree}");
+        assert!(
+            diff < 0.05 * scale,
+            "{dtype}: max diff {diff} vs scale {scale}"
+        );
+        let agree = a
+            .argmax(-1, false)
+            .eq_tensor(&b.argmax(-1, false))
+            .to_kind(Kind::Float)
+            .mean(Kind::Float);
+        assert!(
+            agree.double_value(&[]) > 0.8,
+            "{dtype}: argmax agreement {agree}"
+        );
     }
 }
 
@@ -180,9 +209,15 @@ fn hook_replaces_the_state_the_logits_come_from() {
     let plain = generate(&lm.model, &prompts, &config, None).expect("plain");
     let target = 77i64;
     // lm_head(h) = W h; h = 100 * W[target] makes `target` the argmax (its logit is 100 |w|^2).
-    let w = lm.model.logits(&Tensor::eye(64, (Kind::Float, tch::Device::Cpu))).expect("W^T");
+    let w = lm
+        .model
+        .logits(&Tensor::eye(64, (Kind::Float, tch::Device::Cpu)))
+        .expect("W^T");
     let direction = w.select(1, target) * 100.0;
-    let mut hook = ForceToken { direction, calls: Vec::new() };
+    let mut hook = ForceToken {
+        direction,
+        calls: Vec::new(),
+    };
     let forced = generate(&lm.model, &prompts, &config, Some(&mut hook)).expect("forced");
     for row in &forced {
         assert_eq!(row.tokens, vec![target; 8]);

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Makes the test fixtures (tests/fixtures/generated/, not committed) with their generator
+# scripts, again only when a generator or the venv's requirements change.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="$root/.venv/bin/python"
+
+make_fixture() { # generator output-dir
+    local generator="$1" out="$2"
+    local want
+    want="$(cat "$generator" scripts/requirements.txt | sha256sum | cut -d' ' -f1)"
+    if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$want" ]; then
+        printf 'fixtures: %s\n' "$generator" >&2
+        "$python" "$generator" --out "$out" >/dev/null
+        printf '%s\n' "$want" >"$out/.stamp"
+    fi
+}
+
+make_fixture tests/fixtures/lm/make_fixtures.py tests/fixtures/generated/lm
