@@ -42,3 +42,217 @@ impl From<DTypeArg> for DType {
         }
     }
 }
+
+/// Decoding settings shared by every command that generates.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct GenerationArgs {
+    /// Maximum number of new tokens per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only from the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only from the smallest set of tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of the sampling (each prompt draws from its own stream of it).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Keep generating after end-of-sequence tokens (benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl GenerationArgs {
+    /// The checked sampling settings.
+    pub fn sampling(&self) -> anyhow::Result<recontrol_lm::Sampling> {
+        if self.batch_size == 0 {
+            anyhow::bail!("--batch-size must be at least 1");
+        }
+        recontrol_lm::Sampling::new(self.temperature, self.top_k, self.top_p, self.seed)
+            .map_err(|e| anyhow::anyhow!("--temperature/--top-k/--top-p: {e}"))
+    }
+
+    /// The model's generation settings with these flags applied.
+    pub fn config(
+        &self,
+        lm: &recontrol_lm::LanguageModel,
+    ) -> anyhow::Result<recontrol_lm::GenerationConfig> {
+        let mut config = lm.generation_config(self.max_new_tokens, self.sampling()?);
+        if self.ignore_eos {
+            config.eos_token_ids.clear();
+        }
+        Ok(config)
+    }
+}
+
+/// `--dataset-kind` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKindArg {
+    /// Detect from the content.
+    Auto,
+    /// HH-RLHF chosen/rejected dialogues.
+    Hh,
+    /// HarmfulQA {topic: {subtopic: [question]}}.
+    Harmfulqa,
+    /// JSONL with --prompt-field (and optionally --chosen-field/--rejected-field).
+    Jsonl,
+}
+
+/// How a dataset file is read.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DatasetArgs {
+    /// Kind of dataset file.
+    #[arg(long, value_enum, default_value_t = DatasetKindArg::Auto)]
+    pub dataset_kind: DatasetKindArg,
+    /// Field of a JSONL record that holds the prompt.
+    #[arg(long, default_value = "prompt")]
+    pub prompt_field: String,
+    /// Field of a JSONL record that holds the preferred reply (or HH dialogue).
+    #[arg(long, default_value = "chosen")]
+    pub chosen_field: String,
+    /// Field of a JSONL record that holds the other reply (or HH dialogue).
+    #[arg(long, default_value = "rejected")]
+    pub rejected_field: String,
+    /// Skip (and count) malformed lines instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+impl DatasetArgs {
+    pub fn read(&self, path: &std::path::Path) -> anyhow::Result<recontrol_data::Dataset> {
+        use recontrol_data::DatasetKind;
+        let options = recontrol_data::ReadOptions {
+            kind: match self.dataset_kind {
+                DatasetKindArg::Auto => None,
+                DatasetKindArg::Hh => Some(DatasetKind::Hh),
+                DatasetKindArg::Harmfulqa => Some(DatasetKind::HarmfulQa),
+                DatasetKindArg::Jsonl => Some(DatasetKind::Jsonl),
+            },
+            fields: recontrol_data::Fields {
+                prompt: self.prompt_field.clone(),
+                chosen: self.chosen_field.clone(),
+                rejected: self.rejected_field.clone(),
+            },
+            skip_bad: self.skip_bad,
+        };
+        Ok(recontrol_data::Dataset::read(path, &options)?)
+    }
+}
+
+/// `--split` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitArg {
+    Train,
+    Test,
+    All,
+}
+
+/// Which side of the seeded train/test split to use.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SplitArgs {
+    /// Side of the split.
+    #[arg(long, value_enum, default_value_t = SplitArg::Train)]
+    pub split: SplitArg,
+    /// Seed of the split (a prompt's side depends only on its text and this seed).
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// Share of prompts on the test side.
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f64,
+}
+
+impl SplitArgs {
+    pub fn select<'a>(
+        &self,
+        prompts: &'a [recontrol_data::PromptRecord],
+    ) -> anyhow::Result<Vec<&'a recontrol_data::PromptRecord>> {
+        if !(0.0..=1.0).contains(&self.test_fraction) {
+            anyhow::bail!(
+                "--test-fraction must be in [0, 1], got {}",
+                self.test_fraction
+            );
+        }
+        let spec = recontrol_data::SplitSpec {
+            seed: self.split_seed,
+            test_fraction: self.test_fraction,
+        };
+        Ok(spec.select(
+            prompts,
+            match self.split {
+                SplitArg::Train => recontrol_data::Split::Train,
+                SplitArg::Test => recontrol_data::Split::Test,
+                SplitArg::All => recontrol_data::Split::All,
+            },
+        ))
+    }
+}
+
+/// `--prompt-format` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptFormatArg {
+    Raw,
+    Hh,
+    Vicuna,
+    ChatTemplate,
+}
+
+impl From<PromptFormatArg> for recontrol_data::PromptFormat {
+    fn from(f: PromptFormatArg) -> Self {
+        match f {
+            PromptFormatArg::Raw => Self::Raw,
+            PromptFormatArg::Hh => Self::Hh,
+            PromptFormatArg::Vicuna => Self::Vicuna,
+            PromptFormatArg::ChatTemplate => Self::ChatTemplate,
+        }
+    }
+}
+
+/// How dataset prompts become model input.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct PromptArgs {
+    /// Prompt format.
+    #[arg(long, value_enum, default_value_t = PromptFormatArg::Hh)]
+    pub prompt_format: PromptFormatArg,
+    /// An instruction put before every prompt (the paper's "+prompting").
+    #[arg(long, conflicts_with = "helpful_prompt")]
+    pub prompt_prefix: Option<String>,
+    /// Put the paper's helpful-assistant instruction before every prompt.
+    #[arg(long)]
+    pub helpful_prompt: bool,
+}
+
+impl PromptArgs {
+    /// The instruction, if any.
+    pub fn instruction(&self) -> Option<&str> {
+        match (&self.prompt_prefix, self.helpful_prompt) {
+            (Some(p), _) => Some(p),
+            (None, true) => Some(recontrol_data::HELPFUL_INSTRUCTION),
+            (None, false) => None,
+        }
+    }
+
+    /// Model input text of a dataset prompt.
+    pub fn render(
+        &self,
+        record: &recontrol_data::PromptRecord,
+        tokenizer: &recontrol_lm::LmTokenizer,
+    ) -> anyhow::Result<String> {
+        recontrol_data::render_prompt(
+            self.prompt_format.into(),
+            record,
+            self.instruction(),
+            Some(tokenizer),
+        )
+        .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))
+    }
+}

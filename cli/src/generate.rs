@@ -6,10 +6,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use recontrol_lm::{generate, LanguageModel, Sampling};
+use recontrol_lm::{generate, LanguageModel};
 use serde::Serialize;
 
-use crate::args::DeviceArgs;
+use crate::args::{DeviceArgs, GenerationArgs};
 use crate::output::{JsonlSink, Provenance};
 
 /// Generate continuations of prompts with a Hugging Face model directory.
@@ -28,27 +28,9 @@ pub struct GenerateArgs {
     /// Field of each --prompts record that holds the prompt.
     #[arg(long, default_value = "prompt")]
     pub prompt_field: String,
-    /// Maximum number of new tokens per prompt.
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Sample only from the k most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample only from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    /// Seed of the sampling (each prompt draws from its own stream of it).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Prompts decoded together.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// Keep generating after end-of-sequence tokens (benchmarks).
-    #[arg(long)]
-    pub ignore_eos: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub generation: GenerationArgs,
     /// Output JSONL file (written atomically, with FILE.config.json beside it); stdout if absent.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -81,11 +63,7 @@ struct RunRecord<'a> {
 
 impl GenerateArgs {
     pub fn run(self) -> Result<()> {
-        if self.batch_size == 0 {
-            anyhow::bail!("--batch-size must be at least 1");
-        }
-        let sampling = Sampling::new(self.temperature, self.top_k, self.top_p, self.seed)
-            .context("--temperature/--top-k/--top-p")?;
+        self.generation.sampling()?;
         let mut prompts = self.prompt.clone();
         if let Some(path) = &self.prompts {
             prompts.extend(recontrol_data::read_prompts(path, &self.prompt_field)?);
@@ -95,21 +73,23 @@ impl GenerateArgs {
         eprintln!("loading {}", self.model.display());
         let lm = LanguageModel::load(&self.model, self.device.device, self.device.dtype.into())
             .with_context(|| format!("--model {}", self.model.display()))?;
+        let mut truncated = 0;
         let token_ids = prompts
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let ids = lm.tokenizer.encode(p, true)?;
+                let (ids, cut) = lm.encode_prompt(p, self.generation.max_new_tokens)?;
                 if ids.is_empty() {
                     anyhow::bail!("prompt {i} is empty");
                 }
+                truncated += usize::from(cut);
                 Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut config = lm.generation_config(self.max_new_tokens, sampling);
-        if self.ignore_eos {
-            config.eos_token_ids.clear();
+        if truncated > 0 {
+            eprintln!("{truncated} prompts were too long for the model with --max-new-tokens {}: their oldest tokens were dropped", self.generation.max_new_tokens);
         }
+        let mut config = self.generation.config(&lm)?;
 
         let progress = ProgressBar::new(prompts.len() as u64).with_style(
             ProgressStyle::with_template(
@@ -118,8 +98,8 @@ impl GenerateArgs {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let (mut total_tokens, mut total_seconds) = (0usize, 0f64);
-        for (chunk_index, chunk) in token_ids.chunks(self.batch_size).enumerate() {
-            let first = chunk_index * self.batch_size;
+        for (chunk_index, chunk) in token_ids.chunks(self.generation.batch_size).enumerate() {
+            let first = chunk_index * self.generation.batch_size;
             config.first_row = first as u64;
             let start = Instant::now();
             let outputs = generate(&lm.model, chunk, &config, None)?;

@@ -1,9 +1,11 @@
 //! `recontrol`: test-time alignment of LLMs by editing their hidden states (RE-Control).
 
 mod args;
+mod data;
 mod env;
 mod generate;
 mod output;
+mod rollout;
 
 use std::process::ExitCode;
 
@@ -21,6 +23,10 @@ struct Cli {
 enum Command {
     /// Generate continuations of prompts with a Hugging Face model directory.
     Generate(generate::GenerateArgs),
+    /// Generate from dataset prompts and store every final hidden state (HDF5); merge stores.
+    Rollout(Box<rollout::RolloutCommand>),
+    /// Look at datasets.
+    Data(data::DataCommand),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -29,6 +35,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => args.run(),
+        Command::Rollout(args) => args.run(),
+        Command::Data(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

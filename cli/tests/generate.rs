@@ -300,7 +300,7 @@ fn bad_flags_and_inputs_give_one_clear_line() {
     generate_fails(
         &model,
         &["--max-new-tokens", "1000"],
-        "over the model's 256 positions",
+        "leaves no room for a prompt within the model's 256 positions",
     );
 
     let tmp = tempfile::tempdir().expect("tempdir");

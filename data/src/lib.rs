@@ -1,11 +1,32 @@
-//! Datasets and prompt inputs for recontrol.
+//! Datasets, prompt formats and the HDF5 rollout store of recontrol.
 //!
-//! Today: JSONL prompt files (`{"prompt": ...}` per line, or any field). The dataset readers
-//! (HH-RLHF, HarmfulQA), prompt formats and the HDF5 rollout store come with the rollout issue.
+//! - [`datasets`]: HH-RLHF preference pairs, HarmfulQA questions, generic JSONL with field names.
+//! - [`split`]: seeded, deterministic train/test splits.
+//! - [`format`]: prompt formats (raw, hh, vicuna, chat-template, with the paper's optional
+//!   instruction) and the one truncation rule for responses.
+//! - [`store`]: the streaming HDF5 rollout store (states, offsets, tokens, texts, rewards).
+//!
+//! This crate does not depend on libtorch.
 
+pub mod datasets;
+pub mod dialogue;
+pub mod format;
 pub mod jsonl;
+pub mod rollout;
+pub mod split;
+pub mod stats;
+pub mod store;
 
+pub use datasets::{
+    Dataset, DatasetKind, Fields, PreferencePair, PromptRecord, ReadOptions, ReadReport,
+};
+pub use dialogue::{Dialogue, Role, Turn};
+pub use format::{
+    render_prompt, truncate_response, ChatRenderer, PromptFormat, HELPFUL_INSTRUCTION,
+};
 pub use jsonl::read_prompts;
+pub use split::{Split, SplitSpec};
+pub use store::{Rollout, StateDtype, Store, StoreError, StoreMeta, StoreWriter};
 
 use std::path::PathBuf;
 

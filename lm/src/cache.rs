@@ -47,33 +47,28 @@ impl KvCache {
         let new = k.size()[2];
         let start = self.len as i64;
         let needed = start + new;
-        let slot = &mut self.layers[layer];
-        let grow = match slot {
-            Some((kb, _)) => kb.size()[2] < needed,
-            None => true,
-        };
-        if grow {
-            let capacity = needed.max(self.reserve as i64).max(match slot {
-                Some((kb, _)) => 2 * kb.size()[2],
-                None => 0,
-            });
-            let alloc = |t: &Tensor| -> Result<Tensor> {
-                let mut size = t.size();
-                size[2] = capacity;
-                let buf = Tensor::f_zeros(&size, (t.kind(), t.device()))?;
-                Ok(buf)
-            };
-            let (kb, vb) = (alloc(k)?, alloc(v)?);
-            if let Some((old_k, old_v)) = slot.take() {
-                kb.f_narrow(2, 0, start)?
-                    .f_copy_(&old_k.f_narrow(2, 0, start)?)?;
-                vb.f_narrow(2, 0, start)?
-                    .f_copy_(&old_v.f_narrow(2, 0, start)?)?;
+        let reserve = self.reserve as i64;
+        let (kb, vb) = match &mut self.layers[layer] {
+            Some(bufs) if bufs.0.size()[2] >= needed => bufs,
+            slot => {
+                // Grow to the reserve, the need, or double the old size, whichever is largest.
+                let old = slot.take();
+                let old_capacity = old.as_ref().map_or(0, |(kb, _)| kb.size()[2]);
+                let capacity = needed.max(reserve).max(2 * old_capacity);
+                let alloc = |t: &Tensor| -> Result<Tensor> {
+                    let mut size = t.size();
+                    size[2] = capacity;
+                    Ok(Tensor::f_zeros(&size, (t.kind(), t.device()))?)
+                };
+                let (kb, vb) = (alloc(k)?, alloc(v)?);
+                if let Some((old_k, old_v)) = old {
+                    kb.f_narrow(2, 0, start)?
+                        .f_copy_(&old_k.f_narrow(2, 0, start)?)?;
+                    vb.f_narrow(2, 0, start)?
+                        .f_copy_(&old_v.f_narrow(2, 0, start)?)?;
+                }
+                slot.insert((kb, vb))
             }
-            *slot = Some((kb, vb));
-        }
-        let Some((kb, vb)) = slot.as_ref() else {
-            unreachable!("the slot was filled above")
         };
         kb.f_narrow(2, start, new)?.f_copy_(k)?;
         vb.f_narrow(2, start, new)?.f_copy_(v)?;
@@ -83,5 +78,30 @@ impl KvCache {
     /// Marks `new` positions as written by every layer (called once per forward pass).
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn grows_past_its_reserve_and_keeps_what_it_held() -> Result<()> {
+        let mut cache = KvCache::new(1, 1);
+        let mut all = Vec::new();
+        for step in 0..5i64 {
+            let new = 1 + step % 2; // 1 or 2 positions per call
+            let k = Tensor::f_rand([2, 3, new, 4], (Kind::Float, Device::Cpu))?;
+            let (keys, values) = cache.append(0, &k, &(&k * 2.0))?;
+            cache.advance(new as usize);
+            all.push(k);
+            let want = Tensor::f_cat(&all, 2)?;
+            assert_eq!(keys.size(), want.size());
+            assert!(keys.f_equal(&want)?);
+            assert!(values.f_equal(&(&want * 2.0))?);
+        }
+        assert_eq!(cache.len(), 7);
+        Ok(())
     }
 }

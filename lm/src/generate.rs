@@ -210,12 +210,16 @@ fn apply_hook(
     hidden: Tensor,
 ) -> Result<Tensor> {
     let ctx = HookContext { step, rows };
-    let all_rows = rows.len() as i64 == hidden.size()[0];
-    let selected = if all_rows {
-        hidden.shallow_clone()
+    // Only unfinished rows go to the hook; `None` when that is every row.
+    let index = if rows.len() as i64 == hidden.size()[0] {
+        None
     } else {
         let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        hidden.f_index_select(0, &Tensor::from_slice(&index).f_to_device(hidden.device())?)?
+        Some(Tensor::from_slice(&index).f_to_device(hidden.device())?)
+    };
+    let selected = match &index {
+        None => hidden.shallow_clone(),
+        Some(index) => hidden.f_index_select(0, index)?,
     };
     let expected = selected.size();
     let edited = hook.apply(&ctx, selected).map_err(Error::Hook)?;
@@ -228,15 +232,10 @@ fn apply_hook(
     let edited = edited
         .f_to_kind(hidden.kind())?
         .f_to_device(hidden.device())?;
-    if all_rows {
-        return Ok(edited);
+    match &index {
+        None => Ok(edited),
+        Some(index) => Ok(hidden.f_index_copy(0, index, &edited)?),
     }
-    let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-    Ok(hidden.f_index_copy(
-        0,
-        &Tensor::from_slice(&index).f_to_device(hidden.device())?,
-        &edited,
-    )?)
 }
 
 /// Next token of every row from final hidden states `[batch, hidden]` (rows not in `rows`,

@@ -43,7 +43,7 @@ pub use config::{Architecture, ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use device::{DType, DeviceSpec};
 pub use error::{Error, Result};
 pub use generate::{generate, FinishReason, Generation, GenerationConfig};
-pub use hook::{HiddenStateHook, HookContext, HookError, NoHook};
+pub use hook::{HiddenStateHook, HookContext, HookError, NoHook, StateRecorder};
 pub use model::{CausalLm, Positions, StepInput};
 pub use sampling::Sampling;
 pub use tokenizer::{render_chat_template, ChatMessage, LmTokenizer};
@@ -60,6 +60,9 @@ pub struct GenerationDefaults {
 #[derive(Debug)]
 pub struct LanguageModel {
     pub dir: PathBuf,
+    /// `sha256:<hex>` of config.json and tokenizer.json: what value nets and rollout stores
+    /// record as the model they belong to.
+    pub identity: String,
     pub model: CausalLm,
     pub tokenizer: LmTokenizer,
     /// End-of-sequence ids: `generation_config.json`, else `config.json`.
@@ -99,15 +102,40 @@ impl LanguageModel {
             .or(config.pad_token_id)
             .or(eos_token_ids.first().copied())
             .unwrap_or(0);
+        let identity = model_identity(dir)?;
         let device = device.resolve()?;
         let model = CausalLm::load(dir, config, device, dtype)?;
         Ok(Self {
             dir: dir.to_owned(),
+            identity,
             model,
             tokenizer,
             eos_token_ids,
             pad_token_id,
         })
+    }
+
+    /// Token ids of a prompt that leave room for `max_new_tokens` within the model's positions:
+    /// a longer prompt loses its oldest tokens (a leading BOS is kept), and the second result
+    /// says so. Errors when `max_new_tokens` alone does not fit.
+    pub fn encode_prompt(&self, text: &str, max_new_tokens: usize) -> Result<(Vec<i64>, bool)> {
+        let ids = self.tokenizer.encode(text, true)?;
+        let Some(max) = self.model.config().max_position_embeddings else {
+            return Ok((ids, false));
+        };
+        let bos = self.model.config().bos_token_id;
+        let keep_bos = usize::from(bos.is_some() && ids.first().copied() == bos);
+        let room = max.checked_sub(max_new_tokens).filter(|&r| r > keep_bos).ok_or_else(|| {
+            Error::InvalidGeneration(format!(
+                "max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's {max} positions"
+            ))
+        })?;
+        if ids.len() <= room {
+            return Ok((ids, false));
+        }
+        let mut kept = ids[..keep_bos].to_vec();
+        kept.extend_from_slice(&ids[ids.len() - (room - keep_bos)..]);
+        Ok((kept, true))
     }
 
     /// Generation settings with this model's eos and pad ids.
@@ -120,4 +148,57 @@ impl LanguageModel {
             first_row: 0,
         }
     }
+}
+
+/// `sha256:<hex>` identifying a model directory: its config.json and tokenizer.json, and for
+/// each checkpoint file its size, its safetensors header (names, shapes, dtypes, offsets) and
+/// its first and last 64 KiB of data. Cheap to compute for a 7B model and different for
+/// different weights in practice.
+pub fn model_identity(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    const EDGE: u64 = 64 * 1024;
+    let mut hasher = Sha256::new();
+    let mut add = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    for name in ["config.json", "tokenizer.json"] {
+        let path = dir.join(name);
+        add(&std::fs::read(&path).map_err(|e| Error::io(&path, e))?);
+    }
+    for path in weights::checkpoint_files(dir)? {
+        let io = |e| Error::io(&path, e);
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        add(&size.to_le_bytes());
+        let mut head = vec![0u8; size.min(8 + EDGE) as usize];
+        file.read_exact(&mut head).map_err(io)?;
+        add(&head);
+        let header_len = head
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0);
+        // The whole header (it can exceed the edge for large checkpoints).
+        if 8 + header_len > head.len() as u64 && 8 + header_len <= size {
+            let mut header = vec![0u8; header_len as usize];
+            file.seek(SeekFrom::Start(8)).map_err(io)?;
+            file.read_exact(&mut header).map_err(io)?;
+            add(&header);
+        }
+        let tail_start = size.saturating_sub(EDGE);
+        let mut tail = vec![0u8; (size - tail_start) as usize];
+        file.seek(SeekFrom::Start(tail_start)).map_err(io)?;
+        file.read_exact(&mut tail).map_err(io)?;
+        add(&tail);
+    }
+    let digest = hasher.finalize();
+    Ok(format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
 }

@@ -136,6 +136,23 @@ impl LmTokenizer {
     }
 }
 
+impl recontrol_data::ChatRenderer for LmTokenizer {
+    fn render_chat(
+        &self,
+        messages: &[recontrol_data::Turn],
+    ) -> std::result::Result<String, String> {
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|t| ChatMessage {
+                role: t.role.as_str().to_owned(),
+                content: t.text.clone(),
+            })
+            .collect();
+        self.apply_chat_template(&messages, true)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A special token as written in `tokenizer_config.json`: a string or `{"content": ...}`.
 fn token_string(value: &Value) -> Option<String> {
     match value {

@@ -52,6 +52,32 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+/// The checkpoint files of a model directory, in order: the shards named by the index (each
+/// checked to lie inside the directory), or `model.safetensors`.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join(INDEX_FILE);
+    if index_path.is_file() {
+        let index: ShardIndex = crate::config::read_json(&index_path)?;
+        let root = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        let mut files: Vec<String> = index.weight_map.into_values().collect();
+        files.sort();
+        files.dedup();
+        return files
+            .iter()
+            .map(|f| shard_path(&root, &index_path, f))
+            .collect();
+    }
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        Ok(vec![single])
+    } else {
+        Err(Error::MissingFile {
+            path: single,
+            what: "model.safetensors or model.safetensors.index.json",
+        })
+    }
+}
+
 impl Weights {
     /// Opens the checkpoint in `dir`; tensors are returned as `kind` on `device`.
     pub fn open(dir: &Path, device: Device, kind: Kind) -> Result<Self> {

@@ -1,0 +1,437 @@
+//! `recontrol rollout` end to end: states equal HF's, the store has the documented layout (read
+//! by h5py), a `kill -9` at any point is resumed to the uninterrupted result, shards merge, and
+//! bad input gets one clear line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use recontrol_data::{Rollout, Store};
+use recontrol_tests::{lm_expected, lm_fixture, lm_prompts, repo_root};
+use serde_json::Value;
+
+const EOS: i64 = 2;
+
+fn recontrol(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_recontrol"))
+        .args(args)
+        .output()
+        .expect("run recontrol")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn assert_fails_with(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains(needle),
+        "want {needle:?} in the last line: {err}"
+    );
+}
+
+fn prompts_file(dir: &Path) -> PathBuf {
+    let path = dir.join("prompts.jsonl");
+    let lines: Vec<String> = lm_prompts()
+        .iter()
+        .map(|p| serde_json::json!({ "prompt": p }).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n")).expect("write prompts");
+    path
+}
+
+fn bundled_hh() -> PathBuf {
+    repo_root().join("data/bundled/hh-rlhf/harmless-base/test.jsonl.gz")
+}
+
+/// Runs the h5py checker on a store and returns its JSON summary.
+fn h5py_summary(store: &Path, dump: Option<usize>) -> Value {
+    let mut cmd = Command::new(repo_root().join(".venv/bin/python"));
+    cmd.arg(repo_root().join("tests/fixtures/store/check_store.py"))
+        .arg(store);
+    if let Some(i) = dump {
+        cmd.args(["--dump-rollout", &i.to_string()]);
+    }
+    let out = cmd.output().expect("run check_store.py");
+    assert!(out.status.success(), "h5py check failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("summary json")
+}
+
+#[test]
+fn states_equal_hf_hidden_states_step_for_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompts = prompts_file(dir.path());
+    let store = dir.path().join("r.h5");
+    let model = lm_fixture("llama-mha");
+    for (dtype, path, tolerance) in [
+        ("f32", store.clone(), 1e-4),
+        ("f16", dir.path().join("r16.h5"), 1e-2),
+    ] {
+        let run = recontrol(&[
+            "rollout",
+            "--model",
+            s(&model),
+            "--dataset",
+            s(&prompts),
+            "--dataset-kind",
+            "jsonl",
+            "--prompt-format",
+            "raw",
+            "--split",
+            "all",
+            "--max-new-tokens",
+            "32",
+            "--batch-size",
+            "3",
+            "--state-dtype",
+            dtype,
+            "--out",
+            s(&path),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let exp = lm_expected("llama-mha");
+        let st = Store::open(&path).expect("open store");
+        assert_eq!(st.len(), 4);
+        for i in 0..4 {
+            let r = st.rollout(i).expect("rollout");
+            let hf_tokens = Vec::<i64>::try_from(exp[&format!("greedy_single_{i}")].flatten(0, -1))
+                .expect("ids");
+            let cut = hf_tokens
+                .iter()
+                .position(|&t| t == EOS)
+                .map_or(hf_tokens.len(), |p| p + 1);
+            assert_eq!(r.tokens, hf_tokens[..cut], "prompt {i}");
+            let hf_states = &exp[&format!("states_single_{i}")];
+            assert_eq!(r.states.dim(), (cut, 64), "one state per token, prompt {i}");
+            let hf: Vec<f32> = Vec::<f32>::try_from(hf_states.flatten(0, -1)).expect("states");
+            let diff = r
+                .states
+                .iter()
+                .zip(&hf)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < tolerance,
+                "{dtype} prompt {i}: states differ from HF by {diff}"
+            );
+            assert_eq!(r.prompt, lm_prompts()[i]);
+            assert_eq!(r.prompt_index, i as i64);
+            assert!(r.reward.is_nan(), "unlabelled");
+        }
+    }
+    // h5py sees the documented layout, and the same numbers.
+    let summary = h5py_summary(&store, Some(2));
+    assert_eq!(summary["rollouts"], 4);
+    assert_eq!(summary["state_dtype"], "f32");
+    assert_eq!(summary["labelled"], 0);
+    assert_eq!(summary["prompt_index"], serde_json::json!([0, 1, 2, 3]));
+    assert_eq!(summary["prompt_format"], "raw");
+    let st = Store::open(&store).expect("open");
+    let r2 = st.rollout(2).expect("rollout 2");
+    let py: Vec<f64> = summary["rollout"]["states"]
+        .as_array()
+        .expect("states")
+        .iter()
+        .flat_map(|row| {
+            row.as_array()
+                .expect("row")
+                .iter()
+                .map(|v| v.as_f64().expect("f64"))
+        })
+        .collect();
+    assert_eq!(py.len(), r2.states.len());
+    // (JSON floats parse to within an ulp, not exactly.)
+    assert!(py
+        .iter()
+        .zip(r2.states.iter())
+        .all(|(a, b)| (a - f64::from(*b)).abs() <= 1e-6 * a.abs().max(1.0)));
+    assert_eq!(summary["rollout"]["response"], r2.response);
+    assert_eq!(
+        h5py_summary(&dir.path().join("r16.h5"), None)["state_dtype"],
+        "f16"
+    );
+    // The run record sits beside the store.
+    assert!(dir.path().join("r.h5.config.json").is_file());
+}
+
+fn hh_rollout_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "rollout",
+        "--model",
+        s(model),
+        "--dataset",
+        s(&BUNDLED),
+        "--limit",
+        "48",
+        "--max-new-tokens",
+        "24",
+        "--batch-size",
+        "4",
+        "--rollouts-per-part",
+        "8",
+        "--ignore-eos",
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+static BUNDLED: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(bundled_hh);
+
+fn store_contents(path: &Path) -> Vec<Rollout> {
+    let st = Store::open(path).expect("open store");
+    (0..st.len())
+        .map(|i| {
+            let mut r = st.rollout(i).expect("rollout");
+            // Unlabelled rewards are NaN, which never equals itself: compare a fixed value.
+            assert!(r.reward.is_nan());
+            r.reward = 0.0;
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_at_any_point_then_resume_gives_the_uninterrupted_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = lm_fixture("qwen2");
+    let clean = dir.path().join("clean.h5");
+    let run = recontrol(&hh_rollout_args(&model, &clean, &[]));
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let out = dir.path().join("killed.h5");
+    let mut kills = 0;
+    // Kill after growing delays until a run finishes by itself.
+    for attempt in 0..40u64 {
+        let mut args = hh_rollout_args(&model, &out, &[]);
+        if attempt > 0 {
+            args.push("--resume");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_recontrol"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(120 + 70 * attempt));
+        if child.try_wait().expect("wait").is_none() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+            kills += 1;
+            continue;
+        }
+        let done = child.wait_with_output().expect("output");
+        if done.status.success() {
+            break;
+        }
+        // A run that ended by itself must have succeeded, unless it found the store complete.
+        assert!(
+            stderr(&done).contains("already complete"),
+            "{}",
+            stderr(&done)
+        );
+        break;
+    }
+    assert!(
+        kills >= 2,
+        "the runs were never interrupted ({kills} kills): the test proves nothing"
+    );
+    if !out.exists() {
+        let run = recontrol(&hh_rollout_args(&model, &out, &["--resume"]));
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+    assert_eq!(
+        store_contents(&out),
+        store_contents(&clean),
+        "after {kills} kills"
+    );
+    assert!(
+        !dir.path().join("killed.h5.parts").exists(),
+        "parts are cleaned up"
+    );
+    let again = recontrol(&hh_rollout_args(&model, &out, &["--resume"]));
+    assert_fails_with(&again, "already complete");
+}
+
+#[test]
+fn shards_merge_into_the_whole_and_foreign_stores_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = lm_fixture("qwen2");
+    let whole = dir.path().join("whole.h5");
+    let a = dir.path().join("a.h5");
+    let b = dir.path().join("b.h5");
+    for (out, shard) in [(&whole, None), (&a, Some("0/2")), (&b, Some("1/2"))] {
+        let mut args = hh_rollout_args(&model, out, &[]);
+        if let Some(shard) = shard {
+            args.extend(["--shard", shard]);
+        }
+        let run = recontrol(&args);
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
+    let merged = dir.path().join("merged.h5");
+    let run = recontrol(&["rollout", "merge", s(&a), s(&b), "--out", s(&merged)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let mut got = store_contents(&merged);
+    let mut want = store_contents(&whole);
+    assert_eq!(got.len(), 48);
+    got.sort_by_key(|r| r.prompt_index);
+    want.sort_by_key(|r| r.prompt_index);
+    // Prompts, tokens and texts agree; states agree to float noise (other batch padding).
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (g.prompt_index, &g.prompt, &g.response, &g.tokens),
+            (w.prompt_index, &w.prompt, &w.response, &w.tokens)
+        );
+        let diff = (&g.states - &w.states).fold(0f32, |m, d| m.max(d.abs()));
+        assert!(diff < 1e-4, "prompt {}: {diff}", g.prompt_index);
+    }
+
+    // A store of another model cannot be merged in.
+    let other = dir.path().join("other.h5");
+    let run = recontrol(&hh_rollout_args(&lm_fixture("llama-mha"), &other, &[]));
+    assert!(run.status.success(), "{}", stderr(&run));
+    let run = recontrol(&[
+        "rollout",
+        "merge",
+        s(&a),
+        s(&other),
+        "--out",
+        s(&dir.path().join("bad.h5")),
+    ]);
+    assert_fails_with(&run, "cannot merge with");
+    assert!(!dir.path().join("bad.h5").exists());
+}
+
+#[test]
+fn resuming_with_another_model_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("r.h5");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_recontrol"))
+        .args(hh_rollout_args(&lm_fixture("qwen2"), &out, &[]))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = child.kill();
+    child.wait().expect("reap");
+    assert!(
+        dir.path().join("r.h5.parts").exists(),
+        "the run was killed before it started"
+    );
+    let run = recontrol(&hh_rollout_args(
+        &lm_fixture("llama-mha"),
+        &out,
+        &["--resume"],
+    ));
+    assert_fails_with(&run, "cannot resume: model");
+    let run = recontrol(&hh_rollout_args(&lm_fixture("qwen2"), &out, &[]));
+    assert_fails_with(&run, "pass --resume to continue it");
+}
+
+#[test]
+fn bad_inputs_give_one_clear_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = lm_fixture("llama-mha");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"\n{\"prompt\": \"c\"}\n",
+    )
+    .expect("write");
+    let out = dir.path().join("r.h5");
+    let base = [
+        "rollout",
+        "--model",
+        s(&model),
+        "--dataset",
+        s(&bad),
+        "--split",
+        "all",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        s(&out),
+    ];
+    let run = recontrol(&base);
+    assert_fails_with(&run, "bad.jsonl:2: malformed JSON");
+    assert!(!out.exists() && !dir.path().join("r.h5.parts").exists());
+    let mut skip = base.to_vec();
+    skip.push("--skip-bad");
+    let run = recontrol(&skip);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("skipped 1 malformed lines"),
+        "{}",
+        stderr(&run)
+    );
+    assert_eq!(Store::open(&out).expect("open").len(), 2);
+
+    // A truncated store is a clear error, not a crash.
+    let truncated = dir.path().join("truncated.h5");
+    let bytes = std::fs::read(&out).expect("read");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let run = recontrol(&[
+        "rollout",
+        "merge",
+        s(&truncated),
+        "--out",
+        s(&dir.path().join("m.h5")),
+    ]);
+    assert_fails_with(&run, "truncated.h5");
+    let garbage = dir.path().join("garbage.h5");
+    std::fs::write(&garbage, b"not hdf5 at all").expect("write");
+    let run = recontrol(&[
+        "rollout",
+        "merge",
+        s(&garbage),
+        "--out",
+        s(&dir.path().join("m.h5")),
+    ]);
+    assert_fails_with(&run, "not a recontrol rollout store");
+
+    let run = recontrol(&[
+        "rollout",
+        "--model",
+        s(&model),
+        "--dataset",
+        s(&bad),
+        "--out",
+        s(&out),
+        "--shard",
+        "2/2",
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("expected 0 <= K < N"),
+        "{}",
+        stderr(&run)
+    );
+}
+
+#[test]
+fn data_stats_reports_the_bundled_split() {
+    let run = recontrol(&["data", "stats", s(&BUNDLED), "--json"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let v: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(v["report"]["records"], 2312);
+    assert_eq!(v["report"]["skipped_different_prefix"], 5);
+    assert_eq!(v["prompts"], 2307);
+    assert_eq!(v["pairs"], 2307);
+    assert!(v["prompt_words"]["p50"].as_u64().expect("p50") > 5);
+    let run = recontrol(&["data", "stats", s(&BUNDLED)]);
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(text.contains("skipped: different prefixes  5"), "{text}");
+    let harmful = repo_root().join("data/bundled/harmfulqa/harmfulqa.json");
+    let run = recontrol(&["data", "stats", s(&harmful), "--json"]);
+    let v: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(v["prompts"], 1960);
+}

@@ -1,0 +1,327 @@
+//! A crash-safe rollout job: prompts in, a complete store out, resumable after `kill -9`.
+//!
+//! The job writes parts beside the output, `OUT.parts/part-NNNNNN.h5`, each a complete store of
+//! `rollouts_per_part` consecutive rollouts (whole batches). A part is written under a temporary
+//! name and renamed when closed, so a crash loses at most the part in progress. `--resume` keeps
+//! the finished parts, redoes the rest with the same batches, and merges the parts into `OUT`
+//! (again under a temporary name). Because parts align with batches and every prompt's
+//! sampling stream depends only on its position in the job, the result holds exactly the
+//! records of an uninterrupted run.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{self, Rollout, Store, StoreError, StoreMeta, StoreWriter};
+
+/// A prompt to roll out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPrompt {
+    /// Record index in the source dataset.
+    pub prompt_index: i64,
+    /// Model input text.
+    pub text: String,
+}
+
+/// Everything that determines a job's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPlan {
+    pub meta: StoreMeta,
+    /// One entry per rollout (a prompt appears `samples_per_prompt` times in a row).
+    pub prompts: Vec<PlannedPrompt>,
+    pub batch_size: usize,
+    /// Rollouts per part; a multiple of `batch_size`.
+    pub rollouts_per_part: usize,
+}
+
+/// Makes rollouts for one batch of prompts. `first_row` is the position of the batch's first
+/// prompt in the job (for per-prompt random streams).
+pub trait RolloutSource {
+    fn generate(
+        &mut self,
+        prompts: &[PlannedPrompt],
+        first_row: u64,
+    ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// Errors of a rollout job.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    State { path: PathBuf, message: String },
+    #[error("generation failed: {0}")]
+    Source(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolloutSummary {
+    pub rollouts: usize,
+    /// Parts found complete and kept (non-zero after a resume).
+    pub parts_reused: usize,
+    pub parts_written: usize,
+}
+
+/// `OUT.parts`.
+pub fn parts_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".parts");
+    out.with_file_name(name)
+}
+
+fn part_path(dir: &Path, k: usize) -> PathBuf {
+    dir.join(format!("part-{k:06}.h5"))
+}
+
+/// Runs (or with `resume`, continues) a job. `progress(done, total)` is called after each batch.
+pub fn run(
+    plan: &RolloutPlan,
+    out: &Path,
+    resume: bool,
+    source: &mut dyn RolloutSource,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<RolloutSummary, RolloutError> {
+    let state = |message: String| RolloutError::State {
+        path: out.to_owned(),
+        message,
+    };
+    if plan.batch_size == 0
+        || plan.rollouts_per_part == 0
+        || !plan.rollouts_per_part.is_multiple_of(plan.batch_size)
+    {
+        return Err(state(format!(
+            "rollouts per part ({}) must be a positive multiple of the batch size ({})",
+            plan.rollouts_per_part, plan.batch_size
+        )));
+    }
+    if out.exists() {
+        return Err(state(if resume {
+            "the store is already complete; nothing to resume".to_owned()
+        } else {
+            "exists; remove it or choose another --out".to_owned()
+        }));
+    }
+    let dir = parts_dir(out);
+    let plan_path = dir.join("plan.json");
+    if dir.exists() {
+        if !resume {
+            return Err(state(format!(
+                "an interrupted run left {}; pass --resume to continue it, or remove it",
+                dir.display()
+            )));
+        }
+        let text = std::fs::read_to_string(&plan_path)
+            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
+        let previous: RolloutPlan = serde_json::from_str(&text)
+            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
+        if let Some(why) = previous.meta.incompatibility(&plan.meta) {
+            return Err(state(format!("cannot resume: {why}")));
+        }
+        if previous != *plan {
+            return Err(state(
+                "cannot resume: the prompts or generation settings differ from the interrupted run's".to_owned(),
+            ));
+        }
+    } else {
+        std::fs::create_dir_all(&dir).map_err(|e| state(format!("{}: {e}", dir.display())))?;
+        let json = serde_json::to_string(plan).map_err(|e| state(e.to_string()))?;
+        write_atomic(&plan_path, json.as_bytes())
+            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
+    }
+
+    let total = plan.prompts.len();
+    let parts: Vec<&[PlannedPrompt]> = plan.prompts.chunks(plan.rollouts_per_part).collect();
+    let (mut reused, mut written) = (0, 0);
+    for (k, part) in parts.iter().enumerate() {
+        let path = part_path(&dir, k);
+        let first = k * plan.rollouts_per_part;
+        if path.is_file() {
+            match Store::open(&path) {
+                Ok(s) if s.len() == part.len() => {
+                    reused += 1;
+                    progress(first + part.len(), total);
+                    continue;
+                }
+                // A part is renamed into place only when complete; anything else is redone.
+                _ => std::fs::remove_file(&path)
+                    .map_err(|e| state(format!("{}: {e}", path.display())))?,
+            }
+        }
+        let temp = dir.join(format!("part-{k:06}.h5.tmp"));
+        let mut writer = StoreWriter::create(&temp, &plan.meta)?;
+        for (b, batch) in part.chunks(plan.batch_size).enumerate() {
+            let first_row = (first + b * plan.batch_size) as u64;
+            let rollouts = source
+                .generate(batch, first_row)
+                .map_err(RolloutError::Source)?;
+            if rollouts.len() != batch.len() {
+                return Err(state(format!(
+                    "the generator returned {} rollouts for {} prompts",
+                    rollouts.len(),
+                    batch.len()
+                )));
+            }
+            writer.append(&rollouts)?;
+            progress(first_row as usize + batch.len(), total);
+        }
+        writer.finish()?;
+        std::fs::rename(&temp, &path).map_err(|e| state(format!("{}: {e}", path.display())))?;
+        written += 1;
+    }
+
+    let part_paths: Vec<PathBuf> = (0..parts.len()).map(|k| part_path(&dir, k)).collect();
+    let refs: Vec<&Path> = part_paths.iter().map(PathBuf::as_path).collect();
+    let rollouts = if refs.is_empty() {
+        let writer = StoreWriter::create(&store::temp_path(out), &plan.meta)?;
+        writer.finish()?;
+        std::fs::rename(store::temp_path(out), out).map_err(|e| state(e.to_string()))?;
+        0
+    } else {
+        store::merge(&refs, out)?
+    };
+    std::fs::remove_dir_all(&dir).map_err(|e| state(format!("{}: {e}", dir.display())))?;
+    Ok(RolloutSummary {
+        rollouts,
+        parts_reused: reused,
+        parts_written: written,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = store::temp_path(path);
+    std::fs::write(&temp, bytes)?;
+    std::fs::rename(&temp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StateDtype;
+    use ndarray::Array2;
+
+    fn meta(hidden: usize) -> StoreMeta {
+        StoreMeta {
+            hidden_size: hidden,
+            model: "m".into(),
+            model_hash: "h".into(),
+            state_dtype: StateDtype::F32,
+            prompt_format: "raw".into(),
+            generation: serde_json::json!({}),
+            seed: 0,
+            recontrol_version: "test".into(),
+            dataset: "d".into(),
+        }
+    }
+
+    /// Deterministic fake generator: prompt i gets 1 + i % 3 states filled with its row id.
+    /// Fails once after `fail_after` batches, to simulate a crash.
+    struct Fake {
+        batches: usize,
+        fail_after: Option<usize>,
+    }
+
+    impl RolloutSource for Fake {
+        fn generate(
+            &mut self,
+            prompts: &[PlannedPrompt],
+            first_row: u64,
+        ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>> {
+            if self.fail_after == Some(self.batches) {
+                self.fail_after = None;
+                return Err("simulated crash".into());
+            }
+            self.batches += 1;
+            Ok(prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let row = first_row as usize + i;
+                    let t = 1 + row % 3;
+                    Rollout {
+                        prompt_index: p.prompt_index,
+                        prompt: p.text.clone(),
+                        response: format!("r{row}"),
+                        tokens: (0..t as i64).collect(),
+                        states: Array2::from_elem((t, 2), row as f32),
+                        reward: f32::NAN,
+                    }
+                })
+                .collect())
+        }
+    }
+
+    fn plan(n: usize) -> RolloutPlan {
+        RolloutPlan {
+            meta: meta(2),
+            prompts: (0..n)
+                .map(|i| PlannedPrompt {
+                    prompt_index: i as i64 * 10,
+                    text: format!("p{i}"),
+                })
+                .collect(),
+            batch_size: 2,
+            rollouts_per_part: 4,
+        }
+    }
+
+    fn contents(path: &Path) -> Vec<(i64, String, Vec<i64>, Vec<f32>)> {
+        let s = Store::open(path).expect("open");
+        (0..s.len())
+            .map(|i| {
+                let r = s.rollout(i).expect("rollout");
+                (
+                    r.prompt_index,
+                    r.response,
+                    r.tokens,
+                    r.states.iter().copied().collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_run_resumes_to_the_uninterrupted_result() -> Result<(), RolloutError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clean = dir.path().join("clean.h5");
+        run(
+            &plan(11),
+            &clean,
+            false,
+            &mut Fake {
+                batches: 0,
+                fail_after: None,
+            },
+            &mut |_, _| {},
+        )?;
+
+        let out = dir.path().join("resumed.h5");
+        let mut fake = Fake {
+            batches: 0,
+            fail_after: Some(3),
+        };
+        let err = run(&plan(11), &out, false, &mut fake, &mut |_, _| {}).expect_err("crash");
+        assert!(err.to_string().contains("simulated crash"));
+        assert!(!out.exists());
+        // Without --resume the leftovers are not silently reused or deleted.
+        let err =
+            run(&plan(11), &out, false, &mut fake, &mut |_, _| {}).expect_err("needs --resume");
+        assert!(err.to_string().contains("pass --resume"), "{err}");
+        // Another model cannot continue the run.
+        let mut other = plan(11);
+        other.meta.model_hash = "other".into();
+        let err = run(&other, &out, true, &mut fake, &mut |_, _| {}).expect_err("other model");
+        assert!(err.to_string().contains("cannot resume: model"), "{err}");
+        let summary = run(&plan(11), &out, true, &mut fake, &mut |_, _| {})?;
+        assert_eq!(summary.parts_reused, 1);
+        assert_eq!(summary.parts_written, 2);
+        assert_eq!(summary.rollouts, 11);
+        assert_eq!(contents(&out), contents(&clean));
+        assert!(!parts_dir(&out).exists());
+        let err = run(&plan(11), &out, true, &mut fake, &mut |_, _| {}).expect_err("complete");
+        assert!(err.to_string().contains("already complete"), "{err}");
+        Ok(())
+    }
+}
