@@ -110,7 +110,7 @@ pub enum DatasetKindArg {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DatasetArgs {
     /// Kind of dataset file.
-    #[arg(long, value_enum, default_value_t = DatasetKindArg::Auto)]
+    #[arg(long, visible_alias = "format", value_enum, default_value_t = DatasetKindArg::Auto)]
     pub dataset_kind: DatasetKindArg,
     /// Field of a JSONL record that holds the prompt.
     #[arg(long, default_value = "prompt")]

@@ -78,7 +78,7 @@ impl GenerateArgs {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let (ids, cut) = lm.encode_prompt(p, self.generation.max_new_tokens)?;
+                let (ids, cut) = lm.encode_prompt(p, self.generation.max_new_tokens, true)?;
                 if ids.is_empty() {
                     anyhow::bail!("prompt {i} is empty");
                 }

@@ -150,6 +150,8 @@ impl MergeArgs {
 struct LmSource<'a> {
     lm: &'a LanguageModel,
     config: GenerationConfig,
+    /// False for chat-template text, which carries its own special tokens.
+    add_special_tokens: bool,
     /// Prompts whose oldest tokens were dropped to fit the model's positions.
     truncated: usize,
 }
@@ -162,8 +164,11 @@ impl RolloutSource for LmSource<'_> {
     ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>> {
         let mut ids = Vec::with_capacity(prompts.len());
         for p in prompts {
-            let (prompt_ids, truncated) =
-                self.lm.encode_prompt(&p.text, self.config.max_new_tokens)?;
+            let (prompt_ids, truncated) = self.lm.encode_prompt(
+                &p.text,
+                self.config.max_new_tokens,
+                self.add_special_tokens,
+            )?;
             self.truncated += usize::from(truncated);
             ids.push(prompt_ids);
         }
@@ -277,6 +282,8 @@ impl RolloutArgs {
         let mut source = LmSource {
             lm: &lm,
             config,
+            add_special_tokens: self.prompt.prompt_format
+                != crate::args::PromptFormatArg::ChatTemplate,
             truncated: 0,
         };
         let summary = job::run(&plan, out, self.resume, &mut source, &mut |done, _| {

@@ -435,3 +435,42 @@ fn data_stats_reports_the_bundled_split() {
     let v: Value = serde_json::from_slice(&run.stdout).expect("json");
     assert_eq!(v["prompts"], 1960);
 }
+
+#[test]
+fn chat_template_prompts_with_the_helpful_instruction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let questions = dir.path().join("q.jsonl");
+    std::fs::write(&questions, "{\"question\": \"How do I bake bread?\"}\n").expect("write");
+    let out = dir.path().join("r.h5");
+    let run = recontrol(&[
+        "rollout",
+        "--model",
+        s(&lm_fixture("llama3-gqa")),
+        "--dataset",
+        s(&questions),
+        "--format",
+        "jsonl",
+        "--prompt-field",
+        "question",
+        "--split",
+        "all",
+        "--prompt-format",
+        "chat-template",
+        "--helpful-prompt",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        s(&out),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let st = Store::open(&out).expect("open");
+    let r = st.rollout(0).expect("rollout");
+    assert_eq!(
+        r.prompt,
+        format!(
+            "<s><|system|>\n{}</s><|user|>\nHow do I bake bread?</s><|assistant|>\n",
+            recontrol_data::HELPFUL_INSTRUCTION
+        )
+    );
+    assert_eq!(st.meta().prompt_format, "chat-template");
+}

@@ -117,9 +117,16 @@ impl LanguageModel {
 
     /// Token ids of a prompt that leave room for `max_new_tokens` within the model's positions:
     /// a longer prompt loses its oldest tokens (a leading BOS is kept), and the second result
-    /// says so. Errors when `max_new_tokens` alone does not fit.
-    pub fn encode_prompt(&self, text: &str, max_new_tokens: usize) -> Result<(Vec<i64>, bool)> {
-        let ids = self.tokenizer.encode(text, true)?;
+    /// says so. Errors when `max_new_tokens` alone does not fit. `add_special_tokens` applies
+    /// the tokenizer's post-processor (e.g. a leading BOS); text rendered by a chat template
+    /// already has its special tokens and is encoded without (as transformers does).
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        max_new_tokens: usize,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<i64>, bool)> {
+        let ids = self.tokenizer.encode(text, add_special_tokens)?;
         let Some(max) = self.model.config().max_position_embeddings else {
             return Ok((ids, false));
         };

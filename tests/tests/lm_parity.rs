@@ -135,6 +135,13 @@ fn chat_template_renders_like_hf() {
         .apply_chat_template(&messages, true)
         .expect("render");
     assert_eq!(rendered, value["chat_rendered"].as_str().expect("string"));
+    // Rendered text carries its own <s>: encoded without special tokens there is exactly one
+    // (as HF's apply_chat_template(tokenize=True)); with them, the post-processor adds another.
+    let (ids, cut) = lm.encode_prompt(&rendered, 4, false).expect("encode");
+    assert!(!cut);
+    assert_eq!((ids[0], ids[1] != 1), (1, true), "{ids:?}");
+    let (doubled, _) = lm.encode_prompt(&rendered, 4, true).expect("encode");
+    assert_eq!(&doubled[..2], &[1, 1]);
     let plain = load("llama-mha", DType::F32);
     let err = plain
         .tokenizer
