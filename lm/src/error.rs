@@ -95,6 +95,12 @@ pub enum Error {
         max: usize,
     },
 
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+
+    #[error("training: {0}")]
+    Training(String),
+
     #[error("hidden-state hook failed: {0}")]
     Hook(#[source] Box<dyn std::error::Error + Send + Sync>),
 

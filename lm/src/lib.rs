@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bpe;
 mod cache;
 pub mod config;
 mod device;
@@ -29,6 +30,8 @@ mod error;
 mod generate;
 mod hook;
 mod model;
+pub mod optim;
+pub mod pretrain;
 mod rope;
 pub mod sampling;
 mod tokenizer;

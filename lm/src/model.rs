@@ -11,9 +11,9 @@ use tch::{Device, Kind, Tensor};
 use crate::cache::KvCache;
 use crate::config::{AttentionWindow, ModelConfig};
 use crate::device::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rope::{apply_rotary, Rope};
-use crate::weights::Weights;
+use crate::weights::{ParamSource, Weights};
 
 /// `y = x W^T + b`.
 #[derive(Debug)]
@@ -23,7 +23,13 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(w: &Weights, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    fn load(
+        w: &dyn ParamSource,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = w.get(
             &format!("{prefix}.weight"),
             &[out_dim as i64, in_dim as i64],
@@ -49,7 +55,7 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(w: &Weights, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
+    fn load(w: &dyn ParamSource, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: w.get(&format!("{prefix}.weight"), &[dim as i64])?,
             eps,
@@ -79,7 +85,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, prefix: &str, cfg: &ModelConfig, window: AttentionWindow) -> Result<Self> {
+    fn load(
+        w: &dyn ParamSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+        window: AttentionWindow,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
             q_proj: Linear::load(
@@ -123,7 +134,7 @@ impl Attention {
         x: &Tensor,
         rotary: &(Tensor, Tensor),
         masks: &Masks,
-        cache: &mut KvCache,
+        cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
         let (b, s) = (x.size()[0], x.size()[1]);
@@ -138,7 +149,10 @@ impl Attention {
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         // [batch, kv_heads, past + seq, head_dim]
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
         let mask = masks.get(self.window);
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
@@ -166,7 +180,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+    fn load(w: &dyn ParamSource, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, bias)?,
@@ -191,7 +205,12 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, prefix: &str, cfg: &ModelConfig, window: AttentionWindow) -> Result<Self> {
+    fn load(
+        w: &dyn ParamSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+        window: AttentionWindow,
+    ) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::load(w, &format!("{prefix}.input_layernorm"), h, eps)?,
@@ -211,7 +230,7 @@ impl DecoderLayer {
         x: &Tensor,
         rotary: &(Tensor, Tensor),
         masks: &Masks,
-        cache: &mut KvCache,
+        cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
         let attn = self.self_attn.forward(
@@ -350,8 +369,18 @@ impl CausalLm {
     /// Loads the weights in `dir` for `config`, as `dtype` on `device`.
     pub fn load(dir: &Path, config: ModelConfig, device: Device, dtype: DType) -> Result<Self> {
         let _guard = tch::no_grad_guard();
+        let w = Weights::open(dir, device, dtype.kind())?;
+        Self::build(config, &w, device, dtype)
+    }
+
+    /// Builds the model from parameters named like HF checkpoint keys.
+    pub fn build(
+        config: ModelConfig,
+        w: &dyn ParamSource,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let kind = dtype.kind();
-        let w = Weights::open(dir, device, kind)?;
         let (v, h) = (config.vocab_size as i64, config.hidden_size as i64);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
         let layers = config
@@ -359,19 +388,15 @@ impl CausalLm {
             .iter()
             .enumerate()
             .map(|(i, &window)| {
-                DecoderLayer::load(&w, &format!("model.layers.{i}"), &config, window)
+                DecoderLayer::load(w, &format!("model.layers.{i}"), &config, window)
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&w, "model.norm", config.hidden_size, config.rms_norm_eps)?;
-        let lm_head = match w.get_opt("lm_head.weight", &[v, h])? {
-            Some(t) if !config.tie_word_embeddings => t,
-            _ if config.tie_word_embeddings => embed_tokens.shallow_clone(),
-            _ => {
-                return Err(Error::MissingTensor {
-                    dir: dir.to_owned(),
-                    name: "lm_head.weight".to_owned(),
-                })
-            }
+        let norm = RmsNorm::load(w, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        // Tied embeddings: the checkpoint's lm_head (if any) is ignored, as transformers does.
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            w.get("lm_head.weight", &[v, h])?
         };
         let rope = Rope::new(&config.rope, config.head_dim, device)?;
         Ok(Self {
@@ -427,7 +452,7 @@ impl CausalLm {
         let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
         let mut x = Tensor::f_embedding(&self.embed_tokens, input.input_ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rotary, &masks, cache, i)?;
+            x = layer.forward(&x, &rotary, &masks, Some(&mut *cache), i)?;
         }
         cache.advance(seq as usize);
         let x = match positions {
@@ -436,6 +461,23 @@ impl CausalLm {
             Positions::All => x,
         };
         self.norm.forward(&x)
+    }
+
+    /// Training forward pass: logits `[batch, seq, vocab]` of unpadded sequences `[batch, seq]`
+    /// starting at position 0, with autograd (no cache, no `no_grad`).
+    pub fn forward_train(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = (input_ids.size()[0], input_ids.size()[1]);
+        let masks = Masks::new(None, &self.config.windows, 0, seq, self.device)?;
+        let positions = Tensor::f_arange(seq, (Kind::Int64, self.device))?
+            .f_unsqueeze(0)?
+            .f_expand([batch, seq], false)?;
+        let rotary = self.rope.cos_sin(&positions, self.kind)?;
+        let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &rotary, &masks, None, i)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(x.f_linear(&self.lm_head, None::<&Tensor>)?)
     }
 
     /// Logits `[..., vocab]` (in the model's dtype) from final hidden states `[..., hidden]`.

@@ -27,6 +27,16 @@ struct Shard {
     metadata: safetensors::tensor::Metadata,
 }
 
+/// Where a model's parameters come from: a checkpoint ([`Weights`]) or fresh initialisation for
+/// training. Names are Hugging Face's checkpoint keys.
+pub trait ParamSource {
+    /// The named tensor if the source has it, checked to have `shape`.
+    fn get_opt(&self, name: &str, shape: &[i64]) -> Result<Option<Tensor>>;
+
+    /// The named tensor, checked to have `shape`.
+    fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor>;
+}
+
 /// Tensors of a checkpoint, by name, read on demand.
 pub struct Weights {
     dir: PathBuf,
@@ -128,9 +138,10 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
+}
 
-    /// The named tensor, checked to have `shape`.
-    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+impl ParamSource for Weights {
+    fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         self.get_opt(name, shape)?
             .ok_or_else(|| Error::MissingTensor {
                 dir: self.dir.clone(),
@@ -138,8 +149,7 @@ impl Weights {
             })
     }
 
-    /// The named tensor if the checkpoint has it, checked to have `shape`.
-    pub fn get_opt(&self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+    fn get_opt(&self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
         let Some(&i) = self.by_name.get(name) else {
             return Ok(None);
         };
