@@ -16,7 +16,7 @@ pub struct DeviceArgs {
     pub dtype: DTypeArg,
 }
 
-fn as_display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+pub fn as_display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
 

@@ -5,6 +5,7 @@ mod data;
 mod env;
 mod generate;
 mod output;
+mod pretrain;
 mod rollout;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Rollout(Box<rollout::RolloutCommand>),
     /// Look at datasets.
     Data(data::DataCommand),
+    /// Language-model utilities: pretrain the small default model.
+    Lm(pretrain::LmCommand),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => args.run(),
         Command::Rollout(args) => args.run(),
         Command::Data(args) => args.run(),
+        Command::Lm(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

@@ -107,6 +107,30 @@ pub fn render_prompt(
     })
 }
 
+/// A whole dialogue as LM training text in the HH format, each assistant turn (the final
+/// `reply` too) followed by `eos`, so a model learns to end its replies.
+pub fn dialogue_document(turns: &[Turn], reply: &str, eos: &str) -> String {
+    let mut text = String::new();
+    for turn in turns {
+        match turn.role {
+            Role::System => text.push_str(&turn.text),
+            Role::User => {
+                text.push_str("\n\nHuman: ");
+                text.push_str(&turn.text);
+            }
+            Role::Assistant => {
+                text.push_str("\n\nAssistant: ");
+                text.push_str(&turn.text);
+                text.push_str(eos);
+            }
+        }
+    }
+    text.push_str("\n\nAssistant: ");
+    text.push_str(reply);
+    text.push_str(eos);
+    text
+}
+
 /// Turn markers of the supported formats. A response is cut where one of them starts a line
 /// (or follows whitespace): the model has begun to write the next turn itself.
 pub const TURN_MARKERS: [&str; 4] = ["Human:", "Assistant:", "USER:", "ASSISTANT:"];
@@ -206,6 +230,15 @@ mod tests {
         );
         assert!(render_prompt(PromptFormat::ChatTemplate, &q, None, None).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn dialogue_documents_end_assistant_turns_with_eos() {
+        let r = record();
+        assert_eq!(
+            dialogue_document(&r.dialogue.turns, "Green tea.", "</s>"),
+            "\n\nHuman: hi\n\nAssistant: hello</s>\n\nHuman: tea?\n\nAssistant: Green tea.</s>"
+        );
     }
 
     #[test]

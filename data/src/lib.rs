@@ -22,7 +22,8 @@ pub use datasets::{
 };
 pub use dialogue::{Dialogue, Role, Turn};
 pub use format::{
-    render_prompt, truncate_response, ChatRenderer, PromptFormat, HELPFUL_INSTRUCTION,
+    dialogue_document, render_prompt, truncate_response, ChatRenderer, PromptFormat,
+    HELPFUL_INSTRUCTION,
 };
 pub use jsonl::read_prompts;
 pub use split::{Split, SplitSpec};

@@ -59,7 +59,7 @@ impl Default for PretrainConfig {
             max_positions: 1024,
             seq_len: 256,
             batch_size: 16,
-            steps: 300,
+            steps: 500,
             lr: 2e-3,
             min_lr: 2e-4,
             warmup: 20,
@@ -205,7 +205,7 @@ impl ParamSource for InitSource {
             vec![0.0; n as usize]
         } else {
             let mut rng = self.rng.borrow_mut();
-            (0..n).map(|_| 0.02 * standard_normal(&mut *rng)).collect()
+            (0..n).map(|_| 0.02 * standard_normal(&mut rng)).collect()
         };
         let t = Tensor::from_slice(&values)
             .f_view(shape)?
