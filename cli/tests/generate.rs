@@ -1,7 +1,9 @@
 //! `recontrol generate` end to end on the HF fixture models, and its answers to bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use recontrol_tests::cli::{self, assert_fails_with, stderr};
 
 use recontrol_tests::{copy_dir, lm_expected, lm_fixture, lm_prompts};
 use serde_json::Value;
@@ -9,35 +11,7 @@ use serde_json::Value;
 const EOS: i64 = 2;
 
 fn recontrol(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recontrol"))
-        .args(args)
-        .output()
-        .expect("run recontrol")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A failed run: non-zero exit, no panic, and an error that is one line naming `needle`.
-fn assert_clean_failure(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(error_lines.len(), 1, "one error line expected: {err}");
-    assert_eq!(
-        err.lines().last(),
-        error_lines.first().copied(),
-        "error is the last line: {err}"
-    );
-    assert!(
-        error_lines[0].contains(needle),
-        "error lacks {needle:?}: {err}"
-    );
+    cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
 }
 
 fn hf_rows(name: &str) -> Vec<Vec<i64>> {
@@ -196,7 +170,7 @@ fn generate_fails(model: &Path, extra: &[&str], needle: &str) {
     ];
     args.extend_from_slice(extra);
     let run = recontrol(&args);
-    assert_clean_failure(&run, needle);
+    assert_fails_with(&run, needle);
     let left: Vec<_> = std::fs::read_dir(out_dir.path())
         .expect("read dir")
         .collect();
@@ -321,7 +295,7 @@ fn bad_flags_and_inputs_give_one_clear_line() {
         "--out",
         "/nonexistent/dir/out.jsonl",
     ]);
-    assert_clean_failure(
+    assert_fails_with(
         &run,
         "--out /nonexistent/dir/out.jsonl: folder /nonexistent/dir does not exist",
     );
@@ -356,7 +330,7 @@ fn env_reports_libtorch_and_the_venv_onnxruntime() {
         );
     }
     let run = recontrol(&["env", "--onnxruntime", "/nonexistent/libonnxruntime.so"]);
-    assert_clean_failure(
+    assert_fails_with(
         &run,
         "/nonexistent/libonnxruntime.so: cannot load ONNX Runtime",
     );

@@ -2,35 +2,16 @@
 //! transformers with the same logits, logged for TensorBoard, resumable.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
 
 use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions, StepInput};
-use recontrol_tests::repo_root;
+use recontrol_tests::{python_json, repo_root};
 use serde_json::Value;
 
 fn recontrol(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recontrol"))
-        .args(args)
-        .output()
-        .expect("run recontrol")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn python(script: &str, args: &[&str]) -> Value {
-    let out = Command::new(repo_root().join(".venv/bin/python"))
-        .arg(repo_root().join(script))
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(out.status.success(), "{script}: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("json")
+    cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
 }
 
 fn corpus() -> PathBuf {
@@ -108,7 +89,7 @@ fn tiny_run_is_deterministic_loads_in_hf_with_the_same_logits_and_logs() {
 
     // HF transformers loads the directory; its logits equal ours.
     let text = "\n\nHuman: How do I make tea?\n\nAssistant:";
-    let hf = python("tests/fixtures/lm/hf_check.py", &[s(&a), text]);
+    let hf = python_json("tests/fixtures/lm/hf_check.py", &[s(&a), text]);
     assert_eq!(hf["architecture"], "LlamaForCausalLM");
     let lm = LanguageModel::load(&a, DeviceSpec::Cpu, DType::F32).expect("load");
     let ids = lm.tokenizer.encode(text, true).expect("encode");
@@ -152,7 +133,7 @@ fn tiny_run_is_deterministic_loads_in_hf_with_the_same_logits_and_logs() {
     assert!(diff < 1e-4, "logits differ from HF by {diff}");
 
     // TensorBoard's own reader sees the scalars.
-    let tb = python(
+    let tb = python_json(
         "tests/fixtures/read_tensorboard.py",
         &[s(&dir.path().join("a.work/logs"))],
     );
@@ -233,16 +214,7 @@ fn bad_settings_give_one_clear_line() {
         "--heads",
         "4",
     ]);
-    assert!(!run.status.success());
-    let err = stderr(&run);
-    assert!(
-        err.lines()
-            .last()
-            .unwrap_or_default()
-            .contains("must be a multiple of --heads 4"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"));
+    assert_fails_with(&run, "must be a multiple of --heads 4");
 
     let run = recontrol(&[
         "lm",
@@ -252,18 +224,9 @@ fn bad_settings_give_one_clear_line() {
         "--out",
         s(&out),
     ]);
-    assert!(!run.status.success());
-    assert!(
-        stderr(&run).contains("/nonexistent/corpus.jsonl"),
-        "{}",
-        stderr(&run)
-    );
+    assert_fails_with(&run, "/nonexistent/corpus.jsonl");
 
     std::fs::create_dir_all(&out).expect("mkdir");
     let run = pretrain(&out, &[]);
-    assert!(
-        stderr(&run).contains("exists; remove it"),
-        "{}",
-        stderr(&run)
-    );
+    assert_fails_with(&run, "exists; remove it");
 }

@@ -4,38 +4,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
 use std::time::Duration;
 
 use recontrol_data::{Rollout, Store};
-use recontrol_tests::{lm_expected, lm_fixture, lm_prompts, repo_root};
+use recontrol_tests::{lm_expected, lm_fixture, lm_prompts, python_json, repo_root};
 use serde_json::Value;
 
 const EOS: i64 = 2;
 
 fn recontrol(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_recontrol"))
-        .args(args)
-        .output()
-        .expect("run recontrol")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn assert_fails_with(out: &Output, needle: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    let last = err.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("error:") && last.contains(needle),
-        "want {needle:?} in the last line: {err}"
-    );
+    cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
 }
 
 fn prompts_file(dir: &Path) -> PathBuf {
@@ -54,15 +34,12 @@ fn bundled_hh() -> PathBuf {
 
 /// Runs the h5py checker on a store and returns its JSON summary.
 fn h5py_summary(store: &Path, dump: Option<usize>) -> Value {
-    let mut cmd = Command::new(repo_root().join(".venv/bin/python"));
-    cmd.arg(repo_root().join("tests/fixtures/store/check_store.py"))
-        .arg(store);
-    if let Some(i) = dump {
-        cmd.args(["--dump-rollout", &i.to_string()]);
+    let dump = dump.map(|i| i.to_string());
+    let mut args = vec![s(store)];
+    if let Some(i) = &dump {
+        args.extend(["--dump-rollout", i.as_str()]);
     }
-    let out = cmd.output().expect("run check_store.py");
-    assert!(out.status.success(), "h5py check failed: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("summary json")
+    python_json("tests/fixtures/store/check_store.py", &args)
 }
 
 #[test]

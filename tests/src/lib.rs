@@ -56,6 +56,23 @@ pub fn lm_prompts() -> Vec<String> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Runs a script of the repo with the project venv's Python and parses its JSON output (the
+/// reference implementations: HF transformers, h5py, TensorBoard's reader).
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .arg(repo_root().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script} with .venv/bin/python: {e}"));
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{script}: output is not JSON: {e}"))
+}
+
 /// Copies a fixture model directory into `dest` (for tests that break a copy).
 pub fn copy_dir(src: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dest)?;
@@ -66,4 +83,48 @@ pub fn copy_dir(src: &std::path::Path, dest: &std::path::Path) -> std::io::Resul
         }
     }
     Ok(())
+}
+
+/// Helpers for tests that run the `recontrol` binary (its path comes from the calling crate's
+/// `env!("CARGO_BIN_EXE_recontrol")`).
+pub mod cli {
+    use std::path::Path;
+    use std::process::{Command, Output};
+
+    /// Runs the binary with `args`.
+    pub fn run(binary: &str, args: &[&str]) -> Output {
+        Command::new(binary)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"))
+    }
+
+    /// Standard error as text.
+    pub fn stderr(out: &Output) -> String {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// A path as a command-line argument.
+    pub fn arg(path: &Path) -> &str {
+        path.to_str().expect("utf-8 path")
+    }
+
+    /// A clean failure: non-zero exit, no panic, and exactly one `error:` line, the last one,
+    /// containing `needle`.
+    pub fn assert_fails_with(out: &Output, needle: &str) {
+        let err = stderr(out);
+        assert!(
+            !out.status.success(),
+            "expected failure, got success; stderr: {err}"
+        );
+        assert!(!err.contains("panicked"), "panic: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {err}");
+        assert_eq!(
+            err.lines().last(),
+            errors.first().copied(),
+            "the error is the last line: {err}"
+        );
+        assert!(errors[0].contains(needle), "error lacks {needle:?}: {err}");
+    }
 }
