@@ -198,6 +198,32 @@ fn an_interrupted_run_resumes_to_the_same_model() {
 }
 
 #[test]
+fn a_given_tokenizer_is_used_as_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("m");
+    let tokenizer = recontrol_tests::lm_fixture("llama-mha").join("tokenizer.json");
+    let run = pretrain(&out, &["--tokenizer", s(&tokenizer)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config: Value = serde_json::from_slice(&bytes(&out.join("config.json"))).expect("config");
+    assert_eq!(
+        config["vocab_size"], 512,
+        "the fixture tokenizer's vocabulary"
+    );
+    let lm = LanguageModel::load(&out, DeviceSpec::Cpu, DType::F32).expect("load");
+    let fixture = LanguageModel::load(
+        &recontrol_tests::lm_fixture("llama-mha"),
+        DeviceSpec::Cpu,
+        DType::F32,
+    )
+    .expect("fixture");
+    let text = "\n\nHuman: hi\n\nAssistant:";
+    assert_eq!(
+        lm.tokenizer.encode(text, true).ok(),
+        fixture.tokenizer.encode(text, true).ok()
+    );
+}
+
+#[test]
 fn bad_settings_give_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("m");
