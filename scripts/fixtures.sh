@@ -6,10 +6,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="$root/.venv/bin/python"
 
-make_fixture() { # generator output-dir
+make_fixture() { # generator output-dir [other inputs...]
     local generator="$1" out="$2"
+    shift 2
     local want
-    want="$(cat "$generator" scripts/requirements.txt | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$generator" "$@" scripts/requirements.txt | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$want" ]; then
         printf 'fixtures: %s\n' "$generator" >&2
         "$python" "$generator" --out "$out" >/dev/null
@@ -18,3 +19,5 @@ make_fixture() { # generator output-dir
 }
 
 make_fixture tests/fixtures/lm/make_fixtures.py tests/fixtures/generated/lm
+make_fixture tests/fixtures/reward/make_reward_fixtures.py tests/fixtures/generated/reward \
+    tests/fixtures/lm/make_fixtures.py

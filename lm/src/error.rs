@@ -95,6 +95,9 @@ pub enum Error {
         max: usize,
     },
 
+    #[error("this model was loaded without its LM head (a backbone); it has no logits")]
+    NoLmHead,
+
     #[error("checkpoint: {0}")]
     Checkpoint(String),
 

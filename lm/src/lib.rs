@@ -77,6 +77,16 @@ pub struct LanguageModel {
 impl LanguageModel {
     /// Loads a Hugging Face model directory on `device` as `dtype`.
     pub fn load(dir: &Path, device: DeviceSpec, dtype: DType) -> Result<Self> {
+        Self::load_with(dir, device, dtype, true)
+    }
+
+    /// Loads the decoder and tokenizer without the LM head (e.g. the backbone of a
+    /// sequence-classification reward model, which has none).
+    pub fn load_backbone(dir: &Path, device: DeviceSpec, dtype: DType) -> Result<Self> {
+        Self::load_with(dir, device, dtype, false)
+    }
+
+    fn load_with(dir: &Path, device: DeviceSpec, dtype: DType, with_head: bool) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::MissingModelDir(dir.to_owned()));
         }
@@ -107,7 +117,11 @@ impl LanguageModel {
             .unwrap_or(0);
         let identity = model_identity(dir)?;
         let device = device.resolve()?;
-        let model = CausalLm::load(dir, config, device, dtype)?;
+        let model = if with_head {
+            CausalLm::load(dir, config, device, dtype)?
+        } else {
+            CausalLm::load_backbone(dir, config, device, dtype)?
+        };
         Ok(Self {
             dir: dir.to_owned(),
             identity,

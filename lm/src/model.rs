@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::cache::KvCache;
 use crate::config::{AttentionWindow, ModelConfig};
 use crate::device::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rope::{apply_rotary, Rope};
 use crate::weights::{ParamSource, Weights};
 
@@ -45,6 +45,13 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
+
+    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
+        if let Some(b) = &self.bias {
+            out.push((format!("{prefix}.bias"), b.shallow_clone()));
+        }
+    }
 }
 
 /// RMSNorm with the variance in float32, as transformers' `LlamaRMSNorm`.
@@ -68,6 +75,10 @@ impl RmsNorm {
         let variance = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
         let normed = x32.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
         Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+    }
+
+    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
     }
 }
 
@@ -246,6 +257,30 @@ impl DecoderLayer {
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok(x.f_add(&mlp)?)
     }
+
+    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
+        self.input_layernorm
+            .params(&format!("{prefix}.input_layernorm"), out);
+        let a = &self.self_attn;
+        for (name, linear) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+        ] {
+            linear.params(&format!("{prefix}.self_attn.{name}"), out);
+        }
+        self.post_attention_layernorm
+            .params(&format!("{prefix}.post_attention_layernorm"), out);
+        let m = &self.mlp;
+        for (name, linear) in [
+            ("gate_proj", &m.gate_proj),
+            ("up_proj", &m.up_proj),
+            ("down_proj", &m.down_proj),
+        ] {
+            linear.params(&format!("{prefix}.mlp.{name}"), out);
+        }
+    }
 }
 
 /// Which positions [`CausalLm::forward_hidden`] returns.
@@ -358,8 +393,9 @@ pub struct CausalLm {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied.
-    lm_head: Tensor,
+    /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied; `None` for a
+    /// backbone loaded without its head (sequence-classification checkpoints have none).
+    lm_head: Option<Tensor>,
     rope: Rope,
     device: Device,
     kind: Kind,
@@ -373,12 +409,36 @@ impl CausalLm {
         Self::build(config, &w, device, dtype)
     }
 
+    /// Loads the decoder without the LM head, e.g. the backbone of a reward model.
+    pub fn load_backbone(
+        dir: &Path,
+        config: ModelConfig,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let w = Weights::open(dir, device, dtype.kind())?;
+        let mut model = Self::build_parts(config, &w, device, dtype, false)?;
+        model.lm_head = None;
+        Ok(model)
+    }
+
     /// Builds the model from parameters named like HF checkpoint keys.
     pub fn build(
         config: ModelConfig,
         w: &dyn ParamSource,
         device: Device,
         dtype: DType,
+    ) -> Result<Self> {
+        Self::build_parts(config, w, device, dtype, true)
+    }
+
+    fn build_parts(
+        config: ModelConfig,
+        w: &dyn ParamSource,
+        device: Device,
+        dtype: DType,
+        with_lm_head: bool,
     ) -> Result<Self> {
         let kind = dtype.kind();
         let (v, h) = (config.vocab_size as i64, config.hidden_size as i64);
@@ -393,10 +453,12 @@ impl CausalLm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(w, "model.norm", config.hidden_size, config.rms_norm_eps)?;
         // Tied embeddings: the checkpoint's lm_head (if any) is ignored, as transformers does.
-        let lm_head = if config.tie_word_embeddings {
-            embed_tokens.shallow_clone()
+        let lm_head = if !with_lm_head {
+            None
+        } else if config.tie_word_embeddings {
+            Some(embed_tokens.shallow_clone())
         } else {
-            w.get("lm_head.weight", &[v, h])?
+            Some(w.get("lm_head.weight", &[v, h])?)
         };
         let rope = Rope::new(&config.rope, config.head_dim, device)?;
         Ok(Self {
@@ -476,13 +538,29 @@ impl CausalLm {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &rotary, &masks, None, i)?;
         }
-        let x = self.norm.forward(&x)?;
-        Ok(x.f_linear(&self.lm_head, None::<&Tensor>)?)
+        self.logits(&self.norm.forward(&x)?)
     }
 
     /// Logits `[..., vocab]` (in the model's dtype) from final hidden states `[..., hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        Ok(hidden.f_linear(&self.lm_head, None::<&Tensor>)?)
+        let head = self.lm_head.as_ref().ok_or(Error::NoLmHead)?;
+        Ok(hidden.f_linear(head, None::<&Tensor>)?)
+    }
+
+    /// Every parameter by its HF checkpoint name (`lm_head.weight` only when untied), sharing
+    /// storage with the model.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            self.embed_tokens.shallow_clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.params(&format!("model.layers.{i}"), &mut out);
+        }
+        self.norm.params("model.norm", &mut out);
+        if let (Some(head), false) = (&self.lm_head, self.config.tie_word_embeddings) {
+            out.push(("lm_head.weight".to_owned(), head.shallow_clone()));
+        }
+        out
     }
 }

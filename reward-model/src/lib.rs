@@ -1,5 +1,75 @@
-//! Reward models for RE-Control.
-//!
-//! This crate will hold Bradley-Terry reward models trained on preference pairs (an LM backbone
-//! plus a scalar head, the layout of Hugging Face `LlamaForSequenceClassification`), rule-based
-//! rewards from a TOML spec, and the labelling of rollout stores. Nothing is implemented yet.
+//! Rewards for RE-Control: Bradley-Terry reward models trained on preference pairs (an LM
+//! backbone plus a scalar head, the layout of Hugging Face `LlamaForSequenceClassification`),
+//! and rule-based rewards from a small TOML spec. Both score `prompt + truncated response`
+//! (the shared truncation rule of `recontrol_data::truncate_response`).
+
+pub mod loss;
+pub mod model;
+pub mod rules;
+pub mod train;
+
+pub use loss::bradley_terry_loss;
+pub use model::RewardModel;
+pub use rules::RuleReward;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of reward models and rules; each names the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Lm(#[from] recontrol_lm::Error),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("the reward of text {index} is {value}; rewards must be finite")]
+    NonFinite { index: usize, value: f32 },
+    #[error("training: {0}")]
+    Training(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Something that scores (prompt, response) pairs: a reward model or rules.
+pub trait RewardSource {
+    /// Rewards of `prompt + truncate_response(response)` for each pair.
+    fn score(&mut self, pairs: &[(String, String)]) -> Result<Vec<f32>>;
+
+    /// What to record as the reward's identity (a path and a hash or the rules).
+    fn describe(&self) -> String;
+}
+
+/// The text a reward scores: the prompt followed by the response cut by the shared rule.
+pub fn scored_text(prompt: &str, response: &str) -> String {
+    format!("{prompt}{}", recontrol_data::truncate_response(response))
+}
+
+/// Loads a reward: a `.toml` file of rules, or a reward model directory.
+pub fn load_reward(path: &Path, device: recontrol_lm::DeviceSpec) -> Result<Box<dyn RewardSource>> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+        Ok(Box::new(RuleReward::from_file(path)?))
+    } else {
+        Ok(Box::new(RewardModel::load(
+            path,
+            device,
+            recontrol_lm::DType::F32,
+        )?))
+    }
+}

@@ -1,0 +1,245 @@
+//! Reward models: a causal-LM backbone and a scalar head on the final hidden state of the last
+//! real token, stored as Hugging Face `LlamaForSequenceClassification` (`score.weight`).
+
+use std::path::{Path, PathBuf};
+
+use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions, StepInput};
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use crate::{scored_text, Error, Result, RewardSource};
+
+/// A backbone and its scalar head.
+#[derive(Debug)]
+pub struct RewardModel {
+    pub dir: PathBuf,
+    /// The decoder (without its LM head) and tokenizer.
+    pub lm: LanguageModel,
+    /// `[1, hidden]`.
+    pub score: Tensor,
+    /// Texts scored together.
+    pub batch_size: usize,
+}
+
+impl RewardModel {
+    /// Loads a sequence-classification model directory (one label).
+    pub fn load(dir: &Path, device: DeviceSpec, dtype: DType) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !dir.is_dir() {
+            return Err(Error::invalid(dir, "reward model directory does not exist"));
+        }
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(&config_path, format!("malformed JSON: {e}")))?;
+        let labels = config
+            .get("num_labels")
+            .and_then(Value::as_u64)
+            .or_else(|| {
+                config
+                    .get("id2label")
+                    .and_then(Value::as_object)
+                    .map(|m| m.len() as u64)
+            })
+            .unwrap_or(1);
+        if labels != 1 {
+            return Err(Error::invalid(
+                &config_path,
+                format!("a reward model has one output label, this one has {labels}"),
+            ));
+        }
+        let lm = LanguageModel::load_backbone(dir, device, dtype)?;
+        let hidden = lm.model.config().hidden_size as i64;
+        let score = read_score_head(dir, hidden, lm.model.device(), dtype)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            lm,
+            score,
+            batch_size: 8,
+        })
+    }
+
+    /// A reward model from a backbone and a trained head `[1, hidden]`.
+    pub fn from_parts(lm: LanguageModel, score: Tensor) -> Self {
+        Self {
+            dir: lm.dir.clone(),
+            lm,
+            score,
+            batch_size: 8,
+        }
+    }
+
+    /// Writes an HF `LlamaForSequenceClassification` directory (config, float32 safetensors with
+    /// the backbone and `score.weight`, tokenizer files), under a temporary name renamed when
+    /// complete. `extra` files (name, JSON) are written beside them.
+    pub fn save(&self, out: &Path, extra: &[(&str, Value)]) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        let temp = out.with_file_name(format!(".{name}.tmp"));
+        if temp.exists() {
+            std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
+        }
+        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let base_config = self.lm.dir.join("config.json");
+        let text = std::fs::read_to_string(&base_config).map_err(io(&base_config))?;
+        let mut config: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::invalid(&base_config, format!("malformed JSON: {e}")))?;
+        let fields = config
+            .as_object_mut()
+            .ok_or_else(|| Error::invalid(&base_config, "not a JSON object"))?;
+        let arch = match self.lm.model.config().architecture {
+            recontrol_lm::Architecture::Llama => "LlamaForSequenceClassification",
+            recontrol_lm::Architecture::Mistral => "MistralForSequenceClassification",
+            recontrol_lm::Architecture::Qwen2 => "Qwen2ForSequenceClassification",
+        };
+        fields.insert("architectures".into(), serde_json::json!([arch]));
+        fields.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+        fields.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        fields.insert("pad_token_id".into(), self.lm.pad_token_id.into());
+        fields.remove("num_labels");
+        let mut files = vec![("config.json".to_owned(), config)];
+        files.extend(extra.iter().map(|(n, v)| ((*n).to_owned(), v.clone())));
+        for (file, value) in files {
+            let path = temp.join(&file);
+            let text = serde_json::to_string_pretty(&value)
+                .map_err(|e| Error::invalid(&path, e.to_string()))?;
+            std::fs::write(&path, text).map_err(io(&path))?;
+        }
+        let mut tensors = self.lm.model.named_params();
+        tensors.push(("score.weight".to_owned(), self.score.shallow_clone()));
+        recontrol_lm::pretrain::write_safetensors(&temp.join("model.safetensors"), &tensors, None)?;
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            let src = self.lm.dir.join(file);
+            if src.is_file() {
+                std::fs::copy(&src, temp.join(file)).map_err(io(&src))?;
+            }
+        }
+        std::fs::rename(&temp, out).map_err(io(out))
+    }
+
+    /// Final post-norm hidden states `[n, hidden]` (float32, host) of the last token of each
+    /// text; texts too long for the model lose their oldest tokens.
+    pub fn features(&self, texts: &[String]) -> Result<Tensor> {
+        features(&self.lm, texts, self.batch_size)
+    }
+
+    /// Rewards of whole texts.
+    pub fn score_texts(&self, texts: &[String]) -> Result<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let feats = self.features(texts)?;
+        let head = self
+            .score
+            .f_to_kind(Kind::Float)?
+            .f_to_device(tch::Device::Cpu)?;
+        let rewards =
+            Vec::<f32>::try_from(feats.f_matmul(&head.f_transpose(0, 1)?)?.f_squeeze_dim(1)?)?;
+        if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite { index, value });
+        }
+        Ok(rewards)
+    }
+}
+
+impl RewardSource for RewardModel {
+    fn score(&mut self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
+        let texts: Vec<String> = pairs.iter().map(|(p, r)| scored_text(p, r)).collect();
+        self.score_texts(&texts)
+    }
+
+    fn describe(&self) -> String {
+        format!("reward model {} ({})", self.dir.display(), self.lm.identity)
+    }
+}
+
+/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches
+/// (left-padded, masked).
+pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let device = lm.model.device();
+    let max = lm
+        .model
+        .config()
+        .max_position_embeddings
+        .unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let ids: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|t| {
+                let mut ids = lm.tokenizer.encode(t, true)?;
+                if ids.len() > max {
+                    // Keep the end: the response is what is judged.
+                    let keep_bos =
+                        usize::from(ids.first().copied() == lm.model.config().bos_token_id);
+                    let tail = ids.split_off(ids.len() - (max - keep_bos));
+                    ids.truncate(keep_bos);
+                    ids.extend(tail);
+                }
+                Ok(ids)
+            })
+            .collect::<Result<_>>()?;
+        let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 {
+            return Err(Error::Training("a text tokenises to nothing".into()));
+        }
+        let (mut flat, mut mask, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &ids {
+            let pad = width - row.len();
+            flat.extend(std::iter::repeat_n(lm.pad_token_id, pad).chain(row.iter().copied()));
+            mask.extend(
+                std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, row.len())),
+            );
+            pos.extend(std::iter::repeat_n(1i64, pad).chain(0..row.len() as i64));
+        }
+        let shape = [chunk.len() as i64, width as i64];
+        let input_ids = Tensor::from_slice(&flat)
+            .f_view(shape)?
+            .f_to_device(device)?;
+        let position_ids = Tensor::from_slice(&pos)
+            .f_view(shape)?
+            .f_to_device(device)?;
+        let key_mask = Tensor::from_slice(&mask)
+            .f_view(shape)?
+            .f_to_device(device)?;
+        let padded = ids.iter().any(|r| r.len() != width);
+        let mut cache = lm.model.new_cache(width);
+        let hidden = lm.model.forward_hidden(
+            &StepInput {
+                input_ids: &input_ids,
+                position_ids: &position_ids,
+                key_mask: padded.then_some(&key_mask),
+            },
+            &mut cache,
+            Positions::Last,
+        )?;
+        out.push(
+            hidden
+                .f_to_kind(Kind::Float)?
+                .f_to_device(tch::Device::Cpu)?,
+        );
+    }
+    Ok(Tensor::f_cat(&out, 0)?)
+}
+
+/// `score.weight` `[1, hidden]` from a sequence-classification checkpoint.
+fn read_score_head(dir: &Path, hidden: i64, device: tch::Device, dtype: DType) -> Result<Tensor> {
+    use recontrol_lm::weights::{ParamSource, Weights};
+    let w = Weights::open(dir, device, dtype.kind())?;
+    match w.get_opt("score.weight", &[1, hidden])? {
+        Some(t) => Ok(t),
+        None => Err(Error::invalid(
+            dir,
+            "no score.weight: not a sequence-classification (reward) model",
+        )),
+    }
+}
