@@ -6,6 +6,7 @@ mod env;
 mod generate;
 mod output;
 mod pretrain;
+mod reward;
 mod rollout;
 
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Data(data::DataCommand),
     /// Language-model utilities: pretrain the small default model.
     Lm(pretrain::LmCommand),
+    /// Reward models: train (Bradley-Terry), score generations, label rollouts.
+    Reward(reward::RewardCommand),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Rollout(args) => args.run(),
         Command::Data(args) => args.run(),
         Command::Lm(args) => args.run(),
+        Command::Reward(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

@@ -69,6 +69,8 @@ pub struct TrainedHead {
     /// `[1, hidden]`, float32.
     pub score: Tensor,
     pub history: Vec<EpochMetrics>,
+    /// Whether every epoch is done (false when capped by `max_epochs_this_run`).
+    pub complete: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -91,22 +93,31 @@ pub fn pair_features(
     ))
 }
 
+/// How a training call runs: where its checkpoint lives, whether to resume from it, and an
+/// optional cap on the epochs of this call (time-boxed jobs; resume later).
+#[derive(Debug, Clone, Copy)]
+pub struct RunControl<'a> {
+    pub checkpoint: &'a Path,
+    pub resume: bool,
+    pub max_epochs_this_run: Option<usize>,
+}
+
 /// Trains the head. `train` and `heldout` are `(chosen, rejected)` feature pairs.
 /// `on_epoch` sees each epoch's metrics; a checkpoint is written after each epoch.
 pub fn train_head(
     train: &(Tensor, Tensor),
     heldout: &(Tensor, Tensor),
     config: &RewardTrainConfig,
-    checkpoint: &Path,
-    resume: bool,
+    run: RunControl<'_>,
     on_epoch: &mut dyn FnMut(&EpochMetrics),
 ) -> Result<TrainedHead> {
+    let checkpoint = run.checkpoint;
     let n = train.0.size()[0] as usize;
     let hidden = train.0.size()[1];
     if n == 0 || heldout.0.size()[0] == 0 {
         return Err(Error::Training("no training or held-out pairs".into()));
     }
-    if config.batch_size == 0 || config.epochs == 0 || !(config.lr > 0.0) {
+    if config.batch_size == 0 || config.epochs == 0 || !config.lr.is_finite() || config.lr <= 0.0 {
         return Err(Error::Training(
             "--epochs, --batch-size and --lr must be positive".into(),
         ));
@@ -123,7 +134,7 @@ pub fn train_head(
     )?;
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
-    if resume && checkpoint.is_file() {
+    if run.resume && checkpoint.is_file() {
         let (state, tensors) = load_checkpoint(checkpoint)?;
         if state.config != *config || state.hidden != hidden as usize {
             return Err(Error::Training(format!(
@@ -148,7 +159,10 @@ pub fn train_head(
     }
     let per_epoch = steps_per_epoch(n, config);
     let total = per_epoch * config.epochs;
-    for epoch in start_epoch..config.epochs {
+    let end_epoch = run
+        .max_epochs_this_run
+        .map_or(config.epochs, |n| (start_epoch + n).min(config.epochs));
+    for epoch in start_epoch..end_epoch {
         let mut order: Vec<i64> = (0..n as i64).collect();
         order.shuffle(&mut StdRng::seed_from_u64(
             config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -201,6 +215,7 @@ pub fn train_head(
     }
     Ok(TrainedHead {
         score: score.f_detach()?,
+        complete: history.len() == config.epochs,
         history,
     })
 }
@@ -350,6 +365,14 @@ mod tests {
         )
     }
 
+    fn run(checkpoint: &Path, resume: bool, cap: Option<usize>) -> RunControl<'_> {
+        RunControl {
+            checkpoint,
+            resume,
+            max_epochs_this_run: cap,
+        }
+    }
+
     #[test]
     fn learns_the_preferred_direction_and_resumes_exactly() -> Result<()> {
         let train = synthetic(200, 1);
@@ -363,34 +386,56 @@ mod tests {
             path: "tmp".into(),
             source,
         })?;
+        let (a_path, b_path) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
         let a = train_head(
             &train,
             &heldout,
             &config,
-            &dir.path().join("a.safetensors"),
-            false,
+            run(&a_path, false, None),
             &mut |_| {},
         )?;
+        assert!(a.complete);
         let last = a.history.last().expect("epochs");
         assert_eq!(last.heldout_accuracy, 1.0);
         assert!(last.heldout_margin > 0.0 && last.heldout_loss < a.history[0].heldout_loss);
 
-        // Three epochs, then a resume to six: the same head.
-        let ckpt = dir.path().join("b.safetensors");
-        let three = RewardTrainConfig {
-            epochs: 6,
+        // Interrupted after three epochs, then resumed: the same head as the uninterrupted run.
+        let part = train_head(
+            &train,
+            &heldout,
+            &config,
+            run(&b_path, true, Some(3)),
+            &mut |_| {},
+        )?;
+        assert!(!part.complete && part.history.len() == 3);
+        let mut epochs = Vec::new();
+        let b = train_head(
+            &train,
+            &heldout,
+            &config,
+            run(&b_path, true, None),
+            &mut |m| epochs.push(m.epoch),
+        )?;
+        assert_eq!(epochs, [4, 5, 6]);
+        assert!(b.complete && b.score.equal(&a.score));
+        assert_eq!(b.history.len(), 6);
+        // Other settings cannot resume that checkpoint.
+        let other = RewardTrainConfig {
+            seed: 9,
             ..config.clone()
         };
-        let mut seen = 0;
-        let _ = train_head(&train, &heldout, &three, &ckpt, false, &mut |m| {
-            seen = m.epoch;
-        });
-        assert_eq!(seen, 6);
-        let b = train_head(&train, &heldout, &config, &ckpt, true, &mut |_| {
-            panic!("nothing left to do")
-        })?;
-        assert!(b.score.equal(&a.score));
-        assert_eq!(b.history.len(), 6);
+        let err = train_head(
+            &train,
+            &heldout,
+            &other,
+            run(&b_path, true, None),
+            &mut |_| {},
+        )
+        .expect_err("other settings");
+        assert!(err.to_string().contains("other settings"), "{err}");
         Ok(())
     }
 }
