@@ -153,7 +153,9 @@ impl TrainArgs {
             test_fraction: self.test_fraction,
         };
         let (mut train, mut heldout) = (PairTexts::default(), PairTexts::default());
-        let (mut heldout_chosen, mut heldout_rejected) = (Vec::new(), Vec::new());
+        // Replies alone, for the length-only baseline: (chosen, rejected) per side.
+        let (mut train_replies, mut heldout_replies) =
+            ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         let mut skipped_empty = 0;
         for pair in pairs {
             if pair.chosen.is_empty() || pair.rejected.is_empty() {
@@ -162,19 +164,17 @@ impl TrainArgs {
             }
             let prompt = recontrol_data::render_prompt(PromptFormat::Raw, &pair.prompt, None, None)
                 .map_err(anyhow::Error::msg)?;
-            let side = if split.side_of(&pair.prompt.raw) == Split::Test {
-                &mut heldout
+            let (side, replies) = if split.side_of(&pair.prompt.raw) == Split::Test {
+                (&mut heldout, &mut heldout_replies)
             } else {
-                &mut train
+                (&mut train, &mut train_replies)
             };
             side.chosen
                 .push(scored_text(&prompt, &format!(" {}", pair.chosen)));
             side.rejected
                 .push(scored_text(&prompt, &format!(" {}", pair.rejected)));
-            if split.side_of(&pair.prompt.raw) == Split::Test {
-                heldout_chosen.push(pair.chosen.clone());
-                heldout_rejected.push(pair.rejected.clone());
-            }
+            replies.0.push(pair.chosen.clone());
+            replies.1.push(pair.rejected.clone());
         }
         if skipped_empty > 0 {
             eprintln!("skipped {skipped_empty} pairs with an empty reply");
@@ -243,7 +243,10 @@ impl TrainArgs {
             return Ok(());
         }
         let accuracy = trained.history.last().map_or(0.0, |m| m.heldout_accuracy);
-        let baseline = length_baseline_accuracy(&heldout_chosen, &heldout_rejected);
+        let baseline = length_baseline_accuracy(
+            (&train_replies.0, &train_replies.1),
+            (&heldout_replies.0, &heldout_replies.1),
+        );
         let identity = lm.identity.clone();
         let record = serde_json::to_value(TrainingRecord {
             args: self,

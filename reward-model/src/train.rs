@@ -235,13 +235,26 @@ pub fn evaluate(score: &Tensor, pairs: &(Tensor, Tensor)) -> Result<(f64, f64, f
     Ok((loss, acc, margin))
 }
 
-/// Accuracy of "the longer reply is preferred" (ties count half): the baseline a reward model
-/// must beat to have learned anything.
-pub fn length_baseline_accuracy(chosen_replies: &[String], rejected_replies: &[String]) -> f64 {
-    let words = |s: &String| s.split_whitespace().count() as f32;
-    let c: Vec<f32> = chosen_replies.iter().map(words).collect();
-    let r: Vec<f32> = rejected_replies.iter().map(words).collect();
-    accuracy_and_margin(&c, &r).0
+/// The response-length-only baseline: a one-feature model that prefers the longer reply, or
+/// the shorter one if that does better on the training pairs, scored on the held-out pairs
+/// (ties count half). A reward model that does not beat it has learned nothing beyond length.
+pub fn length_baseline_accuracy(
+    train: (&[String], &[String]),
+    heldout: (&[String], &[String]),
+) -> f64 {
+    let words = |texts: &[String]| -> Vec<f32> {
+        texts
+            .iter()
+            .map(|s| s.split_whitespace().count() as f32)
+            .collect()
+    };
+    let (train_longer, _) = accuracy_and_margin(&words(train.0), &words(train.1));
+    let (heldout_longer, _) = accuracy_and_margin(&words(heldout.0), &words(heldout.1));
+    if train_longer >= 0.5 {
+        heldout_longer
+    } else {
+        1.0 - heldout_longer
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -371,6 +384,23 @@ mod tests {
             resume,
             max_epochs_this_run: cap,
         }
+    }
+
+    #[test]
+    fn the_length_baseline_picks_its_direction_on_the_training_pairs() {
+        let texts = |v: &[&str]| -> Vec<String> { v.iter().map(|s| (*s).to_owned()).collect() };
+        // Training: the shorter reply wins 2 of 3; held-out: shorter wins 1, longer 1, a tie.
+        let (tc, tr) = (
+            texts(&["a", "a b", "a b c d"]),
+            texts(&["a b", "a b c", "a"]),
+        );
+        let (hc, hr) = (texts(&["a", "a b c", "a b"]), texts(&["a b", "a", "c d"]));
+        let acc = length_baseline_accuracy((&tc, &tr), (&hc, &hr));
+        assert!((acc - 0.5).abs() < 1e-12, "{acc}");
+        let acc = length_baseline_accuracy((&tr, &tc), (&hc, &hr));
+        assert!((acc - 0.5).abs() < 1e-12, "{acc}");
+        let acc = length_baseline_accuracy((&tc, &tr), (&texts(&["a"]), &texts(&["a b"])));
+        assert_eq!(acc, 1.0);
     }
 
     #[test]
