@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::{PromptFormat, Split, SplitSpec, Store};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::train::{
-    length_baseline_accuracy, pair_features, train_head, EpochMetrics, PairTexts,
+    length_baseline_accuracy, pair_features, train_head, train_top_k, EpochMetrics, PairTexts,
     RewardTrainConfig, RunControl,
 };
 use recontrol_reward_model::{load_reward, scored_text, RewardModel};
@@ -80,6 +80,10 @@ pub struct TrainArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also train the top K decoder layers and the final norm (0: the head alone, on cached
+    /// features of the frozen backbone).
+    #[arg(long, default_value_t = 0)]
+    pub unfreeze_top_k: usize,
     /// Texts run through the backbone together when computing features.
     #[arg(long, default_value_t = 16)]
     pub feature_batch_size: usize,
@@ -192,46 +196,60 @@ impl TrainArgs {
         let lm =
             LanguageModel::load_backbone(&self.model, self.device.device, self.device.dtype.into())
                 .with_context(|| format!("--model {}", self.model.display()))?;
-        eprintln!(
-            "features of {} training and {} held-out pairs",
-            train.chosen.len(),
-            heldout.chosen.len()
-        );
-        let train_features = pair_features(&lm, &train, self.feature_batch_size)?;
-        let heldout_features = pair_features(&lm, &heldout, self.feature_batch_size)?;
 
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
         let progress = ProgressBar::new(config.epochs as u64).with_style(
             ProgressStyle::with_template("{bar:30} epoch {pos}/{len}  {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let trained = train_head(
-            &train_features,
-            &heldout_features,
-            &config,
-            RunControl {
-                checkpoint: &checkpoint,
-                resume: self.resume,
-                max_epochs_this_run: self.max_epochs_per_run,
-            },
-            &mut |m| {
-                tb.add_scalar("reward/train_loss", m.train_loss as f32, m.epoch);
-                tb.add_scalar("reward/heldout_loss", m.heldout_loss as f32, m.epoch);
-                tb.add_scalar(
-                    "reward/heldout_accuracy",
-                    m.heldout_accuracy as f32,
-                    m.epoch,
-                );
-                tb.add_scalar("reward/heldout_margin", m.heldout_margin as f32, m.epoch);
-                tb.add_scalar("reward/lr", m.lr as f32, m.epoch);
-                tb.flush();
-                progress.set_position(m.epoch as u64);
-                progress.set_message(format!(
-                    "held-out accuracy {:.3}, margin {:.3}",
-                    m.heldout_accuracy, m.heldout_margin
-                ));
-            },
-        )?;
+        let control = RunControl {
+            checkpoint: &checkpoint,
+            resume: self.resume,
+            max_epochs_this_run: self.max_epochs_per_run,
+        };
+        let mut on_epoch = |m: &EpochMetrics| {
+            tb.add_scalar("reward/train_loss", m.train_loss as f32, m.epoch);
+            tb.add_scalar("reward/heldout_loss", m.heldout_loss as f32, m.epoch);
+            tb.add_scalar(
+                "reward/heldout_accuracy",
+                m.heldout_accuracy as f32,
+                m.epoch,
+            );
+            tb.add_scalar("reward/heldout_margin", m.heldout_margin as f32, m.epoch);
+            tb.add_scalar("reward/lr", m.lr as f32, m.epoch);
+            tb.flush();
+            progress.set_position(m.epoch as u64);
+            progress.set_message(format!(
+                "held-out accuracy {:.3}, margin {:.3}",
+                m.heldout_accuracy, m.heldout_margin
+            ));
+        };
+        let trained = if self.unfreeze_top_k == 0 {
+            eprintln!(
+                "features of {} training and {} held-out pairs",
+                train.chosen.len(),
+                heldout.chosen.len()
+            );
+            let train_features = pair_features(&lm, &train, self.feature_batch_size)?;
+            let heldout_features = pair_features(&lm, &heldout, self.feature_batch_size)?;
+            train_head(
+                &train_features,
+                &heldout_features,
+                &config,
+                control,
+                &mut on_epoch,
+            )?
+        } else {
+            train_top_k(
+                &lm,
+                self.unfreeze_top_k,
+                &train,
+                &heldout,
+                &config,
+                control,
+                &mut on_epoch,
+            )?
+        };
         tb.flush();
         progress.finish_and_clear();
         if !trained.complete {

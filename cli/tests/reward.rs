@@ -46,12 +46,13 @@ fn train(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, Output) {
         s(&hh),
         "--out",
         s(&out),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "128",
     ];
     args.extend_from_slice(extra);
+    for (flag, default) in [("--epochs", "3"), ("--batch-size", "128")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
     let run = recontrol(&args);
     (out, run)
 }
@@ -165,6 +166,89 @@ fn interrupted_training_resumes_to_the_same_model() {
     assert!(run.status.success(), "{}", stderr(&run));
     let read = |p: &Path| std::fs::read(p.join("model.safetensors")).expect("weights");
     assert_eq!(read(&parted), read(&whole));
+}
+
+#[test]
+fn top_k_layers_train_with_the_head_and_load_in_hf() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rm, run) = train(
+        dir.path(),
+        "rm",
+        &[
+            "--unfreeze-top-k",
+            "1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let tensors = |dir: &Path| -> std::collections::HashMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(dir.join("model.safetensors"))
+            .expect("weights")
+            .into_iter()
+            .collect()
+    };
+    let (base, tuned) = (tensors(&lm_fixture("llama-mha")), tensors(&rm));
+    let same = |name: &str| base[name].equal(&tuned[name]);
+    // llama-mha has 2 layers: layer 1 and the final norm trained, layer 0 and embeddings frozen.
+    assert!(!same("model.layers.1.mlp.down_proj.weight"));
+    assert!(!same("model.norm.weight"));
+    assert!(same("model.layers.0.mlp.down_proj.weight"));
+    assert!(same("model.embed_tokens.weight"));
+
+    // HF scores the fine-tuned directory as we do.
+    let text = "\n\nHuman: hi\n\nAssistant: Hello!";
+    let hf = python_json("tests/fixtures/reward/hf_score.py", &[s(&rm), text]);
+    let ours = recontrol_reward_model::RewardModel::load(
+        &rm,
+        recontrol_lm::DeviceSpec::Cpu,
+        recontrol_lm::DType::F32,
+    )
+    .expect("load")
+    .score_texts(&[text.to_owned()])
+    .expect("score");
+    assert!((f64::from(ours[0]) - hf["scores"][0].as_f64().expect("f64")).abs() < 1e-4);
+
+    // Interrupted after one epoch and resumed: the same weights.
+    let (parted, run) = train(
+        dir.path(),
+        "parted",
+        &[
+            "--unfreeze-top-k",
+            "1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--max-epochs-per-run",
+            "1",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (_, run) = train(
+        dir.path(),
+        "parted",
+        &[
+            "--unfreeze-top-k",
+            "1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--resume",
+        ],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    let read = |p: &Path| std::fs::read(p.join("model.safetensors")).expect("weights");
+    assert_eq!(read(&parted), read(&rm));
+
+    let (_, run) = train(dir.path(), "bad", &["--unfreeze-top-k", "3"]);
+    assert_fails_with(
+        &run,
+        "--unfreeze-top-k 3 must be between 1 and the backbone's 2 layers",
+    );
 }
 
 fn rollout_store(dir: &Path) -> PathBuf {

@@ -141,6 +141,14 @@ pub struct Rollout {
     pub reward: f32,
 }
 
+/// Closing a file closes every object opened from it, so a dropped store never keeps the
+/// file (and its lock) open through a stray object handle.
+fn strong_close(
+    fapl: &mut hdf5::plist::file_access::FileAccessBuilder,
+) -> &mut hdf5::plist::file_access::FileAccessBuilder {
+    fapl.fclose_degree(hdf5::plist::file_access::FileCloseDegree::Strong)
+}
+
 fn hdf5_error(path: &Path) -> impl Fn(hdf5::Error) -> StoreError + '_ {
     move |e| StoreError::Hdf5 {
         path: path.to_owned(),
@@ -172,7 +180,10 @@ impl StoreWriter {
     /// Creates (or truncates) `path` with empty datasets and the metadata attributes.
     pub fn create(path: &Path, meta: &StoreMeta) -> Result<Self> {
         let err = hdf5_error(path);
-        let file = hdf5::File::create(path).map_err(&err)?;
+        let file = hdf5::File::with_options()
+            .with_fapl(strong_close)
+            .create(path)
+            .map_err(&err)?;
         let h = meta.hidden_size;
         let chunk_rows = CHUNK_ROWS.min(usize::max(
             1,
@@ -437,10 +448,12 @@ impl Store {
                 message: "no such file".to_owned(),
             });
         }
+        let mut options = hdf5::File::with_options();
+        options.with_fapl(strong_close);
         let opened = if rw {
-            hdf5::File::open_rw(path)
+            options.open_rw(path)
         } else {
-            hdf5::File::open(path)
+            options.open(path)
         };
         let file = opened
             .map_err(|e| layout(format!("cannot open as HDF5 (truncated or corrupt?): {e}")))?;

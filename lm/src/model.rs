@@ -525,6 +525,40 @@ impl CausalLm {
         self.norm.forward(&x)
     }
 
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs the embeddings and layers `0..upto` over whole (left-padded) sequences without
+    /// autograd; with [`CausalLm::forward_suffix`], the split forward pass of fine-tuning the
+    /// top layers. Returns `[batch, seq, hidden]`.
+    pub fn forward_prefix(&self, input: &StepInput<'_>, upto: usize) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let seq = input.input_ids.size()[1];
+        let masks = Masks::new(input.key_mask, &self.config.windows, 0, seq, self.device)?;
+        let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
+        let mut x = Tensor::f_embedding(&self.embed_tokens, input.input_ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate().take(upto) {
+            x = layer.forward(&x, &rotary, &masks, None, i)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs layers `from..` and the final norm with autograd on the output of
+    /// [`CausalLm::forward_prefix`]; returns the post-norm state of the last position,
+    /// `[batch, hidden]`.
+    pub fn forward_suffix(&self, x: &Tensor, input: &StepInput<'_>, from: usize) -> Result<Tensor> {
+        let seq = input.input_ids.size()[1];
+        let masks = Masks::new(input.key_mask, &self.config.windows, 0, seq, self.device)?;
+        let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
+        let mut x = x.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate().skip(from) {
+            x = layer.forward(&x, &rotary, &masks, None, i)?;
+        }
+        self.norm.forward(&x.f_select(1, seq - 1)?)
+    }
+
     /// Training forward pass: logits `[batch, seq, vocab]` of unpadded sequences `[batch, seq]`
     /// starting at position 0, with autograd (no cache, no `no_grad`).
     pub fn forward_train(&self, input_ids: &Tensor) -> Result<Tensor> {

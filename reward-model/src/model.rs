@@ -161,67 +161,87 @@ impl RewardSource for RewardModel {
     }
 }
 
-/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches
-/// (left-padded, masked).
-pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Result<Tensor> {
-    let _guard = tch::no_grad_guard();
+/// Texts tokenised for one forward pass: left-padded ids, HF position ids and the key mask.
+#[derive(Debug)]
+pub struct EncodedBatch {
+    pub input_ids: Tensor,
+    pub position_ids: Tensor,
+    pub key_mask: Tensor,
+    /// Whether any row is padded (else the mask can be left out).
+    pub padded: bool,
+}
+
+impl EncodedBatch {
+    /// The model input.
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            input_ids: &self.input_ids,
+            position_ids: &self.position_ids,
+            key_mask: self.padded.then_some(&self.key_mask),
+        }
+    }
+}
+
+/// Tokenises texts (special tokens added, as HF does) into one left-padded batch on the
+/// model's device; texts too long for the model lose their oldest tokens (BOS kept), since
+/// the response at the end is what is judged.
+pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch> {
     let device = lm.model.device();
     let max = lm
         .model
         .config()
         .max_position_embeddings
         .unwrap_or(usize::MAX);
+    let bos = lm.model.config().bos_token_id;
+    let ids: Vec<Vec<i64>> = texts
+        .iter()
+        .map(|t| {
+            let mut ids = lm.tokenizer.encode(t, true)?;
+            if ids.len() > max {
+                let keep_bos = usize::from(bos.is_some() && ids.first().copied() == bos);
+                let tail = ids.split_off(ids.len() - (max - keep_bos));
+                ids.truncate(keep_bos);
+                ids.extend(tail);
+            }
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+    if width == 0 || ids.iter().any(Vec::is_empty) {
+        return Err(Error::Training("a text tokenises to nothing".into()));
+    }
+    let (mut flat, mut mask, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+    for row in &ids {
+        let pad = width - row.len();
+        flat.extend(std::iter::repeat_n(lm.pad_token_id, pad).chain(row.iter().copied()));
+        mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, row.len())));
+        pos.extend(std::iter::repeat_n(1i64, pad).chain(0..row.len() as i64));
+    }
+    let shape = [texts.len() as i64, width as i64];
+    Ok(EncodedBatch {
+        input_ids: Tensor::from_slice(&flat)
+            .f_view(shape)?
+            .f_to_device(device)?,
+        position_ids: Tensor::from_slice(&pos)
+            .f_view(shape)?
+            .f_to_device(device)?,
+        key_mask: Tensor::from_slice(&mask)
+            .f_view(shape)?
+            .f_to_device(device)?,
+        padded: ids.iter().any(|r| r.len() != width),
+    })
+}
+
+/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches.
+pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(batch_size.max(1)) {
-        let ids: Vec<Vec<i64>> = chunk
-            .iter()
-            .map(|t| {
-                let mut ids = lm.tokenizer.encode(t, true)?;
-                if ids.len() > max {
-                    // Keep the end: the response is what is judged.
-                    let keep_bos =
-                        usize::from(ids.first().copied() == lm.model.config().bos_token_id);
-                    let tail = ids.split_off(ids.len() - (max - keep_bos));
-                    ids.truncate(keep_bos);
-                    ids.extend(tail);
-                }
-                Ok(ids)
-            })
-            .collect::<Result<_>>()?;
-        let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-        if width == 0 {
-            return Err(Error::Training("a text tokenises to nothing".into()));
-        }
-        let (mut flat, mut mask, mut pos) = (Vec::new(), Vec::new(), Vec::new());
-        for row in &ids {
-            let pad = width - row.len();
-            flat.extend(std::iter::repeat_n(lm.pad_token_id, pad).chain(row.iter().copied()));
-            mask.extend(
-                std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, row.len())),
-            );
-            pos.extend(std::iter::repeat_n(1i64, pad).chain(0..row.len() as i64));
-        }
-        let shape = [chunk.len() as i64, width as i64];
-        let input_ids = Tensor::from_slice(&flat)
-            .f_view(shape)?
-            .f_to_device(device)?;
-        let position_ids = Tensor::from_slice(&pos)
-            .f_view(shape)?
-            .f_to_device(device)?;
-        let key_mask = Tensor::from_slice(&mask)
-            .f_view(shape)?
-            .f_to_device(device)?;
-        let padded = ids.iter().any(|r| r.len() != width);
-        let mut cache = lm.model.new_cache(width);
-        let hidden = lm.model.forward_hidden(
-            &StepInput {
-                input_ids: &input_ids,
-                position_ids: &position_ids,
-                key_mask: padded.then_some(&key_mask),
-            },
-            &mut cache,
-            Positions::Last,
-        )?;
+        let batch = encode_batch(lm, chunk)?;
+        let mut cache = lm.model.new_cache(batch.input_ids.size()[1] as usize);
+        let hidden = lm
+            .model
+            .forward_hidden(&batch.input(), &mut cache, Positions::Last)?;
         out.push(
             hidden
                 .f_to_kind(Kind::Float)?

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::loss::{accuracy_and_margin, bradley_terry_loss};
-use crate::model::features;
+use crate::model::{encode_batch, features};
 use crate::{Error, Result};
 
 /// Settings of a reward-model training run (recorded in checkpoints; a resume must match).
@@ -78,6 +78,8 @@ struct CheckpointState {
     epochs_done: usize,
     config: RewardTrainConfig,
     hidden: usize,
+    /// Backbone layers trained (0: the head alone).
+    unfrozen: usize,
     history_json: String,
 }
 
@@ -136,7 +138,7 @@ pub fn train_head(
     let mut start_epoch = 0;
     if run.resume && checkpoint.is_file() {
         let (state, tensors) = load_checkpoint(checkpoint)?;
-        if state.config != *config || state.hidden != hidden as usize {
+        if state.config != *config || state.hidden != hidden as usize || state.unfrozen != 0 {
             return Err(Error::Training(format!(
                 "{} was made with other settings; resume with the same flags, or remove it",
                 checkpoint.display()
@@ -150,11 +152,7 @@ pub fn train_head(
             &tensors,
             state.epochs_done as i64 * steps_per_epoch(n, config) as i64,
         )?;
-        history = serde_json::from_str::<Vec<StoredMetrics>>(&state.history_json)
-            .map_err(|e| Error::Training(e.to_string()))?
-            .into_iter()
-            .map(Into::into)
-            .collect();
+        history = stored_history(&state)?;
         start_epoch = state.epochs_done;
     }
     let per_epoch = steps_per_epoch(n, config);
@@ -209,6 +207,7 @@ pub fn train_head(
             epoch + 1,
             config,
             hidden as usize,
+            0,
             &history,
             &opt,
         )?;
@@ -218,6 +217,157 @@ pub fn train_head(
         complete: history.len() == config.epochs,
         history,
     })
+}
+
+/// Trains the head together with the top `k` decoder layers and the final norm of `lm`'s
+/// backbone (the rest stays frozen and runs without autograd). Held-out metrics use the
+/// current weights each epoch; a checkpoint (trainable weights and AdamW moments) is written
+/// after each epoch. The backbone's tensors are updated in place.
+pub fn train_top_k(
+    lm: &LanguageModel,
+    k: usize,
+    train: &PairTexts,
+    heldout: &PairTexts,
+    config: &RewardTrainConfig,
+    run: RunControl<'_>,
+    on_epoch: &mut dyn FnMut(&EpochMetrics),
+) -> Result<TrainedHead> {
+    let layers = lm.model.num_layers();
+    if k == 0 || k > layers {
+        return Err(Error::Training(format!(
+            "--unfreeze-top-k {k} must be between 1 and the backbone's {layers} layers"
+        )));
+    }
+    let n = train.chosen.len();
+    if n == 0 || heldout.chosen.is_empty() {
+        return Err(Error::Training("no training or held-out pairs".into()));
+    }
+    let from = layers - k;
+    let trainable = |name: &str| {
+        name == "model.norm.weight"
+            || (from..layers).any(|i| name.starts_with(&format!("model.layers.{i}.")))
+    };
+    let hidden = lm.model.config().hidden_size as i64;
+    let device = lm.model.device();
+    let score = Tensor::f_zeros([1, hidden], (Kind::Float, device))?.set_requires_grad(true);
+    let mut params: Vec<(String, Tensor)> = lm
+        .model
+        .named_params()
+        .into_iter()
+        .filter(|(name, _)| trainable(name))
+        .map(|(name, t)| (name, t.set_requires_grad(true)))
+        .collect();
+    params.push(("score.weight".to_owned(), score.shallow_clone()));
+    let adamw = AdamWConfig {
+        weight_decay: config.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(params, adamw)?;
+    let mut history: Vec<EpochMetrics> = Vec::new();
+    let mut start_epoch = 0;
+    if run.resume && run.checkpoint.is_file() {
+        let (state, tensors) = load_checkpoint(run.checkpoint)?;
+        if state.config != *config || state.hidden != hidden as usize || state.unfrozen != k {
+            return Err(Error::Training(format!(
+                "{} was made with other settings; resume with the same flags, or remove it",
+                run.checkpoint.display()
+            )));
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in opt.params() {
+                let saved = tensors
+                    .get(name)
+                    .ok_or_else(|| Error::Training(format!("checkpoint lacks {name}")))?;
+                p.shallow_clone().f_copy_(saved)?;
+            }
+            Ok(())
+        })?;
+        opt.load_state(
+            &tensors,
+            state.epochs_done as i64 * steps_per_epoch(n, config) as i64,
+        )?;
+        history = stored_history(&state)?;
+        start_epoch = state.epochs_done;
+    }
+    let per_epoch = steps_per_epoch(n, config);
+    let total = per_epoch * config.epochs;
+    let end_epoch = run
+        .max_epochs_this_run
+        .map_or(config.epochs, |m| (start_epoch + m).min(config.epochs));
+    for epoch in start_epoch..end_epoch {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(
+            config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
+        let (mut loss_sum, mut batches) = (0.0, 0);
+        let mut lr = config.lr;
+        for (b, chunk) in order.chunks(config.batch_size).enumerate() {
+            let texts: Vec<String> = chunk
+                .iter()
+                .map(|&i| train.chosen[i].clone())
+                .chain(chunk.iter().map(|&i| train.rejected[i].clone()))
+                .collect();
+            let batch = encode_batch(lm, &texts)?;
+            let x = lm.model.forward_prefix(&batch.input(), from)?;
+            let h = lm
+                .model
+                .forward_suffix(&x, &batch.input(), from)?
+                .f_to_kind(Kind::Float)?;
+            let rewards = h.f_matmul(&score.f_transpose(0, 1)?)?.f_squeeze_dim(1)?;
+            let m = chunk.len() as i64;
+            let loss =
+                bradley_terry_loss(&rewards.f_narrow(0, 0, m)?, &rewards.f_narrow(0, m, m)?)?;
+            opt.zero_grad();
+            loss.f_backward()?;
+            lr = cosine_lr(
+                epoch * per_epoch + b,
+                total,
+                config.warmup_steps,
+                config.lr,
+                config.min_lr,
+            );
+            opt.step(lr)?;
+            loss_sum += loss.f_double_value(&[])?;
+            batches += 1;
+        }
+        let heldout_features = pair_features(lm, heldout, config.batch_size)?;
+        let head = score.f_detach()?.f_to_device(tch::Device::Cpu)?;
+        let (heldout_loss, heldout_accuracy, heldout_margin) = evaluate(&head, &heldout_features)?;
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / f64::from(batches.max(1)),
+            heldout_loss,
+            heldout_accuracy,
+            heldout_margin,
+            lr,
+        };
+        on_epoch(&metrics);
+        history.push(metrics);
+        save_checkpoint(
+            run.checkpoint,
+            epoch + 1,
+            config,
+            hidden as usize,
+            k,
+            &history,
+            &opt,
+        )?;
+    }
+    Ok(TrainedHead {
+        score: score.f_detach()?,
+        complete: history.len() == config.epochs,
+        history,
+    })
+}
+
+fn stored_history(state: &CheckpointState) -> Result<Vec<EpochMetrics>> {
+    Ok(
+        serde_json::from_str::<Vec<StoredMetrics>>(&state.history_json)
+            .map_err(|e| Error::Training(e.to_string()))?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    )
 }
 
 fn steps_per_epoch(n: usize, config: &RewardTrainConfig) -> usize {
@@ -285,6 +435,7 @@ fn save_checkpoint(
     epochs_done: usize,
     config: &RewardTrainConfig,
     hidden: usize,
+    unfrozen: usize,
     history: &[EpochMetrics],
     opt: &AdamW,
 ) -> Result<()> {
@@ -303,6 +454,7 @@ fn save_checkpoint(
         epochs_done,
         config: config.clone(),
         hidden,
+        unfrozen,
         history_json: serde_json::to_string(&stored).map_err(|e| Error::Training(e.to_string()))?,
     };
     let json = serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?;
