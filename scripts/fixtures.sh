@@ -21,3 +21,4 @@ make_fixture() { # generator output-dir [other inputs...]
 make_fixture tests/fixtures/lm/make_fixtures.py tests/fixtures/generated/lm
 make_fixture tests/fixtures/reward/make_reward_fixtures.py tests/fixtures/generated/reward \
     tests/fixtures/lm/make_fixtures.py
+make_fixture tests/fixtures/value/make_value_fixtures.py tests/fixtures/generated/value

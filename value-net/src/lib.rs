@@ -1,5 +1,37 @@
 //! Value functions on LM hidden states for RE-Control.
 //!
-//! This crate will hold the value MLP, its Bellman-consistent training loss (terminal reward at
-//! the last valid step, stop-gradient on the bootstrap target) and streaming training from the
-//! rollout store. Nothing is implemented yet.
+//! - [`mlp`]: the value MLP (configurable depth, width, activation; PyTorch `nn.Linear` naming
+//!   `layers.{i}.weight` / `layers.{i}.bias`; reward normalisation so V comes back in reward
+//!   units) and its `config.json`.
+//! - [`loss`]: the Bellman loss, written once: the terminal state regresses the reward, every
+//!   other state the stop-gradient value of its successor (or the Monte-Carlo return).
+//!
+//! Streaming training from the rollout store and the `recontrol value` commands come next.
+
+pub mod loss;
+pub mod mlp;
+
+pub use loss::{bellman_loss, Target};
+pub use mlp::{Activation, ValueConfig, ValueMlp};
+
+use std::path::PathBuf;
+
+/// Errors of value networks; each names the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Lm(#[from] recontrol_lm::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
