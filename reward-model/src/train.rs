@@ -113,105 +113,36 @@ pub fn train_head(
     run: RunControl<'_>,
     on_epoch: &mut dyn FnMut(&EpochMetrics),
 ) -> Result<TrainedHead> {
-    let checkpoint = run.checkpoint;
     let n = train.0.size()[0] as usize;
     let hidden = train.0.size()[1];
-    if n == 0 || heldout.0.size()[0] == 0 {
-        return Err(Error::Training("no training or held-out pairs".into()));
-    }
-    if config.batch_size == 0 || config.epochs == 0 || !config.lr.is_finite() || config.lr <= 0.0 {
-        return Err(Error::Training(
-            "--epochs, --batch-size and --lr must be positive".into(),
-        ));
+    if heldout.0.size()[0] == 0 {
+        return Err(Error::Training("no held-out pairs".into()));
     }
     let score =
         Tensor::f_zeros([1, hidden], (Kind::Float, tch::Device::Cpu))?.set_requires_grad(true);
-    let adamw = AdamWConfig {
-        weight_decay: config.weight_decay,
-        ..AdamWConfig::default()
-    };
     let mut opt = AdamW::new(
         vec![("score.weight".to_owned(), score.shallow_clone())],
-        adamw,
+        adamw(config),
     )?;
-    let mut history: Vec<EpochMetrics> = Vec::new();
-    let mut start_epoch = 0;
-    if run.resume && checkpoint.is_file() {
-        let (state, tensors) = load_checkpoint(checkpoint)?;
-        if state.config != *config || state.hidden != hidden as usize || state.unfrozen != 0 {
-            return Err(Error::Training(format!(
-                "{} was made with other settings; resume with the same flags, or remove it",
-                checkpoint.display()
-            )));
-        }
-        let saved = tensors
-            .get("score.weight")
-            .ok_or_else(|| Error::Training("checkpoint lacks score.weight".into()))?;
-        tch::no_grad(|| score.shallow_clone().f_copy_(saved))?;
-        opt.load_state(
-            &tensors,
-            state.epochs_done as i64 * steps_per_epoch(n, config) as i64,
-        )?;
-        history = stored_history(&state)?;
-        start_epoch = state.epochs_done;
-    }
-    let per_epoch = steps_per_epoch(n, config);
-    let total = per_epoch * config.epochs;
-    let end_epoch = run
-        .max_epochs_this_run
-        .map_or(config.epochs, |n| (start_epoch + n).min(config.epochs));
-    for epoch in start_epoch..end_epoch {
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        ));
-        let (mut loss_sum, mut batches) = (0.0, 0);
-        let mut lr = config.lr;
-        for (b, chunk) in order.chunks(config.batch_size).enumerate() {
-            let index = Tensor::from_slice(chunk);
-            let c = train
-                .0
-                .f_index_select(0, &index)?
-                .f_matmul(&score.f_transpose(0, 1)?)?;
-            let r = train
-                .1
-                .f_index_select(0, &index)?
-                .f_matmul(&score.f_transpose(0, 1)?)?;
-            let loss = bradley_terry_loss(&c, &r)?;
-            opt.zero_grad();
-            loss.f_backward()?;
-            lr = cosine_lr(
-                epoch * per_epoch + b,
-                total,
-                config.warmup_steps,
-                config.lr,
-                config.min_lr,
-            );
-            opt.step(lr)?;
-            loss_sum += loss.f_double_value(&[])?;
-            batches += 1;
-        }
-        let (heldout_loss, heldout_accuracy, heldout_margin) = evaluate(&score, heldout)?;
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / f64::from(batches.max(1)),
-            heldout_loss,
-            heldout_accuracy,
-            heldout_margin,
-            lr,
-        };
-        on_epoch(&metrics);
-        history.push(metrics);
-        save_checkpoint(
-            checkpoint,
-            epoch + 1,
+    let w = || score.f_transpose(0, 1);
+    let history = fit(
+        Fit {
+            pairs: n,
+            hidden: hidden as usize,
+            unfrozen: 0,
             config,
-            hidden as usize,
-            0,
-            &history,
-            &opt,
-        )?;
-    }
+            run,
+        },
+        &mut opt,
+        &mut |chunk| {
+            let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let c = train.0.f_index_select(0, &index)?.f_matmul(&w()?)?;
+            let r = train.1.f_index_select(0, &index)?.f_matmul(&w()?)?;
+            Ok(bradley_terry_loss(&c, &r)?)
+        },
+        &mut || evaluate(&score, heldout),
+        on_epoch,
+    )?;
     Ok(TrainedHead {
         score: score.f_detach()?,
         complete: history.len() == config.epochs,
@@ -238,18 +169,17 @@ pub fn train_top_k(
             "--unfreeze-top-k {k} must be between 1 and the backbone's {layers} layers"
         )));
     }
-    let n = train.chosen.len();
-    if n == 0 || heldout.chosen.is_empty() {
-        return Err(Error::Training("no training or held-out pairs".into()));
+    if heldout.chosen.is_empty() {
+        return Err(Error::Training("no held-out pairs".into()));
     }
     let from = layers - k;
     let trainable = |name: &str| {
         name == "model.norm.weight"
             || (from..layers).any(|i| name.starts_with(&format!("model.layers.{i}.")))
     };
-    let hidden = lm.model.config().hidden_size as i64;
-    let device = lm.model.device();
-    let score = Tensor::f_zeros([1, hidden], (Kind::Float, device))?.set_requires_grad(true);
+    let hidden = lm.model.config().hidden_size;
+    let score = Tensor::f_zeros([1, hidden as i64], (Kind::Float, lm.model.device()))?
+        .set_requires_grad(true);
     let mut params: Vec<(String, Tensor)> = lm
         .model
         .named_params()
@@ -258,16 +188,98 @@ pub fn train_top_k(
         .map(|(name, t)| (name, t.set_requires_grad(true)))
         .collect();
     params.push(("score.weight".to_owned(), score.shallow_clone()));
-    let adamw = AdamWConfig {
+    let mut opt = AdamW::new(params, adamw(config))?;
+    let history = fit(
+        Fit {
+            pairs: train.chosen.len(),
+            hidden,
+            unfrozen: k,
+            config,
+            run,
+        },
+        &mut opt,
+        &mut |chunk| {
+            let texts: Vec<String> = chunk
+                .iter()
+                .map(|&i| train.chosen[i].clone())
+                .chain(chunk.iter().map(|&i| train.rejected[i].clone()))
+                .collect();
+            let batch = encode_batch(lm, &texts)?;
+            let x = lm.model.forward_prefix(&batch.input(), from)?;
+            let h = lm
+                .model
+                .forward_suffix(&x, &batch.input(), from)?
+                .f_to_kind(Kind::Float)?;
+            let rewards = h.f_matmul(&score.f_transpose(0, 1)?)?.f_squeeze_dim(1)?;
+            let m = chunk.len() as i64;
+            Ok(bradley_terry_loss(
+                &rewards.f_narrow(0, 0, m)?,
+                &rewards.f_narrow(0, m, m)?,
+            )?)
+        },
+        &mut || {
+            let features = pair_features(lm, heldout, config.batch_size)?;
+            evaluate(&score.f_detach()?.f_to_device(tch::Device::Cpu)?, &features)
+        },
+        on_epoch,
+    )?;
+    Ok(TrainedHead {
+        score: score.f_detach()?,
+        complete: history.len() == config.epochs,
+        history,
+    })
+}
+
+fn adamw(config: &RewardTrainConfig) -> AdamWConfig {
+    AdamWConfig {
         weight_decay: config.weight_decay,
         ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params, adamw)?;
+    }
+}
+
+/// What a training run fits: `pairs` training pairs, a head of `hidden` inputs, `unfrozen`
+/// backbone layers.
+struct Fit<'a> {
+    pairs: usize,
+    hidden: usize,
+    unfrozen: usize,
+    config: &'a RewardTrainConfig,
+    run: RunControl<'a>,
+}
+
+/// The epoch loop shared by both trainers: resumes from the checkpoint (checking that it was
+/// made with the same settings, restoring every optimised tensor by name and the moments),
+/// then per epoch shuffles the pairs with the seed, runs `step` (the batch's loss) and an
+/// AdamW update with the warmup + cosine rate, evaluates with `eval` (held-out loss, accuracy,
+/// margin), reports and checkpoints. Returns the history of every epoch so far.
+fn fit(
+    fit: Fit<'_>,
+    opt: &mut AdamW,
+    step: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
+    eval: &mut dyn FnMut() -> Result<(f64, f64, f64)>,
+    on_epoch: &mut dyn FnMut(&EpochMetrics),
+) -> Result<Vec<EpochMetrics>> {
+    let Fit {
+        pairs: n,
+        hidden,
+        unfrozen,
+        config,
+        run,
+    } = fit;
+    if n == 0 {
+        return Err(Error::Training("no training pairs".into()));
+    }
+    if config.batch_size == 0 || config.epochs == 0 || !config.lr.is_finite() || config.lr <= 0.0 {
+        return Err(Error::Training(
+            "--epochs, --batch-size and --lr must be positive".into(),
+        ));
+    }
+    let per_epoch = steps_per_epoch(n, config);
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
     if run.resume && run.checkpoint.is_file() {
         let (state, tensors) = load_checkpoint(run.checkpoint)?;
-        if state.config != *config || state.hidden != hidden as usize || state.unfrozen != k {
+        if state.config != *config || state.hidden != hidden || state.unfrozen != unfrozen {
             return Err(Error::Training(format!(
                 "{} was made with other settings; resume with the same flags, or remove it",
                 run.checkpoint.display()
@@ -282,14 +294,10 @@ pub fn train_top_k(
             }
             Ok(())
         })?;
-        opt.load_state(
-            &tensors,
-            state.epochs_done as i64 * steps_per_epoch(n, config) as i64,
-        )?;
+        opt.load_state(&tensors, (state.epochs_done * per_epoch) as i64)?;
         history = stored_history(&state)?;
         start_epoch = state.epochs_done;
     }
-    let per_epoch = steps_per_epoch(n, config);
     let total = per_epoch * config.epochs;
     let end_epoch = run
         .max_epochs_this_run
@@ -299,24 +307,9 @@ pub fn train_top_k(
         order.shuffle(&mut StdRng::seed_from_u64(
             config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
-        let (mut loss_sum, mut batches) = (0.0, 0);
-        let mut lr = config.lr;
+        let (mut loss_sum, mut batches, mut lr) = (0.0, 0, config.lr);
         for (b, chunk) in order.chunks(config.batch_size).enumerate() {
-            let texts: Vec<String> = chunk
-                .iter()
-                .map(|&i| train.chosen[i].clone())
-                .chain(chunk.iter().map(|&i| train.rejected[i].clone()))
-                .collect();
-            let batch = encode_batch(lm, &texts)?;
-            let x = lm.model.forward_prefix(&batch.input(), from)?;
-            let h = lm
-                .model
-                .forward_suffix(&x, &batch.input(), from)?
-                .f_to_kind(Kind::Float)?;
-            let rewards = h.f_matmul(&score.f_transpose(0, 1)?)?.f_squeeze_dim(1)?;
-            let m = chunk.len() as i64;
-            let loss =
-                bradley_terry_loss(&rewards.f_narrow(0, 0, m)?, &rewards.f_narrow(0, m, m)?)?;
+            let loss = step(chunk)?;
             opt.zero_grad();
             loss.f_backward()?;
             lr = cosine_lr(
@@ -330,9 +323,7 @@ pub fn train_top_k(
             loss_sum += loss.f_double_value(&[])?;
             batches += 1;
         }
-        let heldout_features = pair_features(lm, heldout, config.batch_size)?;
-        let head = score.f_detach()?.f_to_device(tch::Device::Cpu)?;
-        let (heldout_loss, heldout_accuracy, heldout_margin) = evaluate(&head, &heldout_features)?;
+        let (heldout_loss, heldout_accuracy, heldout_margin) = eval()?;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / f64::from(batches.max(1)),
@@ -347,17 +338,13 @@ pub fn train_top_k(
             run.checkpoint,
             epoch + 1,
             config,
-            hidden as usize,
-            k,
+            hidden,
+            unfrozen,
             &history,
-            &opt,
+            opt,
         )?;
     }
-    Ok(TrainedHead {
-        score: score.f_detach()?,
-        complete: history.len() == config.epochs,
-        history,
-    })
+    Ok(history)
 }
 
 fn stored_history(state: &CheckpointState) -> Result<Vec<EpochMetrics>> {

@@ -35,3 +35,14 @@ pub enum Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The PyTorch golden values of `tests/fixtures/value/make_value_fixtures.py`.
+#[cfg(test)]
+pub(crate) fn golden() -> std::collections::HashMap<String, tch::Tensor> {
+    let path =
+        recontrol_tests::repo_root().join("tests/fixtures/generated/value/golden.safetensors");
+    tch::Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures.sh)", path.display()))
+        .into_iter()
+        .collect()
+}

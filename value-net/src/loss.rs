@@ -40,18 +40,9 @@ pub fn bellman_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::golden;
     use crate::mlp::{Activation, ValueMlp};
-    use std::collections::HashMap;
     use tch::Kind;
-
-    fn golden() -> HashMap<String, Tensor> {
-        let path =
-            recontrol_tests::repo_root().join("tests/fixtures/generated/value/golden.safetensors");
-        Tensor::read_safetensors(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures.sh)", path.display()))
-            .into_iter()
-            .collect()
-    }
 
     /// The loss and its gradients with respect to every weight equal PyTorch's, for TD(0) with
     /// a detached target and for Monte-Carlo targets. Removing the detach, or moving the

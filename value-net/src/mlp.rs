@@ -189,15 +189,7 @@ impl ValueMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn golden() -> HashMap<String, Tensor> {
-        let path =
-            recontrol_tests::repo_root().join("tests/fixtures/generated/value/golden.safetensors");
-        Tensor::read_safetensors(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fixtures.sh)", path.display()))
-            .into_iter()
-            .collect()
-    }
+    use crate::golden;
 
     #[test]
     fn forward_matches_pytorch_for_every_activation() -> Result<()> {
