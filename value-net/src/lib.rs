@@ -12,7 +12,7 @@ pub mod loss;
 pub mod mlp;
 
 pub use loss::{bellman_loss, Target};
-pub use mlp::{Activation, ValueConfig, ValueMlp};
+pub use mlp::{Activation, ValueConfig, ValueMlp, ValueModel};
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! reward normalisation so that values come back in reward units.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -186,6 +186,110 @@ impl ValueMlp {
     }
 }
 
+/// A value net with its configuration: V in reward units.
+#[derive(Debug)]
+pub struct ValueModel {
+    pub mlp: ValueMlp,
+    pub config: ValueConfig,
+}
+
+impl ValueModel {
+    /// `[batch, input]` -> V `[batch]` in reward units.
+    pub fn value(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .mlp
+            .forward_raw(x)?
+            .f_mul_scalar(self.config.reward_std)?
+            .f_add_scalar(self.config.reward_mean)?)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (float32) into `dir`, under a temporary
+    /// name renamed when complete.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let temp = dir.with_file_name(format!(".{name}.tmp"));
+        if temp.exists() {
+            std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
+        }
+        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let config = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Invalid {
+            path: temp.join("config.json"),
+            message: e.to_string(),
+        })?;
+        std::fs::write(temp.join("config.json"), config).map_err(io(&temp))?;
+        recontrol_lm::pretrain::write_safetensors(
+            &temp.join("model.safetensors"),
+            &self.mlp.named_params(),
+            None,
+        )?;
+        std::fs::rename(&temp, dir).map_err(io(dir))
+    }
+
+    /// Reads a value directory, checking the weights against the config (shapes, activation,
+    /// finiteness).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let invalid = |path: &Path, message: String| Error::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: ValueConfig = serde_json::from_str(&text)
+            .map_err(|e| invalid(&config_path, format!("not a value config: {e}")))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(invalid(&weights, "missing".into()));
+        }
+        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
+            .map_err(|e| invalid(&weights, e.to_string()))?
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(device)))
+            .collect();
+        for (name, t) in &tensors {
+            let finite = t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1;
+            if !finite {
+                return Err(invalid(&weights, format!("{name} has non-finite values")));
+            }
+        }
+        let mlp = ValueMlp::from_named(&tensors, config.activation, false)
+            .map_err(|e| invalid(&weights, e.to_string()))?;
+        let dims: Vec<usize> = mlp
+            .layers
+            .iter()
+            .map(|(w, _)| w.size()[0] as usize)
+            .collect();
+        if mlp.input_dim() != config.input_dim || dims[..dims.len() - 1] != config.hidden_dims[..] {
+            return Err(invalid(
+                &config_path,
+                format!(
+                    "says input {} and hidden {:?}, the weights have input {} and hidden {:?}",
+                    config.input_dim,
+                    config.hidden_dims,
+                    mlp.input_dim(),
+                    &dims[..dims.len() - 1]
+                ),
+            ));
+        }
+        if !(config.reward_std.is_finite()
+            && config.reward_std > 0.0
+            && config.reward_mean.is_finite())
+        {
+            return Err(invalid(
+                &config_path,
+                "reward_mean/reward_std must be finite, std positive".into(),
+            ));
+        }
+        Ok(Self { mlp, config })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +329,75 @@ mod tests {
             err.contains("layers.1 takes 3 inputs but layers.0 gives 5"),
             "{err}"
         );
+    }
+
+    fn config(mlp: &ValueMlp) -> ValueConfig {
+        ValueConfig {
+            input_dim: mlp.input_dim(),
+            hidden_dims: vec![5, 4],
+            activation: Activation::Tanh,
+            reward_mean: 2.0,
+            reward_std: 3.0,
+            lm_hidden_size: 6,
+            lm_identity: "sha256:test".into(),
+            training: serde_json::json!({}),
+            seed: 1,
+            git_revision: "test".into(),
+            recontrol_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn value_dirs_round_trip_and_bad_ones_are_named() -> Result<()> {
+        let g = golden();
+        let mlp = ValueMlp::from_named(&g, Activation::Tanh, false)?;
+        let model = ValueModel {
+            config: config(&mlp),
+            mlp,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("value");
+        model.save(&out)?;
+        let back = ValueModel::load(&out, Device::Cpu)?;
+        let x = g["x"].to_kind(Kind::Float);
+        let want = g["y.tanh"].to_kind(Kind::Float) * 3.0 + 2.0;
+        let diff = (back.value(&x)? - want).abs().max().f_double_value(&[])?;
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(back.config, model.config);
+
+        // A config that disagrees with the weights, and non-finite weights, are refused.
+        let mut bad = model.config.clone();
+        bad.hidden_dims = vec![5, 3];
+        std::fs::write(
+            out.join("config.json"),
+            serde_json::to_string(&bad).expect("json"),
+        )
+        .expect("write");
+        let err = ValueModel::load(&out, Device::Cpu)
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            err.contains(
+                "says input 6 and hidden [5, 3], the weights have input 6 and hidden [5, 4]"
+            ),
+            "{err}"
+        );
+        let mut named = model.mlp.named_params();
+        named[0].1 = named[0].1.full_like(f64::NAN);
+        let nan_dir = dir.path().join("nan");
+        let nan = ValueModel {
+            mlp: ValueMlp::from_named(&named.into_iter().collect(), Activation::Tanh, false)?,
+            config: model.config.clone(),
+        };
+        nan.save(&nan_dir)?;
+        let err = ValueModel::load(&nan_dir, Device::Cpu)
+            .expect_err("nan")
+            .to_string();
+        assert!(
+            err.contains("layers.0.weight has non-finite values"),
+            "{err}"
+        );
+        Ok(())
     }
 
     #[test]
