@@ -612,6 +612,24 @@ impl Store {
         })
     }
 
+    /// The first state (at the last prompt token) of each of `rollouts`, `[n, hidden]`.
+    pub fn first_states(&self, rollouts: &[usize]) -> Result<Array2<f32>> {
+        let mut out = Array2::<f32>::zeros((rollouts.len(), self.meta.hidden_size));
+        for (k, &i) in rollouts.iter().enumerate() {
+            if i >= self.len() {
+                return Err(StoreError::OutOfRange {
+                    path: self.path.clone(),
+                    index: i,
+                    len: self.len(),
+                });
+            }
+            let row = self.rollout_offsets[i] as usize;
+            out.row_mut(k)
+                .assign(&self.read_states(row..row + 1)?.row(0));
+        }
+        Ok(out)
+    }
+
     /// Every rollout's reward (NaN where unlabelled).
     pub fn rewards(&self) -> Result<Vec<f32>> {
         Ok(self.read_1d::<f32>("reward", 0..self.len())?.to_vec())
@@ -651,6 +669,28 @@ impl Store {
     /// A seeded, shuffling stream of training transitions whose memory is bounded by
     /// `options` (blocks of rows are read a few at a time), not by the store's size.
     pub fn transitions(&self, options: StreamOptions) -> Result<TransitionStream<'_>> {
+        self.transitions_of(options, None)
+    }
+
+    /// [`Store::transitions`] of the rollouts `keep` marks (one flag per rollout), e.g. one
+    /// side of a train/validation split.
+    pub fn transitions_of(
+        &self,
+        options: StreamOptions,
+        keep: Option<Vec<bool>>,
+    ) -> Result<TransitionStream<'_>> {
+        if let Some(k) = &keep {
+            if k.len() != self.len() {
+                return Err(StoreError::Mismatch {
+                    path: self.path.clone(),
+                    message: format!(
+                        "a filter of {} rollouts for a store of {}",
+                        k.len(),
+                        self.len()
+                    ),
+                });
+            }
+        }
         let rewards = self.rewards()?;
         let rows = self.num_states();
         let block = options.block_rows.max(1);
@@ -660,6 +700,7 @@ impl Store {
         Ok(TransitionStream {
             store: self,
             rewards,
+            keep,
             options,
             blocks,
             next_block: 0,
@@ -723,6 +764,7 @@ struct Held {
 pub struct TransitionStream<'a> {
     store: &'a Store,
     rewards: Vec<f32>,
+    keep: Option<Vec<bool>>,
     options: StreamOptions,
     blocks: Vec<usize>,
     next_block: usize,
@@ -753,6 +795,9 @@ impl TransitionStream<'_> {
             let states = self.store.read_states(start..(end + 1).min(rows))?;
             for row in start..end {
                 let (rollout, terminal) = self.store.locate(row);
+                if self.keep.as_ref().is_some_and(|k| !k[rollout]) {
+                    continue;
+                }
                 let local = row - start;
                 self.buffer.push(Held {
                     state: states.row(local).to_vec(),
@@ -1042,6 +1087,37 @@ mod tests {
             .flat_map(|b| b.expect("batch").rollout)
             .collect();
         assert_ne!(other, first_pass.iter().map(|p| p.0).collect::<Vec<_>>());
+        Ok(())
+    }
+
+    #[test]
+    fn filtered_streams_keep_only_the_marked_rollouts() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        let rs = rollouts(12);
+        write(&path, StateDtype::F32, &rs)?;
+        let st = Store::open(&path)?;
+        let keep: Vec<bool> = (0..12).map(|i| i % 3 == 0).collect();
+        let options = StreamOptions {
+            batch_size: 4,
+            seed: 1,
+            block_rows: 3,
+            buffer_blocks: 2,
+        };
+        let mut seen: Vec<usize> = Vec::new();
+        for b in st.transitions_of(options, Some(keep.clone()))? {
+            seen.extend(b?.rollout);
+        }
+        let want: usize = (0..12)
+            .filter(|i| i % 3 == 0)
+            .map(|i| rs[i].tokens.len())
+            .sum();
+        assert_eq!(seen.len(), want);
+        assert!(seen.iter().all(|&r| keep[r]));
+        assert!(st.transitions_of(options, Some(vec![true; 3])).is_err());
+        let first = st.first_states(&[0, 5])?;
+        assert_eq!(first.row(0).to_vec(), vec![0.0, 0.0, 0.0]);
+        assert_eq!(first.row(1).to_vec(), vec![5.0, 0.0, 5.0]);
         Ok(())
     }
 

@@ -10,6 +10,7 @@
 
 pub mod loss;
 pub mod mlp;
+pub mod train;
 
 pub use loss::{bellman_loss, Target};
 pub use mlp::{Activation, ValueConfig, ValueMlp, ValueModel};

@@ -1,0 +1,679 @@
+//! Training a value net from a labelled rollout store, streaming: transitions come from the
+//! store a few blocks at a time (memory bounded by the stream's buffer, not the store), the
+//! train/validation split is by rollout (seeded), AdamW without decay by default, early
+//! stopping on the validation loss (the best epoch's weights are kept), and a checkpoint per
+//! epoch for exact `--resume`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use recontrol_data::store::{StreamOptions, TransitionBatch};
+use recontrol_data::Store;
+use recontrol_lm::optim::{AdamW, AdamWConfig};
+use recontrol_lm::pretrain::write_safetensors;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::loss::{bellman_loss, Target};
+use crate::mlp::{Activation, ValueMlp};
+use crate::{Error, Result};
+
+/// Settings of a value training run (recorded in checkpoints; a resume must match).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValueTrainConfig {
+    pub hidden_dims: Vec<usize>,
+    pub activation: Activation,
+    pub target: Target,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    /// Share of rollouts held out for validation.
+    pub val_fraction: f64,
+    /// Epochs without a better validation loss before stopping.
+    pub patience: usize,
+    pub seed: u64,
+    /// Rows read from the store per block, and blocks shuffled together.
+    pub block_rows: usize,
+    pub buffer_blocks: usize,
+}
+
+impl Default for ValueTrainConfig {
+    fn default() -> Self {
+        Self {
+            hidden_dims: vec![256],
+            activation: Activation::Relu,
+            target: Target::Td0,
+            epochs: 50,
+            lr: 1e-3,
+            batch_size: 512,
+            val_fraction: 0.1,
+            patience: 5,
+            seed: 0,
+            block_rows: 1024,
+            buffer_blocks: 8,
+        }
+    }
+}
+
+/// Metrics of one epoch (validation metrics in reward units).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    /// Mean Bellman loss over training transitions (normalised units).
+    pub train_loss: f64,
+    /// Mean Bellman loss over validation transitions (normalised units).
+    pub val_loss: f64,
+    /// Mean squared error of V at validation terminal states against the reward.
+    pub terminal_mse: f64,
+    /// Spearman correlation of V(s_0) and the reward over validation rollouts.
+    pub spearman: f64,
+    pub transitions_per_s: f64,
+}
+
+/// How a training call runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RunControl<'a> {
+    pub checkpoint: &'a Path,
+    pub resume: bool,
+    pub max_epochs_this_run: Option<usize>,
+}
+
+/// The trained net (the best validation epoch's weights) and how it got there.
+#[derive(Debug)]
+pub struct TrainedValue {
+    pub mlp: ValueMlp,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub history: Vec<EpochMetrics>,
+    pub best_epoch: usize,
+    /// Whether training ended (all epochs, or early stopping) rather than being capped.
+    pub complete: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckpointState {
+    epochs_done: usize,
+    config: ValueTrainConfig,
+    input_dim: usize,
+    history: Vec<EpochMetrics>,
+    best_epoch: usize,
+    best_val: f64,
+    stopped: bool,
+    /// Optimizer updates taken (AdamW's bias correction depends on it).
+    adam_steps: i64,
+}
+
+/// Refuses a store with unlabelled (NaN) or non-finite rewards, counting them.
+pub fn check_labelled(store: &Store) -> Result<Vec<f32>> {
+    let rewards = store.rewards().map_err(|e| Error::Invalid {
+        path: store.path().to_owned(),
+        message: e.to_string(),
+    })?;
+    let bad = rewards.iter().filter(|r| !r.is_finite()).count();
+    if bad > 0 || rewards.is_empty() {
+        return Err(Error::Invalid {
+            path: store.path().to_owned(),
+            message: format!(
+                "{bad} of {} rollouts have no (finite) reward; label the store first (recontrol reward label)",
+                rewards.len()
+            ),
+        });
+    }
+    Ok(rewards)
+}
+
+/// The seeded split by rollout: `true` for validation rollouts.
+pub fn validation_rollouts(n: usize, fraction: f64, seed: u64) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let n_val =
+        ((n as f64 * fraction).round() as usize).clamp(usize::from(n > 1), n.saturating_sub(1));
+    let mut val = vec![false; n];
+    for &i in &order[..n_val] {
+        val[i] = true;
+    }
+    val
+}
+
+fn to_tensor(a: &ndarray::Array2<f32>, device: Device) -> Result<Tensor> {
+    let (rows, cols) = a.dim();
+    let flat: Vec<f32> = a.iter().copied().collect();
+    Ok(Tensor::from_slice(&flat)
+        .f_view([rows as i64, cols as i64])?
+        .f_to_device(device)?)
+}
+
+/// One minibatch as tensors: states, next states, terminal flags, normalised rewards.
+fn batch_tensors(
+    b: &TransitionBatch,
+    mean: f64,
+    std: f64,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let reward: Vec<f32> = b
+        .reward
+        .iter()
+        .map(|&r| ((f64::from(r) - mean) / std) as f32)
+        .collect();
+    Ok((
+        to_tensor(&b.state, device)?,
+        to_tensor(&b.next_state, device)?,
+        Tensor::from_slice(&b.is_terminal).f_to_device(device)?,
+        Tensor::from_slice(&reward).f_to_device(device)?,
+    ))
+}
+
+/// Spearman rank correlation (average ranks for ties).
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            let rank = (i + j) as f64 / 2.0;
+            for &k in &idx[i..=j] {
+                r[k] = rank;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = x.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    if vx == 0.0 || vy == 0.0 {
+        0.0
+    } else {
+        cov / (vx * vy).sqrt()
+    }
+}
+
+/// Validation metrics of a net on the rollouts `keep` marks: Bellman loss (normalised units),
+/// terminal MSE and Spearman(V(s_0), r) (reward units).
+pub fn evaluate(
+    store: &Store,
+    mlp: &ValueMlp,
+    keep: &[bool],
+    rewards: &[f32],
+    norm: (f64, f64),
+    config: &ValueTrainConfig,
+    device: Device,
+) -> Result<(f64, f64, f64)> {
+    let _guard = tch::no_grad_guard();
+    let (mean, std) = norm;
+    let options = StreamOptions {
+        batch_size: config.batch_size,
+        seed: 0,
+        block_rows: config.block_rows,
+        buffer_blocks: config.buffer_blocks,
+    };
+    let (mut loss_sum, mut n, mut term_se, mut n_term) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let stream = store
+        .transitions_of(options, Some(keep.to_vec()))
+        .map_err(|e| Error::Invalid {
+            path: store.path().to_owned(),
+            message: e.to_string(),
+        })?;
+    for batch in stream {
+        let b = batch.map_err(|e| Error::Invalid {
+            path: store.path().to_owned(),
+            message: e.to_string(),
+        })?;
+        let (s, s_next, term, r) = batch_tensors(&b, mean, std, device)?;
+        let v = mlp.forward_raw(&s.f_to_kind(mlp.kind())?)?;
+        let v_next = mlp.forward_raw(&s_next.f_to_kind(mlp.kind())?)?;
+        let count = b.reward.len() as f64;
+        loss_sum += bellman_loss(&v, &v_next, &term, &r.f_to_kind(v.kind())?, config.target)?
+            .f_double_value(&[])?
+            * count;
+        n += count;
+        let values = Vec::<f64>::try_from(v.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+        for (k, &t) in b.is_terminal.iter().enumerate() {
+            if t {
+                term_se += (values[k] * std + mean - f64::from(b.reward[k])).powi(2);
+                n_term += 1.0;
+            }
+        }
+    }
+    let val_rollouts: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+    let first = store
+        .first_states(&val_rollouts)
+        .map_err(|e| Error::Invalid {
+            path: store.path().to_owned(),
+            message: e.to_string(),
+        })?;
+    let v0 = mlp.forward_raw(&to_tensor(&first, device)?.f_to_kind(mlp.kind())?)?;
+    let v0 = Vec::<f64>::try_from(v0.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
+    let r: Vec<f64> = val_rollouts
+        .iter()
+        .map(|&i| f64::from(rewards[i]))
+        .collect();
+    Ok((
+        loss_sum / n.max(1.0),
+        term_se / n_term.max(1.0),
+        spearman(&v0, &r),
+    ))
+}
+
+/// Trains a value net on a labelled store. `on_epoch` sees each epoch's metrics.
+pub fn train_value(
+    store: &Store,
+    config: &ValueTrainConfig,
+    device: Device,
+    run: RunControl<'_>,
+    on_epoch: &mut dyn FnMut(&EpochMetrics),
+) -> Result<TrainedValue> {
+    if config.epochs == 0 || config.batch_size == 0 || !(config.lr.is_finite() && config.lr > 0.0) {
+        return Err(Error::Invalid {
+            path: run.checkpoint.to_owned(),
+            message: "--epochs, --batch-size and --lr must be positive".into(),
+        });
+    }
+    let rewards = check_labelled(store)?;
+    let n = rewards.len();
+    let val = validation_rollouts(n, config.val_fraction, config.seed);
+    let train: Vec<bool> = val.iter().map(|v| !v).collect();
+    // Reward normalisation from the training rollouts.
+    let train_rewards: Vec<f64> = (0..n)
+        .filter(|&i| train[i])
+        .map(|i| f64::from(rewards[i]))
+        .collect();
+    let mean = train_rewards.iter().sum::<f64>() / train_rewards.len().max(1) as f64;
+    let var = train_rewards
+        .iter()
+        .map(|r| (r - mean).powi(2))
+        .sum::<f64>()
+        / train_rewards.len().max(1) as f64;
+    let std = if var.sqrt() > 1e-8 { var.sqrt() } else { 1.0 };
+
+    let input_dim = store.meta().hidden_size;
+    let mut mlp = ValueMlp::new(
+        input_dim,
+        &config.hidden_dims,
+        config.activation,
+        config.seed,
+        device,
+    )?;
+    let adamw = AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(mlp.named_params(), adamw)?;
+    let mut history = Vec::new();
+    let (mut best_epoch, mut best_val, mut stopped) = (0, f64::INFINITY, false);
+    let mut best: Vec<(String, Tensor)> = copy_params(&mlp)?;
+    let mut start = 0;
+    if run.resume && run.checkpoint.is_file() {
+        let (state, tensors) = load_checkpoint(run.checkpoint)?;
+        if state.config != *config || state.input_dim != input_dim {
+            return Err(Error::Invalid {
+                path: run.checkpoint.to_owned(),
+                message: "made with other settings or another store; resume with the same flags, or remove it".into(),
+            });
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in opt.params() {
+                let saved = tensors.get(name).ok_or_else(|| Error::Invalid {
+                    path: run.checkpoint.to_owned(),
+                    message: format!("lacks {name}"),
+                })?;
+                p.shallow_clone().f_copy_(saved)?;
+            }
+            Ok(())
+        })?;
+        best = opt
+            .params()
+            .iter()
+            .map(|(name, _)| {
+                tensors
+                    .get(&format!("best.{name}"))
+                    .map(|t| (name.clone(), t.shallow_clone()))
+                    .ok_or_else(|| Error::Invalid {
+                        path: run.checkpoint.to_owned(),
+                        message: format!("lacks best.{name}"),
+                    })
+            })
+            .collect::<Result<_>>()?;
+        opt.load_state(&tensors, state.adam_steps)?;
+        history = state.history;
+        best_epoch = state.best_epoch;
+        best_val = state.best_val;
+        stopped = state.stopped;
+        start = state.epochs_done;
+    }
+    let end = run
+        .max_epochs_this_run
+        .map_or(config.epochs, |m| (start + m).min(config.epochs));
+    let mut epoch = start;
+    while epoch < end && !stopped {
+        let started = std::time::Instant::now();
+        let options = StreamOptions {
+            batch_size: config.batch_size,
+            seed: config.seed.wrapping_add(epoch as u64 + 1),
+            block_rows: config.block_rows,
+            buffer_blocks: config.buffer_blocks,
+        };
+        let (mut loss_sum, mut count) = (0.0, 0.0);
+        let stream = store
+            .transitions_of(options, Some(train.clone()))
+            .map_err(|e| Error::Invalid {
+                path: store.path().to_owned(),
+                message: e.to_string(),
+            })?;
+        for batch in stream {
+            let b = batch.map_err(|e| Error::Invalid {
+                path: store.path().to_owned(),
+                message: e.to_string(),
+            })?;
+            let (s, s_next, term, r) = batch_tensors(&b, mean, std, device)?;
+            let kind = mlp.kind();
+            let v = mlp.forward_raw(&s.f_to_kind(kind)?)?;
+            let v_next = tch::no_grad(|| mlp.forward_raw(&s_next.f_to_kind(kind)?))?;
+            let loss = bellman_loss(&v, &v_next, &term, &r.f_to_kind(kind)?, config.target)?;
+            opt.zero_grad();
+            loss.f_backward()?;
+            opt.step(config.lr)?;
+            let k = b.reward.len() as f64;
+            loss_sum += loss.f_double_value(&[])? * k;
+            count += k;
+        }
+        let (val_loss, terminal_mse, rho) =
+            evaluate(store, &mlp, &val, &rewards, (mean, std), config, device)?;
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / count.max(1.0),
+            val_loss,
+            terminal_mse,
+            spearman: rho,
+            transitions_per_s: count / started.elapsed().as_secs_f64().max(1e-9),
+        };
+        on_epoch(&metrics);
+        history.push(metrics);
+        if val_loss < best_val {
+            best_val = val_loss;
+            best_epoch = epoch + 1;
+            best = copy_params(&mlp)?;
+        } else if epoch + 1 - best_epoch >= config.patience {
+            stopped = true;
+        }
+        epoch += 1;
+        let state = CheckpointState {
+            epochs_done: epoch,
+            config: config.clone(),
+            input_dim,
+            history: history.clone(),
+            best_epoch,
+            best_val,
+            stopped,
+            adam_steps: opt.steps(),
+        };
+        save_checkpoint(run.checkpoint, &state, &opt, &best)?;
+    }
+    let complete = stopped || epoch >= config.epochs;
+    let named: HashMap<String, Tensor> = best.into_iter().collect();
+    mlp = ValueMlp::from_named(&named, config.activation, false)?;
+    Ok(TrainedValue {
+        mlp,
+        reward_mean: mean,
+        reward_std: std,
+        history,
+        best_epoch,
+        complete,
+    })
+}
+
+fn copy_params(mlp: &ValueMlp) -> Result<Vec<(String, Tensor)>> {
+    mlp.named_params()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.f_detach_copy()?)))
+        .collect()
+}
+
+fn save_checkpoint(
+    path: &Path,
+    state: &CheckpointState,
+    opt: &AdamW,
+    best: &[(String, Tensor)],
+) -> Result<()> {
+    let json = serde_json::to_string(state).map_err(|e| Error::Invalid {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut tensors: Vec<(String, Tensor)> = opt
+        .params()
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    tensors.extend(opt.state());
+    tensors.extend(
+        best.iter()
+            .map(|(n, t)| (format!("best.{n}"), t.shallow_clone())),
+    );
+    Ok(write_safetensors(
+        path,
+        &tensors,
+        Some(HashMap::from([("state".to_owned(), json)])),
+    )?)
+}
+
+fn load_checkpoint(path: &Path) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
+    let bad = |message: String| Error::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let header_len = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| bad("truncated checkpoint".into()))? as usize;
+    let header: serde_json::Value = serde_json::from_slice(
+        bytes
+            .get(8..8 + header_len)
+            .ok_or_else(|| bad("truncated checkpoint".into()))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let state: CheckpointState = serde_json::from_str(
+        header["__metadata__"]["state"]
+            .as_str()
+            .ok_or_else(|| bad("no training state".into()))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let tensors = Tensor::read_safetensors(path)
+        .map_err(|e| bad(e.to_string()))?
+        .into_iter()
+        .collect();
+    Ok((state, tensors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+    use recontrol_data::{Rollout, StateDtype, StoreMeta, StoreWriter};
+
+    /// A store whose true value is known: every state of a rollout lies on the hyperplane
+    /// w . s = r of its reward (states differ by noise orthogonal to w), so V(s) = w . s.
+    fn synthetic_store(path: &Path, rollouts: usize, labelled: bool) -> Vec<f32> {
+        let w = [1.0f32, -2.0, 0.5, 0.0];
+        let meta = StoreMeta {
+            hidden_size: 4,
+            model: "synthetic".into(),
+            model_hash: "sha256:synthetic".into(),
+            state_dtype: StateDtype::F32,
+            prompt_format: "raw".into(),
+            generation: serde_json::json!({}),
+            seed: 0,
+            recontrol_version: "test".into(),
+            dataset: "synthetic".into(),
+        };
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut writer = StoreWriter::create(path, &meta).expect("create");
+        let mut rewards = Vec::new();
+        for i in 0..rollouts {
+            let t = rng.random_range(1..6);
+            let terminal: Vec<f32> = (0..4).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let r: f32 = terminal.iter().zip(&w).map(|(a, b)| a * b).sum();
+            // Noise along (2, 1, 0, 0) and (0, 0, 0, 1): both orthogonal to w.
+            let states = ndarray::Array2::from_shape_fn((t, 4), |(k, c)| {
+                let a = (k as f32 * 0.37 + i as f32 * 0.11).sin();
+                let b = (k as f32 * 0.73 + i as f32 * 0.29).cos();
+                terminal[c] + a * [2.0, 1.0, 0.0, 0.0][c] + b * [0.0, 0.0, 0.0, 1.0][c]
+            });
+            rewards.push(r);
+            writer
+                .append(&[Rollout {
+                    prompt_index: i as i64,
+                    prompt: String::new(),
+                    response: String::new(),
+                    tokens: (0..t as i64).collect(),
+                    states,
+                    reward: if labelled { r } else { f32::NAN },
+                }])
+                .expect("append");
+        }
+        writer.finish().expect("finish");
+        rewards
+    }
+
+    fn config() -> ValueTrainConfig {
+        ValueTrainConfig {
+            hidden_dims: vec![32],
+            epochs: 60,
+            lr: 3e-3,
+            batch_size: 64,
+            patience: 60,
+            block_rows: 64,
+            buffer_blocks: 4,
+            ..ValueTrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn learns_a_known_value_function() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        synthetic_store(&path, 400, true);
+        let store = Store::open(&path).expect("open");
+        let run = RunControl {
+            checkpoint: &dir.path().join("ckpt.safetensors"),
+            resume: false,
+            max_epochs_this_run: None,
+        };
+        let trained = train_value(&store, &config(), Device::Cpu, run, &mut |_| {})?;
+        let last = trained.history[trained.best_epoch - 1];
+        // Rewards spread over about +-2.3 (std ~1.3): the terminal error is small next to it.
+        assert!(
+            last.terminal_mse < 0.01,
+            "terminal MSE {}",
+            last.terminal_mse
+        );
+        assert!(last.spearman > 0.98, "spearman {}", last.spearman);
+        assert!(trained.complete);
+        Ok(())
+    }
+
+    #[test]
+    fn resuming_gives_the_uninterrupted_net_and_unlabelled_stores_are_refused() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        synthetic_store(&path, 60, true);
+        let store = Store::open(&path).expect("open");
+        let c = ValueTrainConfig {
+            epochs: 4,
+            ..config()
+        };
+        let flat = |m: &ValueMlp| -> Vec<f32> {
+            m.named_params()
+                .iter()
+                .flat_map(|(_, t)| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap_or_default())
+                .collect()
+        };
+        let a_path = dir.path().join("a.safetensors");
+        let a = train_value(
+            &store,
+            &c,
+            Device::Cpu,
+            RunControl {
+                checkpoint: &a_path,
+                resume: false,
+                max_epochs_this_run: None,
+            },
+            &mut |_| {},
+        )?;
+        let b_path = dir.path().join("b.safetensors");
+        let part = train_value(
+            &store,
+            &c,
+            Device::Cpu,
+            RunControl {
+                checkpoint: &b_path,
+                resume: true,
+                max_epochs_this_run: Some(2),
+            },
+            &mut |_| {},
+        )?;
+        assert!(!part.complete);
+        let b = train_value(
+            &store,
+            &c,
+            Device::Cpu,
+            RunControl {
+                checkpoint: &b_path,
+                resume: true,
+                max_epochs_this_run: None,
+            },
+            &mut |_| {},
+        )?;
+        assert_eq!(flat(&b.mlp), flat(&a.mlp));
+        let losses = |h: &[EpochMetrics]| -> Vec<(f64, f64)> {
+            h.iter().map(|m| (m.train_loss, m.val_loss)).collect()
+        };
+        assert_eq!(losses(&b.history), losses(&a.history));
+
+        let unlabelled = dir.path().join("u.h5");
+        synthetic_store(&unlabelled, 10, false);
+        let store = Store::open(&unlabelled).expect("open");
+        let err = train_value(
+            &store,
+            &c,
+            Device::Cpu,
+            RunControl {
+                checkpoint: &dir.path().join("u.ckpt"),
+                resume: false,
+                max_epochs_this_run: None,
+            },
+            &mut |_| {},
+        )
+        .expect_err("unlabelled")
+        .to_string();
+        assert!(
+            err.contains("10 of 10 rollouts have no (finite) reward"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn spearman_hand_cases() {
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // Ties get average ranks: x ranks (0.5, 0.5, 2), y ranks (0, 1, 2).
+        let rho = spearman(&[1.0, 1.0, 2.0], &[1.0, 2.0, 3.0]);
+        assert!((rho - 0.866_025_403_784_438_6).abs() < 1e-9, "{rho}");
+    }
+}
