@@ -8,6 +8,7 @@ mod output;
 mod pretrain;
 mod reward;
 mod rollout;
+mod value;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,8 @@ enum Command {
     Lm(pretrain::LmCommand),
     /// Reward models: train (Bradley-Terry), score generations, label rollouts.
     Reward(reward::RewardCommand),
+    /// Value functions on hidden states: train (Bellman), evaluate.
+    Value(value::ValueCommand),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Data(args) => args.run(),
         Command::Lm(args) => args.run(),
         Command::Reward(args) => args.run(),
+        Command::Value(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

@@ -1,0 +1,291 @@
+//! `recontrol value`: train a value net on a labelled rollout store, and evaluate one.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use recontrol_data::Store;
+use recontrol_value_net::train::{
+    check_labelled, evaluate, train_value, EpochMetrics, RunControl, ValueTrainConfig,
+};
+use recontrol_value_net::{Activation, Target, ValueConfig, ValueModel};
+use serde::Serialize;
+
+use crate::args::DeviceArgs;
+use crate::output::Provenance;
+
+/// Value functions on hidden states.
+#[derive(Debug, Args)]
+pub struct ValueCommand {
+    #[command(subcommand)]
+    pub command: ValueSubcommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ValueSubcommand {
+    /// Train a value MLP with the Bellman loss on a labelled rollout store.
+    Train(Box<TrainArgs>),
+    /// Validation metrics of a value net on a labelled store.
+    Eval(EvalArgs),
+}
+
+impl ValueCommand {
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            ValueSubcommand::Train(args) => args.run(),
+            ValueSubcommand::Eval(args) => args.run(),
+        }
+    }
+}
+
+/// `--activation` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationArg {
+    Relu,
+    Tanh,
+    Gelu,
+    Silu,
+}
+
+impl From<ActivationArg> for Activation {
+    fn from(a: ActivationArg) -> Self {
+        match a {
+            ActivationArg::Relu => Self::Relu,
+            ActivationArg::Tanh => Self::Tanh,
+            ActivationArg::Gelu => Self::Gelu,
+            ActivationArg::Silu => Self::Silu,
+        }
+    }
+}
+
+/// `--target` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetArg {
+    /// TD(0): the stop-gradient value of the next state (the paper's Bellman equation).
+    Td0,
+    /// Monte-Carlo: the rollout's reward.
+    Mc,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TrainArgs {
+    /// A labelled rollout store.
+    #[arg(long)]
+    pub rollouts: PathBuf,
+    /// Output value directory (config.json + model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hidden layers (the paper: 1 hidden layer as wide as the LM, or 2).
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// Width of each hidden layer.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    #[arg(long, value_enum, default_value_t = ActivationArg::Relu)]
+    pub activation: ActivationArg,
+    #[arg(long, value_enum, default_value_t = TargetArg::Td0)]
+    pub target: TargetArg,
+    #[arg(long, default_value_t = 50)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 512)]
+    pub batch_size: usize,
+    /// Share of rollouts held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Epochs without a better validation loss before stopping.
+    #[arg(long, default_value_t = 5)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue an interrupted run (same flags) from OUT.work/checkpoint.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation, keeping a checkpoint.
+    #[arg(long)]
+    pub max_epochs_per_run: Option<usize>,
+    /// TensorBoard folder; default OUT.work/logs.
+    #[arg(long)]
+    pub logdir: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl TrainArgs {
+    fn config(&self) -> ValueTrainConfig {
+        ValueTrainConfig {
+            hidden_dims: vec![self.hidden; self.layers],
+            activation: self.activation.into(),
+            target: match self.target {
+                TargetArg::Td0 => Target::Td0,
+                TargetArg::Mc => Target::Mc,
+            },
+            epochs: self.epochs,
+            lr: self.lr,
+            batch_size: self.batch_size,
+            val_fraction: self.val_fraction,
+            patience: self.patience,
+            seed: self.seed,
+            ..ValueTrainConfig::default()
+        }
+    }
+
+    fn run(&self) -> Result<()> {
+        if self.out.exists() {
+            anyhow::bail!(
+                "--out {}: exists; remove it or choose another name",
+                self.out.display()
+            );
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            anyhow::bail!(
+                "--val-fraction must be in [0, 1), got {}",
+                self.val_fraction
+            );
+        }
+        let mut name = self.out.file_name().unwrap_or_default().to_os_string();
+        name.push(".work");
+        let work = self.out.with_file_name(name);
+        let checkpoint = work.join("checkpoint.safetensors");
+        if checkpoint.exists() && !self.resume {
+            anyhow::bail!(
+                "{} holds an interrupted run; pass --resume to continue it, or remove it",
+                work.display()
+            );
+        }
+        let logdir = self.logdir.clone().unwrap_or_else(|| work.join("logs"));
+        std::fs::create_dir_all(&logdir)
+            .with_context(|| format!("--logdir {}", logdir.display()))?;
+        let store = Store::open(&self.rollouts)
+            .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
+        let device = self.device.device.resolve()?;
+        let config = self.config();
+        let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
+        let trained = train_value(
+            &store,
+            &config,
+            device,
+            RunControl {
+                checkpoint: &checkpoint,
+                resume: self.resume,
+                max_epochs_this_run: self.max_epochs_per_run,
+            },
+            &mut |m: &EpochMetrics| {
+                tb.add_scalar("value/train_loss", m.train_loss as f32, m.epoch);
+                tb.add_scalar("value/val_loss", m.val_loss as f32, m.epoch);
+                tb.add_scalar("value/terminal_mse", m.terminal_mse as f32, m.epoch);
+                tb.add_scalar("value/spearman_v0_reward", m.spearman as f32, m.epoch);
+                tb.add_scalar("value/transitions_per_s", m.transitions_per_s as f32, m.epoch);
+                tb.flush();
+                eprintln!(
+                    "epoch {}: train {:.4}, val {:.4}, terminal MSE {:.4}, Spearman {:.3}, {:.0} transitions/s",
+                    m.epoch, m.train_loss, m.val_loss, m.terminal_mse, m.spearman, m.transitions_per_s
+                );
+            },
+        )
+        .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
+        tb.flush();
+        if !trained.complete {
+            eprintln!(
+                "stopped after epoch {}; continue with --resume",
+                trained.history.len()
+            );
+            return Ok(());
+        }
+        let provenance = Provenance::current();
+        let model = ValueModel {
+            config: ValueConfig {
+                input_dim: store.meta().hidden_size,
+                hidden_dims: config.hidden_dims.clone(),
+                activation: config.activation,
+                reward_mean: trained.reward_mean,
+                reward_std: trained.reward_std,
+                lm_hidden_size: store.meta().hidden_size,
+                lm_identity: store.meta().model_hash.clone(),
+                training: serde_json::json!({
+                    "args": self,
+                    "config": config,
+                    "rollouts": self.rollouts,
+                    "best_epoch": trained.best_epoch,
+                    "history": trained.history,
+                }),
+                seed: self.seed,
+                git_revision: provenance.git_revision.to_owned(),
+                recontrol_version: provenance.recontrol_version.to_owned(),
+            },
+            mlp: trained.mlp,
+        };
+        model.save(&self.out)?;
+        let _ = std::fs::remove_file(&checkpoint);
+        let best = trained.history[trained.best_epoch.saturating_sub(1)];
+        println!(
+            "best epoch {}: validation loss {:.4}, terminal MSE {:.4}, Spearman(V(s_0), r) {:.3}; wrote {}",
+            best.epoch,
+            best.val_loss,
+            best.terminal_mse,
+            best.spearman,
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A value directory.
+    #[arg(long)]
+    pub value: PathBuf,
+    /// A labelled rollout store (every rollout is evaluated).
+    #[arg(long)]
+    pub rollouts: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl EvalArgs {
+    fn run(self) -> Result<()> {
+        let device = self.device.device.resolve()?;
+        let model = ValueModel::load(&self.value, device)
+            .with_context(|| format!("--value {}", self.value.display()))?;
+        let store = Store::open(&self.rollouts)
+            .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
+        if store.meta().hidden_size != model.config.input_dim {
+            anyhow::bail!(
+                "--value {} takes hidden size {}, but --rollouts {} holds states of {}",
+                self.value.display(),
+                model.config.input_dim,
+                self.rollouts.display(),
+                store.meta().hidden_size
+            );
+        }
+        let rewards = check_labelled(&store)?;
+        let all = vec![true; rewards.len()];
+        let config = ValueTrainConfig {
+            activation: model.config.activation,
+            ..ValueTrainConfig::default()
+        };
+        let (loss, terminal_mse, rho) = evaluate(
+            &store,
+            &model.mlp,
+            &all,
+            &rewards,
+            (model.config.reward_mean, model.config.reward_std),
+            &config,
+            device,
+        )?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "rollouts": rewards.len(),
+                "bellman_loss": loss,
+                "terminal_mse": terminal_mse,
+                "spearman_v0_reward": rho,
+            }))?
+        );
+        Ok(())
+    }
+}
