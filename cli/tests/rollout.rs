@@ -297,13 +297,20 @@ fn resuming_with_another_model_is_refused() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    std::thread::sleep(Duration::from_millis(400));
+    // Kill it once it has begun (its plan is written before the first rollout), however
+    // slow the machine is.
+    let plan = dir.path().join("r.h5.parts/plan.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !plan.exists()
+        && std::time::Instant::now() < deadline
+        && child.try_wait().expect("wait").is_none()
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = child.kill();
     child.wait().expect("reap");
-    assert!(
-        dir.path().join("r.h5.parts").exists(),
-        "the run was killed before it started"
-    );
+    assert!(plan.exists(), "the run never began");
+    assert!(!out.exists(), "the run finished before it was killed");
     let run = recontrol(&hh_rollout_args(
         &lm_fixture("llama-mha"),
         &out,

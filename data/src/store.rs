@@ -706,6 +706,7 @@ impl Store {
             next_block: 0,
             rng,
             buffer: Vec::new(),
+            arena: Vec::new(),
         })
     }
 
@@ -755,8 +756,9 @@ pub struct TransitionBatch {
 
 /// One transition held in the shuffle buffer: (state row index in `rows`, rollout, terminal).
 struct Held {
-    state: Vec<f32>,
-    next: Option<Vec<f32>>,
+    /// Offset of the state in the arena; the next state (if any) follows it.
+    offset: usize,
+    terminal: bool,
     rollout: usize,
 }
 
@@ -770,6 +772,8 @@ pub struct TransitionStream<'a> {
     next_block: usize,
     rng: StdRng,
     buffer: Vec<Held>,
+    /// Rows of the blocks held, back to back (each state followed by its successor).
+    arena: Vec<f32>,
 }
 
 impl std::fmt::Debug for TransitionStream<'_> {
@@ -784,8 +788,16 @@ impl TransitionStream<'_> {
     /// Reads the next `buffer_blocks` blocks into the (shuffled) buffer.
     fn refill(&mut self) -> Result<()> {
         let rows = self.store.num_states();
+        let h = self.store.meta.hidden_size;
         let block = self.options.block_rows.max(1);
         let take = self.options.buffer_blocks.max(1);
+        // Compact what is left: each held state and its successor, back to back.
+        let mut arena = Vec::with_capacity((self.buffer.len() * 2 + (take + 1) * block) * h);
+        for held in &mut self.buffer {
+            let offset = arena.len();
+            arena.extend_from_slice(&self.arena[held.offset..held.offset + 2 * h]);
+            held.offset = offset;
+        }
         while self.next_block < self.blocks.len() && self.buffer.len() < take * block {
             let b = self.blocks[self.next_block];
             self.next_block += 1;
@@ -793,19 +805,25 @@ impl TransitionStream<'_> {
             let end = (start + block).min(rows);
             // One extra row gives the next state of the block's last row.
             let states = self.store.read_states(start..(end + 1).min(rows))?;
+            let base = arena.len();
+            arena.extend(states.iter().copied());
+            if end == rows {
+                // The store's last row has no successor: pad so every state has 2h floats.
+                arena.extend(std::iter::repeat_n(0.0, h));
+            }
             for row in start..end {
                 let (rollout, terminal) = self.store.locate(row);
                 if self.keep.as_ref().is_some_and(|k| !k[rollout]) {
                     continue;
                 }
-                let local = row - start;
                 self.buffer.push(Held {
-                    state: states.row(local).to_vec(),
-                    next: (!terminal).then(|| states.row(local + 1).to_vec()),
+                    offset: base + (row - start) * h,
+                    terminal,
                     rollout,
                 });
             }
         }
+        self.arena = arena;
         self.buffer.shuffle(&mut self.rng);
         Ok(())
     }
@@ -832,15 +850,16 @@ impl Iterator for TransitionStream<'_> {
         let mut reward = Vec::with_capacity(n);
         let mut rollout = Vec::with_capacity(n);
         for (i, t) in held.iter().enumerate() {
-            state
-                .row_mut(i)
-                .assign(&ndarray::ArrayView1::from(&t.state));
-            if let Some(next) = &t.next {
-                next_state
-                    .row_mut(i)
-                    .assign(&ndarray::ArrayView1::from(next));
+            let row = &self.arena[t.offset..t.offset + 2 * h];
+            if let Some(dst) = state.row_mut(i).as_slice_mut() {
+                dst.copy_from_slice(&row[..h]);
             }
-            is_terminal.push(t.next.is_none());
+            if !t.terminal {
+                if let Some(dst) = next_state.row_mut(i).as_slice_mut() {
+                    dst.copy_from_slice(&row[h..]);
+                }
+            }
+            is_terminal.push(t.terminal);
             reward.push(self.rewards[t.rollout]);
             rollout.push(t.rollout);
         }

@@ -388,6 +388,7 @@ pub fn train_value(
             loss_sum += loss.f_double_value(&[])? * k;
             count += k;
         }
+        let train_seconds = started.elapsed().as_secs_f64();
         let (val_loss, terminal_mse, rho) =
             evaluate(store, &mlp, &val, &rewards, (mean, std), config, device)?;
         let metrics = EpochMetrics {
@@ -396,7 +397,7 @@ pub fn train_value(
             val_loss,
             terminal_mse,
             spearman: rho,
-            transitions_per_s: count / started.elapsed().as_secs_f64().max(1e-9),
+            transitions_per_s: count / train_seconds.max(1e-9),
         };
         on_epoch(&metrics);
         history.push(metrics);
