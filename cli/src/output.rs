@@ -128,3 +128,39 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
+
+/// Where a training run keeps what it needs until its output is complete: `OUT.work/` with the
+/// checkpoint, and the TensorBoard folder (default `OUT.work/logs`).
+#[derive(Debug)]
+pub struct WorkDirs {
+    pub work: PathBuf,
+    pub checkpoint: PathBuf,
+    pub logdir: PathBuf,
+}
+
+impl WorkDirs {
+    /// Prepares the folders of a run writing `out`; an interrupted run's checkpoint is an error
+    /// unless `resume`.
+    pub fn prepare(out: &Path, resume: bool, logdir: Option<&Path>) -> Result<Self> {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(".work");
+        let work = out.with_file_name(name);
+        let checkpoint = work.join("checkpoint.safetensors");
+        if checkpoint.exists() && !resume {
+            anyhow::bail!(
+                "{} holds an interrupted run; pass --resume to continue it, or remove it",
+                work.display()
+            );
+        }
+        std::fs::create_dir_all(&work)
+            .with_context(|| format!("cannot create {}", work.display()))?;
+        let logdir = logdir.map_or_else(|| work.join("logs"), Path::to_path_buf);
+        std::fs::create_dir_all(&logdir)
+            .with_context(|| format!("--logdir {}", logdir.display()))?;
+        Ok(Self {
+            work,
+            checkpoint,
+            logdir,
+        })
+    }
+}

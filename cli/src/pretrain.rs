@@ -17,7 +17,7 @@ use recontrol_lm::{generate, DType, DeviceSpec, LanguageModel, Sampling};
 use serde::Serialize;
 
 use crate::args::DatasetArgs;
-use crate::output::{write_json_atomic, Provenance};
+use crate::output::{write_json_atomic, Provenance, WorkDirs};
 
 /// Language-model utilities.
 #[derive(Debug, Args)]
@@ -188,12 +188,6 @@ impl PretrainArgs {
         }
     }
 
-    fn work_dir(&self) -> PathBuf {
-        let mut name = self.out.file_name().unwrap_or_default().to_os_string();
-        name.push(".work");
-        self.out.with_file_name(name)
-    }
-
     /// Training and held-out documents, and held-out prompts for samples.
     fn documents(&self) -> Result<(Vec<String>, Vec<String>, Vec<String>)> {
         let split = SplitSpec {
@@ -275,19 +269,11 @@ impl PretrainArgs {
                 self.out.display()
             );
         }
-        let work = self.work_dir();
-        let checkpoint = work.join("checkpoint.safetensors");
-        if checkpoint.exists() && !self.resume {
-            anyhow::bail!(
-                "{} holds an interrupted run; pass --resume to continue it, or remove it",
-                work.display()
-            );
-        }
-        std::fs::create_dir_all(&work)
-            .with_context(|| format!("cannot create {}", work.display()))?;
-        let logdir = self.logdir.clone().unwrap_or_else(|| work.join("logs"));
-        std::fs::create_dir_all(&logdir)
-            .with_context(|| format!("--logdir {}", logdir.display()))?;
+        let WorkDirs {
+            work,
+            checkpoint,
+            logdir,
+        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
         let device = self.device.resolve()?;
 
         let (train_docs, heldout_docs, prompts) = self.documents()?;

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::args::{DatasetArgs, DeviceArgs};
-use crate::output::{JsonlSink, Provenance};
+use crate::output::{JsonlSink, Provenance, WorkDirs};
 
 /// Reward models and rewards.
 #[derive(Debug, Args)]
@@ -131,19 +131,9 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             seed: self.seed,
         };
-        let mut name = self.out.file_name().unwrap_or_default().to_os_string();
-        name.push(".work");
-        let work = self.out.with_file_name(name);
-        let checkpoint = work.join("checkpoint.safetensors");
-        if checkpoint.exists() && !self.resume {
-            anyhow::bail!(
-                "{} holds an interrupted run; pass --resume to continue it, or remove it",
-                work.display()
-            );
-        }
-        let logdir = self.logdir.clone().unwrap_or_else(|| work.join("logs"));
-        std::fs::create_dir_all(&logdir)
-            .with_context(|| format!("--logdir {}", logdir.display()))?;
+        let WorkDirs {
+            checkpoint, logdir, ..
+        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
 
         let dataset = self.data.read(&self.pairs)?;
         let pairs = dataset.pairs.as_ref().with_context(|| {

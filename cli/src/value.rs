@@ -12,7 +12,7 @@ use recontrol_value_net::{Activation, Target, ValueConfig, ValueModel};
 use serde::Serialize;
 
 use crate::args::DeviceArgs;
-use crate::output::Provenance;
+use crate::output::{Provenance, WorkDirs};
 
 /// Value functions on hidden states.
 #[derive(Debug, Args)]
@@ -147,19 +147,9 @@ impl TrainArgs {
                 self.val_fraction
             );
         }
-        let mut name = self.out.file_name().unwrap_or_default().to_os_string();
-        name.push(".work");
-        let work = self.out.with_file_name(name);
-        let checkpoint = work.join("checkpoint.safetensors");
-        if checkpoint.exists() && !self.resume {
-            anyhow::bail!(
-                "{} holds an interrupted run; pass --resume to continue it, or remove it",
-                work.display()
-            );
-        }
-        let logdir = self.logdir.clone().unwrap_or_else(|| work.join("logs"));
-        std::fs::create_dir_all(&logdir)
-            .with_context(|| format!("--logdir {}", logdir.display()))?;
+        let WorkDirs {
+            checkpoint, logdir, ..
+        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
         let store = Store::open(&self.rollouts)
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;

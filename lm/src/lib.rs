@@ -24,6 +24,7 @@
 
 pub mod bpe;
 mod cache;
+pub mod checkpoint;
 pub mod config;
 mod device;
 mod error;

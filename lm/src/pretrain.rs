@@ -377,7 +377,7 @@ impl Pretrainer<'_> {
         }
         let model_config = self.model_config()?;
         let (model, mut opt, mut step, mut tokens_seen) = if resume && checkpoint.is_file() {
-            let (state, tensors) = load_checkpoint(checkpoint)?;
+            let (state, tensors): (CheckpointState, _) = crate::checkpoint::load(checkpoint)?;
             if state.config != *c || state.vocab_size != self.vocab_size {
                 return Err(Error::Checkpoint(format!(
                     "{} was made with other settings; resume with the same flags, or remove it",
@@ -576,41 +576,7 @@ fn save_checkpoint(
         vocab_size,
         tokens_seen,
     };
-    let json = serde_json::to_string(&state).map_err(|e| Error::Checkpoint(e.to_string()))?;
-    let mut tensors = named_clones(opt.params());
-    tensors.extend(opt.state());
-    write_safetensors(
-        path,
-        &tensors,
-        Some(HashMap::from([("state".to_owned(), json)])),
-    )
-}
-
-fn load_checkpoint(path: &Path) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
-    let bad = |m: String| Error::Checkpoint(format!("{}: {m}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, metadata) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let state_json = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("state"))
-        .ok_or_else(|| bad("no training state in the metadata".into()))?;
-    let state: CheckpointState =
-        serde_json::from_str(state_json).map_err(|e| bad(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("tensor {name:?} is not f32")));
-        }
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        tensors.insert(
-            name,
-            Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?,
-        );
-    }
-    Ok((state, tensors))
+    crate::checkpoint::save(path, &state, opt, &[])
 }
 
 #[cfg(test)]

@@ -3,14 +3,12 @@
 //! AdamW with warmup and cosine decay, seeded, with held-out accuracy and margin per epoch and a
 //! checkpoint per epoch for exact `--resume`.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use recontrol_lm::optim::{cosine_lr, AdamW, AdamWConfig};
-use recontrol_lm::pretrain::write_safetensors;
 use recontrol_lm::LanguageModel;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -278,7 +276,8 @@ fn fit(
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
     if run.resume && run.checkpoint.is_file() {
-        let (state, tensors) = load_checkpoint(run.checkpoint)?;
+        let (state, tensors): (CheckpointState, _) =
+            recontrol_lm::checkpoint::load(run.checkpoint)?;
         if state.config != *config || state.hidden != hidden || state.unfrozen != unfrozen {
             return Err(Error::Training(format!(
                 "{} was made with other settings; resume with the same flags, or remove it",
@@ -444,46 +443,7 @@ fn save_checkpoint(
         unfrozen,
         history_json: serde_json::to_string(&stored).map_err(|e| Error::Training(e.to_string()))?,
     };
-    let json = serde_json::to_string(&state).map_err(|e| Error::Training(e.to_string()))?;
-    let mut tensors: Vec<(String, Tensor)> = opt
-        .params()
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    tensors.extend(opt.state());
-    Ok(write_safetensors(
-        path,
-        &tensors,
-        Some(HashMap::from([("state".to_owned(), json)])),
-    )?)
-}
-
-fn load_checkpoint(path: &Path) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
-    let bad = |m: String| Error::Training(format!("{}: {m}", path.display()));
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| bad(e.to_string()))?
-        .into_iter()
-        .collect();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let header_len = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| bad("truncated".into()))? as usize;
-    let header: serde_json::Value = serde_json::from_slice(
-        bytes
-            .get(8..8 + header_len)
-            .ok_or_else(|| bad("truncated".into()))?,
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    let state = header["__metadata__"]["state"]
-        .as_str()
-        .ok_or_else(|| bad("no training state".into()))?;
-    let state: CheckpointState = serde_json::from_str(state).map_err(|e| bad(e.to_string()))?;
-    Ok((state, tensors))
+    Ok(recontrol_lm::checkpoint::save(path, &state, opt, &[])?)
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use rand::SeedableRng;
 use recontrol_data::store::{StreamOptions, TransitionBatch};
 use recontrol_data::Store;
 use recontrol_lm::optim::{AdamW, AdamWConfig};
-use recontrol_lm::pretrain::write_safetensors;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -315,7 +314,8 @@ pub fn train_value(
     let mut best: Vec<(String, Tensor)> = copy_params(&mlp)?;
     let mut start = 0;
     if run.resume && run.checkpoint.is_file() {
-        let (state, tensors) = load_checkpoint(run.checkpoint)?;
+        let (state, tensors): (CheckpointState, _) =
+            recontrol_lm::checkpoint::load(run.checkpoint)?;
         if state.config != *config || state.input_dim != input_dim {
             return Err(Error::Invalid {
                 path: run.checkpoint.to_owned(),
@@ -447,58 +447,11 @@ fn save_checkpoint(
     opt: &AdamW,
     best: &[(String, Tensor)],
 ) -> Result<()> {
-    let json = serde_json::to_string(state).map_err(|e| Error::Invalid {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let mut tensors: Vec<(String, Tensor)> = opt
-        .params()
+    let best: Vec<(String, Tensor)> = best
         .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .map(|(n, t)| (format!("best.{n}"), t.shallow_clone()))
         .collect();
-    tensors.extend(opt.state());
-    tensors.extend(
-        best.iter()
-            .map(|(n, t)| (format!("best.{n}"), t.shallow_clone())),
-    );
-    Ok(write_safetensors(
-        path,
-        &tensors,
-        Some(HashMap::from([("state".to_owned(), json)])),
-    )?)
-}
-
-fn load_checkpoint(path: &Path) -> Result<(CheckpointState, HashMap<String, Tensor>)> {
-    let bad = |message: String| Error::Invalid {
-        path: path.to_owned(),
-        message,
-    };
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let header_len = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(|| bad("truncated checkpoint".into()))? as usize;
-    let header: serde_json::Value = serde_json::from_slice(
-        bytes
-            .get(8..8 + header_len)
-            .ok_or_else(|| bad("truncated checkpoint".into()))?,
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    let state: CheckpointState = serde_json::from_str(
-        header["__metadata__"]["state"]
-            .as_str()
-            .ok_or_else(|| bad("no training state".into()))?,
-    )
-    .map_err(|e| bad(e.to_string()))?;
-    let tensors = Tensor::read_safetensors(path)
-        .map_err(|e| bad(e.to_string()))?
-        .into_iter()
-        .collect();
-    Ok((state, tensors))
+    Ok(recontrol_lm::checkpoint::save(path, state, opt, &best)?)
 }
 
 #[cfg(test)]
