@@ -256,3 +256,18 @@ impl PromptArgs {
         .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))
     }
 }
+
+/// How an epoch-based training command runs: resumption, a cap for time-boxed jobs, and where
+/// TensorBoard logs go.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct EpochRunArgs {
+    /// Continue an interrupted run (same flags) from OUT.work/checkpoint.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation, keeping a checkpoint.
+    #[arg(long)]
+    pub max_epochs_per_run: Option<usize>,
+    /// TensorBoard folder; default OUT.work/logs.
+    #[arg(long)]
+    pub logdir: Option<std::path::PathBuf>,
+}

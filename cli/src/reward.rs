@@ -16,7 +16,7 @@ use recontrol_reward_model::{load_reward, scored_text, RewardModel};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::args::{DatasetArgs, DeviceArgs};
+use crate::args::{DatasetArgs, DeviceArgs, EpochRunArgs};
 use crate::output::{JsonlSink, Provenance, WorkDirs};
 
 /// Reward models and rewards.
@@ -87,15 +87,9 @@ pub struct TrainArgs {
     /// Texts run through the backbone together when computing features.
     #[arg(long, default_value_t = 16)]
     pub feature_batch_size: usize,
-    /// Continue an interrupted run (same flags) from OUT.work/checkpoint.safetensors.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop after this many epochs of this invocation, keeping a checkpoint.
-    #[arg(long)]
-    pub max_epochs_per_run: Option<usize>,
-    /// TensorBoard folder; default OUT.work/logs.
-    #[arg(long)]
-    pub logdir: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: EpochRunArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArgs,
@@ -133,7 +127,7 @@ impl TrainArgs {
         };
         let WorkDirs {
             checkpoint, logdir, ..
-        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
+        } = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
 
         let dataset = self.data.read(&self.pairs)?;
         let pairs = dataset.pairs.as_ref().with_context(|| {
@@ -194,8 +188,8 @@ impl TrainArgs {
         );
         let control = RunControl {
             checkpoint: &checkpoint,
-            resume: self.resume,
-            max_epochs_this_run: self.max_epochs_per_run,
+            resume: self.run.resume,
+            max_epochs_this_run: self.run.max_epochs_per_run,
         };
         let mut on_epoch = |m: &EpochMetrics| {
             tb.add_scalar("reward/train_loss", m.train_loss as f32, m.epoch);

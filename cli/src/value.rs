@@ -11,7 +11,7 @@ use recontrol_value_net::train::{
 use recontrol_value_net::{Activation, Target, ValueConfig, ValueModel};
 use serde::Serialize;
 
-use crate::args::DeviceArgs;
+use crate::args::{DeviceArgs, EpochRunArgs};
 use crate::output::{Provenance, WorkDirs};
 
 /// Value functions on hidden states.
@@ -101,15 +101,9 @@ pub struct TrainArgs {
     pub patience: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Continue an interrupted run (same flags) from OUT.work/checkpoint.safetensors.
-    #[arg(long)]
-    pub resume: bool,
-    /// Stop after this many epochs of this invocation, keeping a checkpoint.
-    #[arg(long)]
-    pub max_epochs_per_run: Option<usize>,
-    /// TensorBoard folder; default OUT.work/logs.
-    #[arg(long)]
-    pub logdir: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: EpochRunArgs,
     #[command(flatten)]
     #[serde(flatten)]
     pub device: DeviceArgs,
@@ -149,7 +143,7 @@ impl TrainArgs {
         }
         let WorkDirs {
             checkpoint, logdir, ..
-        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
+        } = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
         let store = Store::open(&self.rollouts)
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;
@@ -161,8 +155,8 @@ impl TrainArgs {
             device,
             RunControl {
                 checkpoint: &checkpoint,
-                resume: self.resume,
-                max_epochs_this_run: self.max_epochs_per_run,
+                resume: self.run.resume,
+                max_epochs_this_run: self.run.max_epochs_per_run,
             },
             &mut |m: &EpochMetrics| {
                 tb.add_scalar("value/train_loss", m.train_loss as f32, m.epoch);

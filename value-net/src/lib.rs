@@ -24,6 +24,8 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
+    #[error(transparent)]
+    Store(#[from] recontrol_data::StoreError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -107,10 +107,7 @@ struct CheckpointState {
 
 /// Refuses a store with unlabelled (NaN) or non-finite rewards, counting them.
 pub fn check_labelled(store: &Store) -> Result<Vec<f32>> {
-    let rewards = store.rewards().map_err(|e| Error::Invalid {
-        path: store.path().to_owned(),
-        message: e.to_string(),
-    })?;
+    let rewards = store.rewards()?;
     let bad = rewards.iter().filter(|r| !r.is_finite()).count();
     if bad > 0 || rewards.is_empty() {
         return Err(Error::Invalid {
@@ -198,6 +195,45 @@ pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
     }
 }
 
+/// A store read for training: its transitions as tensors on `device`, rewards normalised
+/// with `norm` (mean, std).
+struct Data<'a> {
+    store: &'a Store,
+    config: &'a ValueTrainConfig,
+    norm: (f64, f64),
+    device: Device,
+}
+
+impl Data<'_> {
+    /// Streams the transitions of the rollouts `keep` marks (shuffled with `seed`) and calls
+    /// `f` with each minibatch, V(s) (with autograd unless the caller disabled it) and the
+    /// minibatch's Bellman loss (its bootstrap target computed without autograd).
+    fn for_each_batch(
+        &self,
+        seed: u64,
+        keep: &[bool],
+        mlp: &ValueMlp,
+        f: &mut dyn FnMut(&TransitionBatch, &Tensor, Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let options = StreamOptions {
+            batch_size: self.config.batch_size,
+            seed,
+            block_rows: self.config.block_rows,
+            buffer_blocks: self.config.buffer_blocks,
+        };
+        let kind = mlp.kind();
+        for batch in self.store.transitions_of(options, Some(keep.to_vec()))? {
+            let b = batch?;
+            let (s, s_next, term, r) = batch_tensors(&b, self.norm.0, self.norm.1, self.device)?;
+            let v = mlp.forward_raw(&s.f_to_kind(kind)?)?;
+            let v_next = tch::no_grad(|| mlp.forward_raw(&s_next.f_to_kind(kind)?))?;
+            let loss = bellman_loss(&v, &v_next, &term, &r.f_to_kind(kind)?, self.config.target)?;
+            f(&b, &v, loss)?;
+        }
+        Ok(())
+    }
+}
+
 /// Validation metrics of a net on the rollouts `keep` marks: Bellman loss (normalised units),
 /// terminal MSE and Spearman(V(s_0), r) (reward units).
 pub fn evaluate(
@@ -211,31 +247,16 @@ pub fn evaluate(
 ) -> Result<(f64, f64, f64)> {
     let _guard = tch::no_grad_guard();
     let (mean, std) = norm;
-    let options = StreamOptions {
-        batch_size: config.batch_size,
-        seed: 0,
-        block_rows: config.block_rows,
-        buffer_blocks: config.buffer_blocks,
+    let data = Data {
+        store,
+        config,
+        norm,
+        device,
     };
     let (mut loss_sum, mut n, mut term_se, mut n_term) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    let stream = store
-        .transitions_of(options, Some(keep.to_vec()))
-        .map_err(|e| Error::Invalid {
-            path: store.path().to_owned(),
-            message: e.to_string(),
-        })?;
-    for batch in stream {
-        let b = batch.map_err(|e| Error::Invalid {
-            path: store.path().to_owned(),
-            message: e.to_string(),
-        })?;
-        let (s, s_next, term, r) = batch_tensors(&b, mean, std, device)?;
-        let v = mlp.forward_raw(&s.f_to_kind(mlp.kind())?)?;
-        let v_next = mlp.forward_raw(&s_next.f_to_kind(mlp.kind())?)?;
+    data.for_each_batch(0, keep, mlp, &mut |b, v, loss| {
         let count = b.reward.len() as f64;
-        loss_sum += bellman_loss(&v, &v_next, &term, &r.f_to_kind(v.kind())?, config.target)?
-            .f_double_value(&[])?
-            * count;
+        loss_sum += loss.f_double_value(&[])? * count;
         n += count;
         let values = Vec::<f64>::try_from(v.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
         for (k, &t) in b.is_terminal.iter().enumerate() {
@@ -244,14 +265,10 @@ pub fn evaluate(
                 n_term += 1.0;
             }
         }
-    }
+        Ok(())
+    })?;
     let val_rollouts: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
-    let first = store
-        .first_states(&val_rollouts)
-        .map_err(|e| Error::Invalid {
-            path: store.path().to_owned(),
-            message: e.to_string(),
-        })?;
+    let first = store.first_states(&val_rollouts)?;
     let v0 = mlp.forward_raw(&to_tensor(&first, device)?.f_to_kind(mlp.kind())?)?;
     let v0 = Vec::<f64>::try_from(v0.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
     let r: Vec<f64> = val_rollouts
@@ -355,39 +372,26 @@ pub fn train_value(
     let end = run
         .max_epochs_this_run
         .map_or(config.epochs, |m| (start + m).min(config.epochs));
+    let data = Data {
+        store,
+        config,
+        norm: (mean, std),
+        device,
+    };
     let mut epoch = start;
     while epoch < end && !stopped {
         let started = std::time::Instant::now();
-        let options = StreamOptions {
-            batch_size: config.batch_size,
-            seed: config.seed.wrapping_add(epoch as u64 + 1),
-            block_rows: config.block_rows,
-            buffer_blocks: config.buffer_blocks,
-        };
         let (mut loss_sum, mut count) = (0.0, 0.0);
-        let stream = store
-            .transitions_of(options, Some(train.clone()))
-            .map_err(|e| Error::Invalid {
-                path: store.path().to_owned(),
-                message: e.to_string(),
-            })?;
-        for batch in stream {
-            let b = batch.map_err(|e| Error::Invalid {
-                path: store.path().to_owned(),
-                message: e.to_string(),
-            })?;
-            let (s, s_next, term, r) = batch_tensors(&b, mean, std, device)?;
-            let kind = mlp.kind();
-            let v = mlp.forward_raw(&s.f_to_kind(kind)?)?;
-            let v_next = tch::no_grad(|| mlp.forward_raw(&s_next.f_to_kind(kind)?))?;
-            let loss = bellman_loss(&v, &v_next, &term, &r.f_to_kind(kind)?, config.target)?;
+        let seed = config.seed.wrapping_add(epoch as u64 + 1);
+        data.for_each_batch(seed, &train, &mlp, &mut |b, _, loss| {
             opt.zero_grad();
             loss.f_backward()?;
             opt.step(config.lr)?;
             let k = b.reward.len() as f64;
             loss_sum += loss.f_double_value(&[])? * k;
             count += k;
-        }
+            Ok(())
+        })?;
         let train_seconds = started.elapsed().as_secs_f64();
         let (val_loss, terminal_mse, rho) =
             evaluate(store, &mlp, &val, &rewards, (mean, std), config, device)?;
