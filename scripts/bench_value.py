@@ -10,7 +10,7 @@ training, excluding start-up.
 Usage (from the repo root, after `cargo build --release -p recontrol-cli`):
 
     .venv/bin/python scripts/bench_value.py [--hidden 1024] [--rollouts 400] [--width 1024]
-        [--batch-size 512] [--json FILE]
+        [--batch-size 512] [--repeats 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--rollouts", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if not args.recontrol.is_file():
@@ -148,8 +149,14 @@ def main() -> int:
         small, large = tmp / "1x.h5", tmp / "4x.h5"
         n1 = write_store(small, args.rollouts, args.hidden, 1)
         n4 = write_store(large, 4 * args.rollouts, args.hidden, 2)
-        ours = recontrol_train(args.recontrol, small, tmp / "v1", args)
-        theirs = torch_train(small, args)
+        # Alternate the two sides; the median of --repeats runs each.
+        runs, torch_runs = [], []
+        for k in range(args.repeats):
+            runs.append(recontrol_train(args.recontrol, small, tmp / f"v1-{k}", args))
+            torch_runs.append(torch_train(small, args))
+        ours = sorted(runs, key=lambda r: r["transitions_per_s"])[len(runs) // 2]
+        ours["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+        theirs = sorted(torch_runs)[len(torch_runs) // 2]
         ours4 = recontrol_train(args.recontrol, large, tmp / "v4", args)
     torch_threads = torch.get_num_threads()
     print(f"value MLP {args.hidden} -> {args.width} -> 1, batch {args.batch_size}, TD(0), one epoch, "
@@ -158,7 +165,8 @@ def main() -> int:
     print(f"{'':24} {'transitions/s':>14}")
     print(f"{'recontrol value train':24} {ours['transitions_per_s']:>14.0f}")
     print(f"{'PyTorch loop':24} {theirs:>14.0f}")
-    print(f"ratio recontrol/PyTorch: {ours['transitions_per_s'] / theirs:.2f}")
+    print(f"ratio recontrol/PyTorch: {ours['transitions_per_s'] / theirs:.2f} "
+          f"(medians of {args.repeats} alternating runs; 4x store: {ours4['transitions_per_s']:.0f}/s)")
     print(f"peak RSS: 1x {ours['peak_rss_mib']:.0f} MiB, 4x {ours4['peak_rss_mib']:.0f} MiB "
           f"(ratio {ours4['peak_rss_mib'] / ours['peak_rss_mib']:.2f})")
     if args.json:

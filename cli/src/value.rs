@@ -67,6 +67,8 @@ pub enum TargetArg {
     Td0,
     /// Monte-Carlo: the rollout's reward.
     Mc,
+    /// TD(lambda): the lambda-return (set --lambda); 0 is TD(0), 1 Monte-Carlo.
+    Lambda,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -87,6 +89,9 @@ pub struct TrainArgs {
     pub activation: ActivationArg,
     #[arg(long, value_enum, default_value_t = TargetArg::Td0)]
     pub target: TargetArg,
+    /// Lambda of `--target lambda`, in [0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    pub lambda: f64,
     #[arg(long, default_value_t = 50)]
     pub epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
@@ -117,6 +122,7 @@ impl TrainArgs {
             target: match self.target {
                 TargetArg::Td0 => Target::Td0,
                 TargetArg::Mc => Target::Mc,
+                TargetArg::Lambda => Target::Lambda(self.lambda),
             },
             epochs: self.epochs,
             lr: self.lr,
@@ -140,6 +146,11 @@ impl TrainArgs {
                 "--val-fraction must be in [0, 1), got {}",
                 self.val_fraction
             );
+        }
+        if self.target == TargetArg::Lambda {
+            Target::Lambda(self.lambda)
+                .check()
+                .map_err(|e| anyhow::anyhow!("--lambda: {e}"))?;
         }
         let WorkDirs {
             checkpoint, logdir, ..
@@ -248,15 +259,22 @@ impl EvalArgs {
         }
         let rewards = check_labelled(&store)?;
         let all = vec![true; rewards.len()];
+        // The Bellman loss with the target the net was trained with (TD(0) if not recorded).
+        let target: Target = model
+            .config
+            .training
+            .pointer("/config/target")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
         let config = ValueTrainConfig {
             activation: model.config.activation,
+            target,
             ..ValueTrainConfig::default()
         };
         let (loss, terminal_mse, rho) = evaluate(
             &store,
             &model.mlp,
             &all,
-            &rewards,
             (model.config.reward_mean, model.config.reward_std),
             &config,
             device,
@@ -266,6 +284,7 @@ impl EvalArgs {
             serde_json::to_string_pretty(&serde_json::json!({
                 "rollouts": rewards.len(),
                 "bellman_loss": loss,
+                "target": target,
                 "terminal_mse": terminal_mse,
                 "spearman_v0_reward": rho,
             }))?

@@ -75,6 +75,10 @@ fn trains_saves_logs_and_evaluates() {
         "32",
         "--val-fraction",
         "0.25",
+        "--target",
+        "lambda",
+        "--lambda",
+        "0.75",
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(String::from_utf8_lossy(&run.stdout).contains("best epoch"));
@@ -89,6 +93,10 @@ fn trains_saves_logs_and_evaluates() {
         .expect("identity")
         .starts_with("sha256:"));
     assert!(config["reward_std"].as_f64().expect("std") > 0.0);
+    assert_eq!(
+        config["training"]["config"]["target"],
+        serde_json::json!({"lambda": 0.75})
+    );
     let tb = python_json(
         "tests/fixtures/read_tensorboard.py",
         &[s(&dir.path().join("value.work/logs"))],
@@ -107,6 +115,7 @@ fn trains_saves_logs_and_evaluates() {
     assert!(run.status.success(), "{}", stderr(&run));
     let metrics: Value = serde_json::from_slice(&run.stdout).expect("json");
     assert_eq!(metrics["rollouts"], 40);
+    assert_eq!(metrics["target"], serde_json::json!({"lambda": 0.75}));
     assert!(metrics["terminal_mse"].as_f64().expect("mse").is_finite());
 }
 
@@ -123,6 +132,20 @@ fn refuses_unlabelled_stores_and_mismatched_nets() {
         s(&dir.path().join("v")),
     ]);
     assert_fails_with(&run, "40 of 40 rollouts have no (finite) reward");
+    assert!(!dir.path().join("v").exists());
+    let run = recontrol(&[
+        "value",
+        "train",
+        "--rollouts",
+        s(&rollouts),
+        "--out",
+        s(&dir.path().join("v")),
+        "--target",
+        "lambda",
+        "--lambda",
+        "1.5",
+    ]);
+    assert_fails_with(&run, "--lambda: lambda must be in [0, 1], got 1.5");
     assert!(!dir.path().join("v").exists());
 
     // A value net for another hidden size.

@@ -149,6 +149,14 @@ fn strong_close(
     fapl.fclose_degree(hdf5::plist::file_access::FileCloseDegree::Strong)
 }
 
+/// Reading: a strong close and a 16 MiB chunk cache, so that reads of neighbouring rows do
+/// not decompress a chunk again.
+fn reading(
+    fapl: &mut hdf5::plist::file_access::FileAccessBuilder,
+) -> &mut hdf5::plist::file_access::FileAccessBuilder {
+    strong_close(fapl).chunk_cache(1021, 16 << 20, 0.75)
+}
+
 fn hdf5_error(path: &Path) -> impl Fn(hdf5::Error) -> StoreError + '_ {
     move |e| StoreError::Hdf5 {
         path: path.to_owned(),
@@ -410,6 +418,9 @@ fn write_meta(file: &hdf5::File, path: &Path, meta: &StoreMeta) -> Result<()> {
 /// A store opened for reading, its layout checked.
 pub struct Store {
     path: PathBuf,
+    /// The states dataset, held open so its chunk cache lasts across reads (declared before
+    /// `file`, so it is closed first).
+    states: hdf5::Dataset,
     file: hdf5::File,
     meta: StoreMeta,
     rollout_offsets: Vec<i64>,
@@ -449,7 +460,7 @@ impl Store {
             });
         }
         let mut options = hdf5::File::with_options();
-        options.with_fapl(strong_close);
+        options.with_fapl(reading);
         let opened = if rw {
             options.open_rw(path)
         } else {
@@ -522,6 +533,7 @@ impl Store {
         }
         Ok(Self {
             path: path.to_owned(),
+            states,
             file,
             meta,
             rollout_offsets,
@@ -564,7 +576,7 @@ impl Store {
     }
 
     fn read_states(&self, rows: std::ops::Range<usize>) -> Result<Array2<f32>> {
-        let ds = self.file.dataset("states").map_err(self.err())?;
+        let ds = &self.states;
         match self.meta.state_dtype {
             StateDtype::F32 => ds.read_slice_2d::<f32, _>(s![rows, ..]),
             StateDtype::F16 => ds
@@ -612,24 +624,6 @@ impl Store {
         })
     }
 
-    /// The first state (at the last prompt token) of each of `rollouts`, `[n, hidden]`.
-    pub fn first_states(&self, rollouts: &[usize]) -> Result<Array2<f32>> {
-        let mut out = Array2::<f32>::zeros((rollouts.len(), self.meta.hidden_size));
-        for (k, &i) in rollouts.iter().enumerate() {
-            if i >= self.len() {
-                return Err(StoreError::OutOfRange {
-                    path: self.path.clone(),
-                    index: i,
-                    len: self.len(),
-                });
-            }
-            let row = self.rollout_offsets[i] as usize;
-            out.row_mut(k)
-                .assign(&self.read_states(row..row + 1)?.row(0));
-        }
-        Ok(out)
-    }
-
     /// Every rollout's reward (NaN where unlabelled).
     pub fn rewards(&self) -> Result<Vec<f32>> {
         Ok(self.read_1d::<f32>("reward", 0..self.len())?.to_vec())
@@ -667,13 +661,13 @@ impl Store {
     }
 
     /// A seeded, shuffling stream of training transitions whose memory is bounded by
-    /// `options` (blocks of rows are read a few at a time), not by the store's size.
+    /// `options` (blocks of whole rollouts are read a few at a time), not by the store's size.
     pub fn transitions(&self, options: StreamOptions) -> Result<TransitionStream<'_>> {
         self.transitions_of(options, None)
     }
 
     /// [`Store::transitions`] of the rollouts `keep` marks (one flag per rollout), e.g. one
-    /// side of a train/validation split.
+    /// side of a train/validation split. Only the marked rollouts' rows are read.
     pub fn transitions_of(
         &self,
         options: StreamOptions,
@@ -692,15 +686,27 @@ impl Store {
             }
         }
         let rewards = self.rewards()?;
-        let rows = self.num_states();
-        let block = options.block_rows.max(1);
-        let mut blocks: Vec<usize> = (0..rows.div_ceil(block)).collect();
+        let kept: Vec<usize> = (0..self.len())
+            .filter(|&i| keep.as_ref().is_none_or(|k| k[i]))
+            .collect();
+        // Consecutive kept rollouts grouped into blocks of at least `block_rows` rows (a
+        // longer rollout is a block of its own), visited in a seeded order.
+        let block_rows = options.block_rows.max(1);
+        let mut blocks = Vec::new();
+        let (mut begin, mut rows) = (0, 0);
+        for (k, &i) in kept.iter().enumerate() {
+            rows += self.rollout_rows(i).len();
+            if rows >= block_rows || k + 1 == kept.len() {
+                blocks.push(begin..k + 1);
+                (begin, rows) = (k + 1, 0);
+            }
+        }
         let mut rng = StdRng::seed_from_u64(options.seed);
         blocks.shuffle(&mut rng);
         Ok(TransitionStream {
             store: self,
             rewards,
-            keep,
+            kept,
             options,
             blocks,
             next_block: 0,
@@ -710,11 +716,65 @@ impl Store {
         })
     }
 
-    /// For state row `row`: its rollout and whether it is that rollout's terminal state.
-    fn locate(&self, row: usize) -> (usize, bool) {
-        // The rollout whose range holds `row`: the last offset <= row.
-        let r = self.rollout_offsets.partition_point(|&o| o as usize <= row) - 1;
-        (r, row + 1 == self.rollout_offsets[r + 1] as usize)
+    /// The state rows of rollout `i`.
+    fn rollout_rows(&self, i: usize) -> std::ops::Range<usize> {
+        self.rollout_offsets[i] as usize..self.rollout_offsets[i + 1] as usize
+    }
+
+    /// The states of `rollouts` (ascending indices), back to back; runs of consecutive
+    /// rollouts are read at once.
+    fn read_block(&self, rollouts: &[usize], rewards: &[f32]) -> Result<RolloutBlock> {
+        let h = self.meta.hidden_size;
+        let total: usize = rollouts.iter().map(|&i| self.rollout_rows(i).len()).sum();
+        let mut data = Vec::with_capacity(total * h);
+        let mut parts = Vec::with_capacity(rollouts.len());
+        let (Some(&first), Some(&last)) = (rollouts.first(), rollouts.last()) else {
+            return Ok(RolloutBlock {
+                states: Array2::zeros((0, h)),
+                rollouts: Vec::new(),
+            });
+        };
+        let span = self.rollout_rows(first).start..self.rollout_rows(last).end;
+        if 2 * total >= span.len() {
+            // Mostly kept: one read of the span, then the kept rows.
+            let all = self.read_states(span.clone())?;
+            for &i in rollouts {
+                let rows = self.rollout_rows(i);
+                let local = rows.start - span.start..rows.end - span.start;
+                data.extend(all.slice(s![local, ..]).iter().copied());
+            }
+        } else {
+            // Sparse: one read per run of consecutive rollouts.
+            let mut k = 0;
+            while k < rollouts.len() {
+                let mut end = k + 1;
+                while end < rollouts.len() && rollouts[end] == rollouts[end - 1] + 1 {
+                    end += 1;
+                }
+                let rows =
+                    self.rollout_rows(rollouts[k]).start..self.rollout_rows(rollouts[end - 1]).end;
+                data.extend(self.read_states(rows)?.iter().copied());
+                k = end;
+            }
+        }
+        let mut row = 0;
+        for &i in rollouts {
+            let len = self.rollout_rows(i).len();
+            parts.push(BlockRollout {
+                index: i,
+                rows: row..row + len,
+                reward: rewards[i],
+            });
+            row += len;
+        }
+        let states = Array2::from_shape_vec((total, h), data).map_err(|e| StoreError::Layout {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(RolloutBlock {
+            states,
+            rollouts: parts,
+        })
     }
 }
 
@@ -723,7 +783,7 @@ impl Store {
 pub struct StreamOptions {
     pub batch_size: usize,
     pub seed: u64,
-    /// Rows per block read from disk.
+    /// Rows per block read from disk (blocks hold whole rollouts, so a block may be longer).
     pub block_rows: usize,
     /// Blocks held (and shuffled together) at once.
     pub buffer_blocks: usize,
@@ -740,6 +800,29 @@ impl Default for StreamOptions {
     }
 }
 
+/// Whole rollouts read together: what a per-row target function (e.g. TD(lambda) returns)
+/// sees when the rollouts enter the shuffle buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutBlock {
+    /// `[rows, hidden]`: the rollouts' states back to back.
+    pub states: Array2<f32>,
+    pub rollouts: Vec<BlockRollout>,
+}
+
+/// One rollout of a [`RolloutBlock`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockRollout {
+    /// Its index in the store.
+    pub index: usize,
+    /// Its rows in the block's `states`.
+    pub rows: std::ops::Range<usize>,
+    /// Its reward (NaN if unlabelled).
+    pub reward: f32,
+}
+
+/// Computes one target per row of a block (`Err` is a message).
+pub type BlockTargets<'f> = dyn FnMut(&RolloutBlock) -> std::result::Result<Vec<f32>, String> + 'f;
+
 /// A minibatch of transitions `(s_t, s_{t+1}, terminal, reward)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransitionBatch {
@@ -748,31 +831,39 @@ pub struct TransitionBatch {
     /// `[batch, hidden]`; zeros where `is_terminal`.
     pub next_state: Array2<f32>,
     pub is_terminal: Vec<bool>,
+    /// Whether the state is its rollout's first (at the last prompt token).
+    pub is_first: Vec<bool>,
     /// The rollout's reward (NaN if unlabelled).
     pub reward: Vec<f32>,
     /// The rollout each row belongs to.
     pub rollout: Vec<usize>,
+    /// Per-row targets from [`TransitionStream::next_with`] (NaN without a target function).
+    pub target: Vec<f32>,
 }
 
-/// One transition held in the shuffle buffer: (state row index in `rows`, rollout, terminal).
+/// One transition held in the shuffle buffer.
 struct Held {
-    /// Offset of the state in the arena; the next state (if any) follows it.
+    /// Offset of the state in the arena; the next state (unless terminal) follows it.
     offset: usize,
     terminal: bool,
+    first: bool,
     rollout: usize,
+    target: f32,
 }
 
 /// Iterator of [`TransitionBatch`]es over one pass of a store.
 pub struct TransitionStream<'a> {
     store: &'a Store,
     rewards: Vec<f32>,
-    keep: Option<Vec<bool>>,
+    /// The rollouts streamed, ascending.
+    kept: Vec<usize>,
     options: StreamOptions,
-    blocks: Vec<usize>,
+    /// Ranges of `kept`, in visiting order.
+    blocks: Vec<std::ops::Range<usize>>,
     next_block: usize,
     rng: StdRng,
     buffer: Vec<Held>,
-    /// Rows of the blocks held, back to back (each state followed by its successor).
+    /// States of the rollouts held, back to back (each state followed by its successor).
     arena: Vec<f32>,
 }
 
@@ -785,47 +876,107 @@ impl std::fmt::Debug for TransitionStream<'_> {
 }
 
 impl TransitionStream<'_> {
-    /// Reads the next `buffer_blocks` blocks into the (shuffled) buffer.
-    fn refill(&mut self) -> Result<()> {
-        let rows = self.store.num_states();
+    /// Reads the next `buffer_blocks` blocks into the (shuffled) buffer, with per-row targets
+    /// from `targets` if given.
+    fn refill(&mut self, mut targets: Option<&mut BlockTargets<'_>>) -> Result<()> {
         let h = self.store.meta.hidden_size;
-        let block = self.options.block_rows.max(1);
-        let take = self.options.buffer_blocks.max(1);
+        let want = self.options.buffer_blocks.max(1) * self.options.block_rows.max(1);
         // Compact what is left: each held state and its successor, back to back.
-        let mut arena = Vec::with_capacity((self.buffer.len() * 2 + (take + 1) * block) * h);
+        let mut arena = Vec::with_capacity((self.buffer.len() * 2 + want) * h);
         for held in &mut self.buffer {
             let offset = arena.len();
-            arena.extend_from_slice(&self.arena[held.offset..held.offset + 2 * h]);
+            let len = if held.terminal { h } else { 2 * h };
+            arena.extend_from_slice(&self.arena[held.offset..held.offset + len]);
             held.offset = offset;
         }
-        while self.next_block < self.blocks.len() && self.buffer.len() < take * block {
-            let b = self.blocks[self.next_block];
+        while self.next_block < self.blocks.len() && self.buffer.len() < want {
+            let ids = &self.kept[self.blocks[self.next_block].clone()];
             self.next_block += 1;
-            let start = b * block;
-            let end = (start + block).min(rows);
-            // One extra row gives the next state of the block's last row.
-            let states = self.store.read_states(start..(end + 1).min(rows))?;
-            let base = arena.len();
-            arena.extend(states.iter().copied());
-            if end == rows {
-                // The store's last row has no successor: pad so every state has 2h floats.
-                arena.extend(std::iter::repeat_n(0.0, h));
-            }
-            for row in start..end {
-                let (rollout, terminal) = self.store.locate(row);
-                if self.keep.as_ref().is_some_and(|k| !k[rollout]) {
-                    continue;
+            let block = self.store.read_block(ids, &self.rewards)?;
+            let rows = block.states.nrows();
+            let row_targets = match targets.as_deref_mut() {
+                Some(f) => {
+                    let t = f(&block).map_err(|message| StoreError::Mismatch {
+                        path: self.store.path.clone(),
+                        message,
+                    })?;
+                    if t.len() != rows {
+                        return Err(StoreError::Mismatch {
+                            path: self.store.path.clone(),
+                            message: format!("{} targets for a block of {rows} rows", t.len()),
+                        });
+                    }
+                    Some(t)
                 }
-                self.buffer.push(Held {
-                    offset: base + (row - start) * h,
-                    terminal,
-                    rollout,
-                });
+                None => None,
+            };
+            let base = arena.len();
+            arena.extend(block.states.iter().copied());
+            for r in &block.rollouts {
+                for row in r.rows.clone() {
+                    self.buffer.push(Held {
+                        offset: base + row * h,
+                        terminal: row + 1 == r.rows.end,
+                        first: row == r.rows.start,
+                        rollout: r.index,
+                        target: row_targets.as_ref().map_or(f32::NAN, |t| t[row]),
+                    });
+                }
             }
         }
         self.arena = arena;
         self.buffer.shuffle(&mut self.rng);
         Ok(())
+    }
+
+    /// The next minibatch; rollouts read into the buffer get per-row targets from `targets`
+    /// (e.g. TD(lambda) returns computed with the current value net).
+    pub fn next_with(
+        &mut self,
+        targets: Option<&mut BlockTargets<'_>>,
+    ) -> Option<Result<TransitionBatch>> {
+        if self.buffer.len() < self.options.batch_size {
+            if let Err(e) = self.refill(targets) {
+                return Some(Err(e));
+            }
+        }
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let n = self.options.batch_size.max(1).min(self.buffer.len());
+        let h = self.store.meta.hidden_size;
+        let mut state = Array2::<f32>::zeros((n, h));
+        let mut next_state = Array2::<f32>::zeros((n, h));
+        let mut is_terminal = Vec::with_capacity(n);
+        let mut is_first = Vec::with_capacity(n);
+        let mut reward = Vec::with_capacity(n);
+        let mut rollout = Vec::with_capacity(n);
+        let mut target = Vec::with_capacity(n);
+        let from = self.buffer.len() - n;
+        for (i, t) in self.buffer.drain(from..).enumerate() {
+            if let Some(dst) = state.row_mut(i).as_slice_mut() {
+                dst.copy_from_slice(&self.arena[t.offset..t.offset + h]);
+            }
+            if !t.terminal {
+                if let Some(dst) = next_state.row_mut(i).as_slice_mut() {
+                    dst.copy_from_slice(&self.arena[t.offset + h..t.offset + 2 * h]);
+                }
+            }
+            is_terminal.push(t.terminal);
+            is_first.push(t.first);
+            reward.push(self.rewards[t.rollout]);
+            rollout.push(t.rollout);
+            target.push(t.target);
+        }
+        Some(Ok(TransitionBatch {
+            state,
+            next_state,
+            is_terminal,
+            is_first,
+            reward,
+            rollout,
+            target,
+        }))
     }
 }
 
@@ -833,43 +984,7 @@ impl Iterator for TransitionStream<'_> {
     type Item = Result<TransitionBatch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.buffer.len() < self.options.batch_size {
-            if let Err(e) = self.refill() {
-                return Some(Err(e));
-            }
-        }
-        if self.buffer.is_empty() {
-            return None;
-        }
-        let n = self.options.batch_size.min(self.buffer.len());
-        let held: Vec<Held> = self.buffer.drain(self.buffer.len() - n..).collect();
-        let h = self.store.meta.hidden_size;
-        let mut state = Array2::<f32>::zeros((n, h));
-        let mut next_state = Array2::<f32>::zeros((n, h));
-        let mut is_terminal = Vec::with_capacity(n);
-        let mut reward = Vec::with_capacity(n);
-        let mut rollout = Vec::with_capacity(n);
-        for (i, t) in held.iter().enumerate() {
-            let row = &self.arena[t.offset..t.offset + 2 * h];
-            if let Some(dst) = state.row_mut(i).as_slice_mut() {
-                dst.copy_from_slice(&row[..h]);
-            }
-            if !t.terminal {
-                if let Some(dst) = next_state.row_mut(i).as_slice_mut() {
-                    dst.copy_from_slice(&row[h..]);
-                }
-            }
-            is_terminal.push(t.terminal);
-            reward.push(self.rewards[t.rollout]);
-            rollout.push(t.rollout);
-        }
-        Some(Ok(TransitionBatch {
-            state,
-            next_state,
-            is_terminal,
-            reward,
-            rollout,
-        }))
+        self.next_with(None)
     }
 }
 
@@ -1068,6 +1183,8 @@ mod tests {
                 let len = rs[i].tokens.len();
                 assert_eq!(b.is_terminal[k], t + 1 == len, "rollout {i} step {t}");
                 assert_eq!(b.reward[k], rs[i].reward);
+                assert_eq!(b.is_first[k], t == 0);
+                assert!(b.target[k].is_nan());
                 if t + 1 < len {
                     assert_eq!(
                         b.next_state.row(k).to_vec(),
@@ -1134,9 +1251,61 @@ mod tests {
         assert_eq!(seen.len(), want);
         assert!(seen.iter().all(|&r| keep[r]));
         assert!(st.transitions_of(options, Some(vec![true; 3])).is_err());
-        let first = st.first_states(&[0, 5])?;
-        assert_eq!(first.row(0).to_vec(), vec![0.0, 0.0, 0.0]);
-        assert_eq!(first.row(1).to_vec(), vec![5.0, 0.0, 5.0]);
+        Ok(())
+    }
+
+    /// A target function sees whole rollouts (every row of a rollout in one block, in order)
+    /// and its targets come back with their rows.
+    #[test]
+    fn block_targets_see_whole_rollouts_and_follow_their_rows() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        let rs = rollouts(17);
+        write(&path, StateDtype::F32, &rs)?;
+        let st = Store::open(&path)?;
+        let options = StreamOptions {
+            batch_size: 3,
+            seed: 4,
+            block_rows: 5,
+            buffer_blocks: 2,
+        };
+        let mut calls = 0;
+        let mut target = |block: &RolloutBlock| -> std::result::Result<Vec<f32>, String> {
+            calls += 1;
+            let mut out = vec![f32::NAN; block.states.nrows()];
+            for r in &block.rollouts {
+                assert_eq!(r.reward, rs[r.index].reward);
+                assert_eq!(r.rows.len(), rs[r.index].tokens.len(), "whole rollout");
+                for (t, row) in r.rows.clone().enumerate() {
+                    assert_eq!(block.states[[row, 0]] as usize, r.index);
+                    assert_eq!(block.states[[row, 1]] as usize, t);
+                    // Remaining steps to the end: known only with the whole rollout.
+                    out[row] = (r.rows.end - row) as f32;
+                }
+            }
+            Ok(out)
+        };
+        let mut stream = st.transitions(options)?;
+        let mut n = 0;
+        while let Some(b) = stream.next_with(Some(&mut target)) {
+            let b = b?;
+            for k in 0..b.state.nrows() {
+                let (i, t) = (b.state[[k, 0]] as usize, b.state[[k, 1]] as usize);
+                assert_eq!(b.target[k], (rs[i].tokens.len() - t) as f32);
+                assert_eq!(b.is_first[k], t == 0);
+                n += 1;
+            }
+        }
+        assert_eq!(n, st.num_states());
+        assert!(calls > 1);
+        let mut refuse =
+            |_: &RolloutBlock| -> std::result::Result<Vec<f32>, String> { Err("no".to_owned()) };
+        let err = st
+            .transitions(options)?
+            .next_with(Some(&mut refuse))
+            .expect("an item")
+            .expect_err("refused");
+        assert!(err.to_string().ends_with(": no"), "{err}");
         Ok(())
     }
 

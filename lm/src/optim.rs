@@ -112,19 +112,18 @@ impl AdamW {
             if !g.defined() {
                 continue;
             }
-            // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
-            let _ = m
-                .f_mul_scalar_(c.beta1)?
-                .f_add_(&g.f_mul_scalar(1.0 - c.beta1)?)?;
-            let _ = v
-                .f_mul_scalar_(c.beta2)?
-                .f_add_(&g.f_square()?.f_mul_scalar(1.0 - c.beta2)?)?;
+            // PyTorch's single-tensor AdamW, in place: m = lerp(m, g, 1 - b1);
+            // v = b2 v + (1 - b2) g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
             if c.weight_decay > 0.0 && p.dim() >= 2 {
                 let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
             }
-            let denom = v.f_div_scalar(bias2)?.f_sqrt()?.f_add_scalar(c.eps)?;
-            let update = m.f_div_scalar(bias1)?.f_div(&denom)?.f_mul_scalar(lr)?;
-            let _ = p.f_sub_(&update)?;
+            let _ = m.f_lerp_(&g, 1.0 - c.beta1)?;
+            let _ = v
+                .f_mul_scalar_(c.beta2)?
+                .f_addcmul_(&g, &g.f_mul_scalar(1.0 - c.beta2)?)?;
+            let mut denom = v.f_sqrt()?;
+            let _ = denom.f_div_scalar_(bias2.sqrt())?.f_add_scalar_(c.eps)?;
+            let _ = p.f_addcdiv_(&m.f_mul_scalar(-lr / bias1)?, &denom)?;
         }
         Ok(())
     }

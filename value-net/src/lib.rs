@@ -4,15 +4,16 @@
 //!   `layers.{i}.weight` / `layers.{i}.bias`; reward normalisation so V comes back in reward
 //!   units) and its `config.json`.
 //! - [`loss`]: the Bellman loss, written once: the terminal state regresses the reward, every
-//!   other state the stop-gradient value of its successor (or the Monte-Carlo return).
-//!
-//! Streaming training from the rollout store and the `recontrol value` commands come next.
+//!   other state the stop-gradient value of its successor, its TD(lambda) return or the
+//!   Monte-Carlo return.
+//! - [`train`]: streaming training from the rollout store (bounded memory, seeded split by
+//!   rollout, early stopping, resumable checkpoints) and evaluation.
 
 pub mod loss;
 pub mod mlp;
 pub mod train;
 
-pub use loss::{bellman_loss, Target};
+pub use loss::{bellman_loss, lambda_returns, td0_target, Target};
 pub use mlp::{Activation, ValueConfig, ValueMlp, ValueModel};
 
 use std::path::PathBuf;

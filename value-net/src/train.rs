@@ -10,13 +10,13 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use recontrol_data::store::{StreamOptions, TransitionBatch};
+use recontrol_data::store::{RolloutBlock, StreamOptions, TransitionBatch};
 use recontrol_data::Store;
 use recontrol_lm::optim::{AdamW, AdamWConfig};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::loss::{bellman_loss, Target};
+use crate::loss::{bellman_loss, lambda_returns, td0_target, Target};
 use crate::mlp::{Activation, ValueMlp};
 use crate::{Error, Result};
 
@@ -136,30 +136,11 @@ pub fn validation_rollouts(n: usize, fraction: f64, seed: u64) -> Vec<bool> {
 
 fn to_tensor(a: &ndarray::Array2<f32>, device: Device) -> Result<Tensor> {
     let (rows, cols) = a.dim();
-    let flat: Vec<f32> = a.iter().copied().collect();
-    Ok(Tensor::from_slice(&flat)
-        .f_view([rows as i64, cols as i64])?
-        .f_to_device(device)?)
-}
-
-/// One minibatch as tensors: states, next states, terminal flags, normalised rewards.
-fn batch_tensors(
-    b: &TransitionBatch,
-    mean: f64,
-    std: f64,
-    device: Device,
-) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let reward: Vec<f32> = b
-        .reward
-        .iter()
-        .map(|&r| ((f64::from(r) - mean) / std) as f32)
-        .collect();
-    Ok((
-        to_tensor(&b.state, device)?,
-        to_tensor(&b.next_state, device)?,
-        Tensor::from_slice(&b.is_terminal).f_to_device(device)?,
-        Tensor::from_slice(&reward).f_to_device(device)?,
-    ))
+    let t = match a.as_slice() {
+        Some(flat) => Tensor::from_slice(flat),
+        None => Tensor::from_slice(&a.iter().copied().collect::<Vec<f32>>()),
+    };
+    Ok(t.f_view([rows as i64, cols as i64])?.f_to_device(device)?)
 }
 
 /// Spearman rank correlation (average ranks for ties).
@@ -207,7 +188,9 @@ struct Data<'a> {
 impl Data<'_> {
     /// Streams the transitions of the rollouts `keep` marks (shuffled with `seed`) and calls
     /// `f` with each minibatch, V(s) (with autograd unless the caller disabled it) and the
-    /// minibatch's Bellman loss (its bootstrap target computed without autograd).
+    /// minibatch's Bellman loss (its target computed without autograd). TD(lambda) returns are
+    /// computed with the current net as whole rollouts enter the stream's buffer (a target
+    /// net refreshed every `buffer_blocks * block_rows` transitions).
     fn for_each_batch(
         &self,
         seed: u64,
@@ -222,16 +205,77 @@ impl Data<'_> {
             buffer_blocks: self.config.buffer_blocks,
         };
         let kind = mlp.kind();
-        for batch in self.store.transitions_of(options, Some(keep.to_vec()))? {
+        let (mean, std) = self.norm;
+        let mut returns = |block: &RolloutBlock| -> std::result::Result<Vec<f32>, String> {
+            match self.config.target {
+                Target::Lambda(lambda) => block_returns(mlp, block, lambda, self.norm, self.device)
+                    .map_err(|e| e.to_string()),
+                _ => Ok(vec![f32::NAN; block.states.nrows()]),
+            }
+        };
+        let lambda = matches!(self.config.target, Target::Lambda(_));
+        let mut stream = self.store.transitions_of(options, Some(keep.to_vec()))?;
+        while let Some(batch) = stream.next_with(if lambda { Some(&mut returns) } else { None }) {
             let b = batch?;
-            let (s, s_next, term, r) = batch_tensors(&b, self.norm.0, self.norm.1, self.device)?;
-            let v = mlp.forward_raw(&s.f_to_kind(kind)?)?;
-            let v_next = tch::no_grad(|| mlp.forward_raw(&s_next.f_to_kind(kind)?))?;
-            let loss = bellman_loss(&v, &v_next, &term, &r.f_to_kind(kind)?, self.config.target)?;
+            let s = to_tensor(&b.state, self.device)?.f_to_kind(kind)?;
+            let v = mlp.forward_raw(&s)?;
+            let target = match self.config.target {
+                Target::Td0 => {
+                    let s_next = to_tensor(&b.next_state, self.device)?.f_to_kind(kind)?;
+                    let v_next = tch::no_grad(|| mlp.forward_raw(&s_next))?;
+                    let term = Tensor::from_slice(&b.is_terminal).f_to_device(self.device)?;
+                    td0_target(
+                        &v_next,
+                        &term,
+                        &normalised(&b.reward, mean, std, self.device)?,
+                    )?
+                }
+                Target::Mc => normalised(&b.reward, mean, std, self.device)?,
+                Target::Lambda(_) => Tensor::from_slice(&b.target).f_to_device(self.device)?,
+            };
+            let loss = bellman_loss(&v, &target.f_to_kind(kind)?)?;
             f(&b, &v, loss)?;
         }
         Ok(())
     }
+}
+
+/// Rewards in normalised units, `[batch]`, f32.
+fn normalised(reward: &[f32], mean: f64, std: f64, device: Device) -> Result<Tensor> {
+    let r: Vec<f32> = reward
+        .iter()
+        .map(|&r| ((f64::from(r) - mean) / std) as f32)
+        .collect();
+    Ok(Tensor::from_slice(&r).f_to_device(device)?)
+}
+
+/// The lambda-returns (normalised units) of every row of a block of whole rollouts, from the
+/// net's current values.
+fn block_returns(
+    mlp: &ValueMlp,
+    block: &RolloutBlock,
+    lambda: f64,
+    (mean, std): (f64, f64),
+    device: Device,
+) -> Result<Vec<f32>> {
+    let values = tch::no_grad(|| -> Result<Vec<f64>> {
+        let s = to_tensor(&block.states, device)?.f_to_kind(mlp.kind())?;
+        let v = mlp.forward_raw(&s)?;
+        Ok(Vec::<f64>::try_from(
+            v.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?,
+        )?)
+    })?;
+    let mut out = vec![f32::NAN; values.len()];
+    for r in &block.rollouts {
+        let reward = (f64::from(r.reward) - mean) / std;
+        for (k, g) in lambda_returns(&values[r.rows.clone()], reward, lambda)
+            .into_iter()
+            .enumerate()
+        {
+            out[r.rows.start + k] = g as f32;
+        }
+    }
+    Ok(out)
 }
 
 /// Validation metrics of a net on the rollouts `keep` marks: Bellman loss (normalised units),
@@ -240,7 +284,6 @@ pub fn evaluate(
     store: &Store,
     mlp: &ValueMlp,
     keep: &[bool],
-    rewards: &[f32],
     norm: (f64, f64),
     config: &ValueTrainConfig,
     device: Device,
@@ -254,27 +297,26 @@ pub fn evaluate(
         device,
     };
     let (mut loss_sum, mut n, mut term_se, mut n_term) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    // V(s_0) and r of each validation rollout, in stream order.
+    let (mut v0, mut r) = (Vec::new(), Vec::new());
     data.for_each_batch(0, keep, mlp, &mut |b, v, loss| {
         let count = b.reward.len() as f64;
         loss_sum += loss.f_double_value(&[])? * count;
         n += count;
         let values = Vec::<f64>::try_from(v.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
-        for (k, &t) in b.is_terminal.iter().enumerate() {
-            if t {
-                term_se += (values[k] * std + mean - f64::from(b.reward[k])).powi(2);
+        for (k, value) in values.iter().enumerate() {
+            let reward = f64::from(b.reward[k]);
+            if b.is_terminal[k] {
+                term_se += (value * std + mean - reward).powi(2);
                 n_term += 1.0;
+            }
+            if b.is_first[k] {
+                v0.push(*value);
+                r.push(reward);
             }
         }
         Ok(())
     })?;
-    let val_rollouts: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
-    let first = store.first_states(&val_rollouts)?;
-    let v0 = mlp.forward_raw(&to_tensor(&first, device)?.f_to_kind(mlp.kind())?)?;
-    let v0 = Vec::<f64>::try_from(v0.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?)?;
-    let r: Vec<f64> = val_rollouts
-        .iter()
-        .map(|&i| f64::from(rewards[i]))
-        .collect();
     Ok((
         loss_sum / n.max(1.0),
         term_se / n_term.max(1.0),
@@ -296,6 +338,10 @@ pub fn train_value(
             message: "--epochs, --batch-size and --lr must be positive".into(),
         });
     }
+    config.target.check().map_err(|message| Error::Invalid {
+        path: run.checkpoint.to_owned(),
+        message,
+    })?;
     let rewards = check_labelled(store)?;
     let n = rewards.len();
     let val = validation_rollouts(n, config.val_fraction, config.seed);
@@ -321,9 +367,12 @@ pub fn train_value(
         config.seed,
         device,
     )?;
+    // Adam with PyTorch's defaults (no weight decay).
     let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
         weight_decay: 0.0,
-        ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(mlp.named_params(), adamw)?;
     let mut history = Vec::new();
@@ -394,7 +443,7 @@ pub fn train_value(
         })?;
         let train_seconds = started.elapsed().as_secs_f64();
         let (val_loss, terminal_mse, rho) =
-            evaluate(store, &mlp, &val, &rewards, (mean, std), config, device)?;
+            evaluate(store, &mlp, &val, (mean, std), config, device)?;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / count.max(1.0),
@@ -521,27 +570,35 @@ mod tests {
         }
     }
 
+    /// Every target learns the known value function: TD(0), TD(lambda) and Monte-Carlo.
     #[test]
     fn learns_a_known_value_function() -> Result<()> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.h5");
         synthetic_store(&path, 400, true);
         let store = Store::open(&path).expect("open");
-        let run = RunControl {
-            checkpoint: &dir.path().join("ckpt.safetensors"),
-            resume: false,
-            max_epochs_this_run: None,
-        };
-        let trained = train_value(&store, &config(), Device::Cpu, run, &mut |_| {})?;
-        let last = trained.history[trained.best_epoch - 1];
-        // Rewards spread over about +-2.3 (std ~1.3): the terminal error is small next to it.
-        assert!(
-            last.terminal_mse < 0.01,
-            "terminal MSE {}",
-            last.terminal_mse
-        );
-        assert!(last.spearman > 0.98, "spearman {}", last.spearman);
-        assert!(trained.complete);
+        for target in [Target::Td0, Target::Lambda(0.8), Target::Mc] {
+            let run = RunControl {
+                checkpoint: &dir.path().join("ckpt.safetensors"),
+                resume: false,
+                max_epochs_this_run: None,
+            };
+            let c = ValueTrainConfig { target, ..config() };
+            let trained = train_value(&store, &c, Device::Cpu, run, &mut |_| {})?;
+            let last = trained.history[trained.best_epoch - 1];
+            // Rewards spread over about +-2.3 (std ~1.3): the terminal error is small next to it.
+            assert!(
+                last.terminal_mse < 0.01,
+                "{target:?}: terminal MSE {}",
+                last.terminal_mse
+            );
+            assert!(
+                last.spearman > 0.98,
+                "{target:?}: spearman {}",
+                last.spearman
+            );
+            assert!(trained.complete);
+        }
         Ok(())
     }
 
