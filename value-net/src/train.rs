@@ -680,6 +680,20 @@ mod tests {
             err.contains("10 of 10 rollouts have no (finite) reward"),
             "{err}"
         );
+        // Partly labelled: two of 20 rollouts lack a finite reward.
+        let partly = dir.path().join("p.h5");
+        synthetic_store(&partly, 20, true);
+        Store::open_rw(&partly)
+            .expect("open")
+            .write_rewards(7, &[f32::NAN, f32::INFINITY])
+            .expect("write");
+        let err = check_labelled(&Store::open(&partly).expect("open"))
+            .expect_err("partly labelled")
+            .to_string();
+        assert!(
+            err.contains("2 of 20 rollouts have no (finite) reward"),
+            "{err}"
+        );
         Ok(())
     }
 
