@@ -3,6 +3,7 @@
 mod args;
 mod data;
 mod env;
+mod export;
 mod generate;
 mod output;
 mod pretrain;
@@ -36,6 +37,8 @@ enum Command {
     Reward(reward::RewardCommand),
     /// Value functions on hidden states: train (Bellman), evaluate.
     Value(value::ValueCommand),
+    /// Export a value head as ONNX (value, value + gradient, controller step); inspect ONNX files.
+    Export(export::ExportCommand),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Lm(args) => args.run(),
         Command::Reward(args) => args.run(),
         Command::Value(args) => args.run(),
+        Command::Export(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

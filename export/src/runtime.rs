@@ -78,10 +78,32 @@ pub struct OrtRuntime {
     environment: ort::environment::Environment,
 }
 
+/// The process's ONNX Runtime: it has one environment per process, so the first load is kept.
+static LOADED: std::sync::Mutex<Option<&'static OrtRuntime>> = std::sync::Mutex::new(None);
+
 impl OrtRuntime {
-    /// Locates (see [`locate_onnxruntime`]) and loads ONNX Runtime.
-    pub fn load(explicit: Option<&Path>) -> Result<Self> {
+    /// Locates (see [`locate_onnxruntime`]) and loads ONNX Runtime, once per process: later
+    /// calls return the same runtime (or refuse a different library).
+    pub fn load(explicit: Option<&Path>) -> Result<&'static Self> {
         let path = locate_onnxruntime(explicit)?;
+        let mut loaded = LOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rt) = *loaded {
+            if explicit.is_some() && rt.path != path {
+                return Err(Error::OnnxRuntimeLoad {
+                    path,
+                    message: format!("ONNX Runtime is already loaded from {}", rt.path.display()),
+                });
+            }
+            return Ok(rt);
+        }
+        let rt: &'static Self = Box::leak(Box::new(Self::init(path)?));
+        *loaded = Some(rt);
+        Ok(rt)
+    }
+
+    fn init(path: PathBuf) -> Result<Self> {
         let load_error = |message: String| Error::OnnxRuntimeLoad {
             path: path.clone(),
             message,

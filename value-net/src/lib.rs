@@ -27,6 +27,8 @@ pub enum Error {
     Lm(#[from] recontrol_lm::Error),
     #[error(transparent)]
     Store(#[from] recontrol_data::StoreError),
+    #[error(transparent)]
+    Format(#[from] recontrol_export::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -7,51 +7,20 @@ use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
+pub use recontrol_export::value_dir::{Activation, ValueConfig};
+use recontrol_export::ValueDir;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
-/// The nonlinearity between layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Activation {
-    Relu,
-    Tanh,
-    /// The exact (erf) GELU, PyTorch's default.
-    Gelu,
-    Silu,
-}
-
-impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        match self {
-            Self::Relu => x.f_relu(),
-            Self::Tanh => x.f_tanh(),
-            Self::Gelu => x.f_gelu("none"),
-            Self::Silu => x.f_silu(),
-        }
+/// PyTorch's form of each activation.
+fn activate(activation: Activation, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    match activation {
+        Activation::Relu => x.f_relu(),
+        Activation::Tanh => x.f_tanh(),
+        Activation::Gelu => x.f_gelu("none"),
+        Activation::Silu => x.f_silu(),
     }
-}
-
-/// `config.json` of a value directory: the architecture, the reward normalisation, and where
-/// the net comes from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ValueConfig {
-    pub input_dim: usize,
-    pub hidden_dims: Vec<usize>,
-    pub activation: Activation,
-    /// V in reward units = raw output * reward_std + reward_mean.
-    pub reward_mean: f64,
-    pub reward_std: f64,
-    /// The source LM's hidden size and identity (`sha256:...` of its config, tokenizer and
-    /// checkpoint headers).
-    pub lm_hidden_size: usize,
-    pub lm_identity: String,
-    pub training: serde_json::Value,
-    pub seed: u64,
-    pub git_revision: String,
-    pub recontrol_version: String,
 }
 
 /// A value MLP.
@@ -160,7 +129,7 @@ impl ValueMlp {
         for (i, (w, b)) in self.layers.iter().enumerate() {
             x = x.f_linear(w, Some(b))?;
             if i < last {
-                x = self.activation.apply(&x)?;
+                x = activate(self.activation, &x)?;
             }
         }
         x.f_squeeze_dim(-1)
@@ -229,64 +198,30 @@ impl ValueModel {
         std::fs::rename(&temp, dir).map_err(io(dir))
     }
 
-    /// Reads a value directory, checking the weights against the config (shapes, activation,
-    /// finiteness).
+    /// Reads a value directory, checked by [`ValueDir::read`] (the format's one reader):
+    /// layers that chain as the config says, finite weights, a usable normalisation.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let invalid = |path: &Path, message: String| Error::Invalid {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let config: ValueConfig = serde_json::from_str(&text)
-            .map_err(|e| invalid(&config_path, format!("not a value config: {e}")))?;
-        let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(invalid(&weights, "missing".into()));
+        let checked = ValueDir::read(dir)?;
+        let mut tensors = HashMap::new();
+        for (i, layer) in checked.layers.iter().enumerate() {
+            let (out, inp) = layer.weight.dim();
+            let weight: Vec<f32> = layer.weight.iter().copied().collect();
+            tensors.insert(
+                format!("layers.{i}.weight"),
+                Tensor::from_slice(&weight)
+                    .f_view([out as i64, inp as i64])?
+                    .f_to_device(device)?,
+            );
+            tensors.insert(
+                format!("layers.{i}.bias"),
+                Tensor::from_slice(&layer.bias.to_vec()).f_to_device(device)?,
+            );
         }
-        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
-            .map_err(|e| invalid(&weights, e.to_string()))?
-            .into_iter()
-            .map(|(n, t)| (n, t.to_device(device)))
-            .collect();
-        for (name, t) in &tensors {
-            let finite = t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 1;
-            if !finite {
-                return Err(invalid(&weights, format!("{name} has non-finite values")));
-            }
-        }
-        let mlp = ValueMlp::from_named(&tensors, config.activation, false)
-            .map_err(|e| invalid(&weights, e.to_string()))?;
-        let dims: Vec<usize> = mlp
-            .layers
-            .iter()
-            .map(|(w, _)| w.size()[0] as usize)
-            .collect();
-        if mlp.input_dim() != config.input_dim || dims[..dims.len() - 1] != config.hidden_dims[..] {
-            return Err(invalid(
-                &config_path,
-                format!(
-                    "says input {} and hidden {:?}, the weights have input {} and hidden {:?}",
-                    config.input_dim,
-                    config.hidden_dims,
-                    mlp.input_dim(),
-                    &dims[..dims.len() - 1]
-                ),
-            ));
-        }
-        if !(config.reward_std.is_finite()
-            && config.reward_std > 0.0
-            && config.reward_mean.is_finite())
-        {
-            return Err(invalid(
-                &config_path,
-                "reward_mean/reward_std must be finite, std positive".into(),
-            ));
-        }
-        Ok(Self { mlp, config })
+        let mlp = ValueMlp::from_named(&tensors, checked.config.activation, false)?;
+        Ok(Self {
+            mlp,
+            config: checked.config,
+        })
     }
 }
 
@@ -378,7 +313,7 @@ mod tests {
             .to_string();
         assert!(
             err.contains(
-                "says input 6 and hidden [5, 3], the weights have input 6 and hidden [5, 4]"
+                "layers.1.weight has shape [4, 5]; config.json ([6, 5, 3, 1]) implies [3, 5]"
             ),
             "{err}"
         );
@@ -394,7 +329,7 @@ mod tests {
             .expect_err("nan")
             .to_string();
         assert!(
-            err.contains("layers.0.weight has non-finite values"),
+            err.contains("layers.0.weight has a non-finite value (NaN at 0)"),
             "{err}"
         );
         Ok(())

@@ -1,0 +1,123 @@
+//! Running the exported graphs with ONNX Runtime (through `ort`): a session per file, inputs
+//! and outputs as flat row-major `f32` buffers.
+
+use std::path::{Path, PathBuf};
+
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::runtime::OrtRuntime;
+use crate::{Error, Result};
+
+/// What `controller.onnx` returns for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Controlled {
+    /// `[batch, d]`.
+    pub edited: Vec<f32>,
+    /// `[batch]`.
+    pub value_before: Vec<f32>,
+    /// `[batch]`.
+    pub value_after: Vec<f32>,
+}
+
+/// An ONNX Runtime session of one exported graph.
+#[derive(Debug)]
+pub struct GraphSession {
+    path: PathBuf,
+    session: Session,
+}
+
+impl GraphSession {
+    /// Opens `path` on the CPU; `threads` caps ONNX Runtime's intra-op threads.
+    pub fn open(runtime: &OrtRuntime, path: &Path, threads: Option<usize>) -> Result<Self> {
+        let err = ort_error(path);
+        let mut builder = Session::builder(runtime.environment()).map_err(&err)?;
+        if let Some(n) = threads {
+            builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
+        }
+        let session = builder.commit_from_file(path).map_err(&err)?;
+        Ok(Self {
+            path: path.to_owned(),
+            session,
+        })
+    }
+
+    fn hidden<'a>(&self, hidden: &'a [f32], batch: usize) -> Result<TensorRef<'a, f32>> {
+        if batch == 0 || !hidden.len().is_multiple_of(batch) {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                message: format!("{} hidden values for a batch of {batch}", hidden.len()),
+            });
+        }
+        TensorRef::from_array_view(([batch, hidden.len() / batch], hidden))
+            .map_err(ort_error(&self.path))
+    }
+
+    /// `value.onnx` (or any graph with a `value` output): V `[batch]`.
+    pub fn value(&mut self, hidden: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let input = self.hidden(hidden, batch)?;
+        let err = ort_error(&self.path);
+        let out = self
+            .session
+            .run(ort::inputs!["hidden" => input])
+            .map_err(&err)?;
+        Ok(out["value"]
+            .try_extract_tensor::<f32>()
+            .map_err(&err)?
+            .1
+            .to_vec())
+    }
+
+    /// `value_grad.onnx`: V `[batch]` and dV/dh `[batch, d]`.
+    pub fn value_grad(&mut self, hidden: &[f32], batch: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let input = self.hidden(hidden, batch)?;
+        let err = ort_error(&self.path);
+        let out = self
+            .session
+            .run(ort::inputs!["hidden" => input])
+            .map_err(&err)?;
+        let value = out["value"]
+            .try_extract_tensor::<f32>()
+            .map_err(&err)?
+            .1
+            .to_vec();
+        let grad = out["grad"]
+            .try_extract_tensor::<f32>()
+            .map_err(&err)?
+            .1
+            .to_vec();
+        Ok((value, grad))
+    }
+
+    /// `controller.onnx`: the edited states and V before and after.
+    pub fn control(&mut self, hidden: &[f32], batch: usize, alpha: f32) -> Result<Controlled> {
+        let input = self.hidden(hidden, batch)?;
+        let err = ort_error(&self.path);
+        let alpha = [alpha];
+        let alpha = TensorRef::from_array_view((Vec::<i64>::new(), &alpha[..])).map_err(&err)?;
+        let out = self
+            .session
+            .run(ort::inputs!["hidden" => input, "alpha" => alpha])
+            .map_err(&err)?;
+        let get = |name: &str| -> Result<Vec<f32>> {
+            Ok(out[name]
+                .try_extract_tensor::<f32>()
+                .map_err(&err)?
+                .1
+                .to_vec())
+        };
+        Ok(Controlled {
+            edited: get("edited_hidden")?,
+            value_before: get("value_before")?,
+            value_after: get("value_after")?,
+        })
+    }
+}
+
+/// An ONNX Runtime error as this crate's, naming the model file.
+fn ort_error(path: &Path) -> impl Fn(ort::Error) -> Error + '_ {
+    move |e| Error::Invalid {
+        path: path.to_owned(),
+        message: format!("ONNX Runtime: {e}"),
+    }
+}
