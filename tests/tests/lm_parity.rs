@@ -1,5 +1,6 @@
 //! Parity of the libtorch LM with HF transformers on tiny random models of every supported
-//! architecture variant (fixtures: `tests/fixtures/lm/make_fixtures.py`).
+//! architecture variant (fixtures: `tests/fixtures/lm/make_fixtures.py`). The models run on
+//! `$RECONTROL_TEST_DEVICE` (default `cpu`; e.g. `cuda:0` on a GPU machine).
 
 use recontrol_lm::{
     generate, ChatMessage, DType, DeviceSpec, HiddenStateHook, HookContext, HookError,
@@ -11,8 +12,18 @@ use tch::{Kind, Tensor};
 const PAD: i64 = 3;
 const EOS: i64 = 2;
 
+fn device_spec() -> DeviceSpec {
+    std::env::var("RECONTROL_TEST_DEVICE")
+        .map(|d| d.parse().expect("RECONTROL_TEST_DEVICE: cpu or cuda:N"))
+        .unwrap_or(DeviceSpec::Cpu)
+}
+
+fn device() -> tch::Device {
+    device_spec().resolve().expect("device")
+}
+
 fn load(name: &str, dtype: DType) -> LanguageModel {
-    LanguageModel::load(&lm_fixture(name), DeviceSpec::Cpu, dtype)
+    LanguageModel::load(&lm_fixture(name), device_spec(), dtype)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
@@ -59,7 +70,10 @@ fn tokenizer_matches_hf() {
 fn hidden_states_and_logits_match_hf() {
     for name in LM_FIXTURES {
         let lm = load(name, DType::F32);
-        let exp = lm_expected(name);
+        let exp: std::collections::HashMap<String, Tensor> = lm_expected(name)
+            .into_iter()
+            .map(|(k, t)| (k, t.to_device(device())))
+            .collect();
         let ids = &exp["input_ids"];
         let mask = &exp["attention_mask"];
         // Positions as HF generate computes them for left padding.
@@ -156,11 +170,11 @@ fn half_precision_tracks_f32() {
         let lm32 = load("llama3-gqa", DType::F32);
         let lm16 = load("llama3-gqa", dtype);
         let exp = lm_expected("llama3-gqa");
-        let ids = exp["input_ids"].get(1).unsqueeze(0); // the short prompt, unpadded below
+        let ids = exp["input_ids"].get(1).unsqueeze(0).to_device(device()); // the short prompt, unpadded below
         let mask = exp["attention_mask"].get(1);
         let n = mask.sum(Kind::Int64).int64_value(&[]);
         let ids = ids.narrow(1, ids.size()[1] - n, n);
-        let pos = Tensor::arange(n, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+        let pos = Tensor::arange(n, (Kind::Int64, device())).unsqueeze(0);
         let run = |lm: &LanguageModel| {
             let mut cache = lm.model.new_cache(n as usize);
             let input = StepInput {
@@ -218,7 +232,7 @@ fn hook_replaces_the_state_the_logits_come_from() {
     // lm_head(h) = W h; h = 100 * W[target] makes `target` the argmax (its logit is 100 |w|^2).
     let w = lm
         .model
-        .logits(&Tensor::eye(64, (Kind::Float, tch::Device::Cpu)))
+        .logits(&Tensor::eye(64, (Kind::Float, device())))
         .expect("W^T");
     let direction = w.select(1, target) * 100.0;
     let mut hook = ForceToken {
