@@ -102,8 +102,8 @@ fn exports_three_graphs_with_a_manifest_and_inspects_them() {
     assert_eq!(meta["alpha"], "0.25");
     assert_eq!(meta["max_edit_norm"], "3");
     assert_eq!(meta["recontrol.graph"], "controller");
-    let config: Value = serde_json::from_str(meta["value_config"].as_str().expect("config"))
-        .expect("config json");
+    let config: Value =
+        serde_json::from_str(meta["value_config"].as_str().expect("config")).expect("config json");
     assert_eq!(config["activation"], "gelu");
 
     // The output directory is never overwritten.
