@@ -111,10 +111,13 @@ fn exports_three_graphs_with_a_manifest_and_inspects_them() {
     assert_fails_with(&again, "exists; remove it or choose another name");
 }
 
+/// A change to a value directory's weights.
+type EditWeights = Box<dyn Fn(&mut Vec<(String, Tensor)>)>;
+
 #[test]
 fn refuses_bad_value_dirs_and_flags_without_writing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut Vec<(String, Tensor)>)>, &str)> = vec![
+    let cases: Vec<(&str, &str, EditWeights, &str)> = vec![
         (
             "shapes",
             "relu",
@@ -137,7 +140,7 @@ fn refuses_bad_value_dirs_and_flags_without_writing() {
             "missing",
             "relu",
             Box::new(|t| {
-                t.remove(5);
+                let _ = t.remove(5);
             }),
             "layers.2.bias is missing",
         ),
