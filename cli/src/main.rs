@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate continuations of prompts with a Hugging Face model directory.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Generate from dataset prompts and store every final hidden state (HDF5); merge stores.
     Rollout(Box<rollout::RolloutCommand>),
     /// Look at datasets.

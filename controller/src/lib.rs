@@ -1,5 +1,44 @@
-//! Controlled generation for RE-Control.
+//! Controlled generation for RE-Control: at every decoding step the LM's final post-norm
+//! hidden state of each unfinished row is moved up the value function's gradient
+//! (`h <- h + alpha * dV/dh`, `steps` times) before the logits are computed. The KV cache is
+//! left as the LM computed it, as in the reference.
 //!
-//! This crate will hold the editor that moves the LM's final post-norm hidden state up the value
-//! function's gradient at every decoding step (`h <- h + alpha * dV/dh`), behind the `lm` crate's
-//! hidden-state hook, with ONNX Runtime and libtorch gradient backends. Nothing is implemented yet.
+//! - [`backend`]: where dV/dh comes from ([`GradientBackend`]: ONNX Runtime on the exported
+//!   graphs, or libtorch autograd on the value directory).
+//! - [`editor`]: the [`Controller`], a `recontrol_lm::HiddenStateHook` (SGD as in the paper,
+//!   or Adam; optional gradient clip and edit-norm bound), with per-row edit statistics.
+//! - [`artifact`]: opening `--value` (export dir, `.onnx` file or value dir) and checking it
+//!   against the LM (hidden size, source-model identity).
+
+pub mod artifact;
+pub mod backend;
+pub mod editor;
+
+pub use artifact::{BackendKind, ValueArtifact};
+pub use backend::{GradientBackend, OnnxBackend, TorchBackend};
+pub use editor::{ControlConfig, Controller, RowStats, UpdateRule};
+
+use std::path::PathBuf;
+
+/// Errors of controlled generation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Export(#[from] recontrol_export::Error),
+    #[error(transparent)]
+    ValueNet(#[from] recontrol_value_net::Error),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    /// A value head that does not fit the loaded LM.
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Shape(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

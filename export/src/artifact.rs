@@ -164,7 +164,7 @@ pub fn write_export(
     }
     let manifest = serde_json::json!({
         "format": "recontrol-export/1",
-        "value_dir": value.dir,
+        "value_dir": std::fs::canonicalize(&value.dir).unwrap_or_else(|_| value.dir.clone()),
         "hidden_size": value.config.input_dim,
         "lm_identity": value.config.lm_identity,
         "controller": {

@@ -122,7 +122,7 @@ impl ValueDir {
                     invalid(
                         &weights_path,
                         format!(
-                            "{name} has dtype {:?}; expected F32, F16 or BF16",
+                            "{name} has dtype {:?}; expected F32, F64, F16 or BF16",
                             t.dtype()
                         ),
                     )
@@ -165,6 +165,13 @@ fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
         Dtype::F32 => Some(
             data.chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        Dtype::F64 => Some(
+            data.chunks_exact(8)
+                .map(|b| {
+                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
                 .collect(),
         ),
         Dtype::F16 => Some(

@@ -1,0 +1,182 @@
+//! Where dV/dh comes from: one trait, two implementations.
+//!
+//! - [`OnnxBackend`]: ONNX Runtime runs the exported `value_grad.onnx` (and `controller.onnx`,
+//!   which does all the plain-SGD steps of a decoding step in one call), on the CPU.
+//! - [`TorchBackend`]: libtorch autograd on the value directory's weights, on the LM's device.
+
+use std::path::Path;
+
+use recontrol_export::{GraphSession, OrtRuntime};
+use recontrol_value_net::ValueModel;
+use tch::{Device, Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// V and dV/dh of a batch of states; optionally the whole SGD edit in one call.
+pub trait GradientBackend {
+    /// A short name for logs and outputs (`onnx`, `torch`).
+    fn name(&self) -> &'static str;
+
+    /// `h [rows, d]` f32 -> (V `[rows]`, dV/dh `[rows, d]`), f32, on `h`'s device.
+    fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// `h [rows, d]` f32 -> V `[rows]`.
+    fn value(&mut self, h: &Tensor) -> Result<Tensor>;
+
+    /// `steps` plain SGD steps `h <- h + alpha dV/dh` (projected onto `max_edit_norm`) in one
+    /// call, when the backend has them fused for exactly these settings: (edited, V before,
+    /// V after). `None` when it does not; the editor then loops over [`Self::value_grad`].
+    fn fused_sgd(
+        &mut self,
+        _h: &Tensor,
+        _alpha: f64,
+        _steps: usize,
+        _max_edit_norm: Option<f64>,
+    ) -> Option<Result<(Tensor, Tensor, Tensor)>> {
+        None
+    }
+}
+
+/// libtorch autograd on a value net.
+#[derive(Debug)]
+pub struct TorchBackend {
+    model: ValueModel,
+}
+
+impl TorchBackend {
+    /// Loads a value directory on `device`.
+    pub fn load(value_dir: &Path, device: Device) -> Result<Self> {
+        Ok(Self {
+            model: ValueModel::load(value_dir, device)?,
+        })
+    }
+
+    pub fn model(&self) -> &ValueModel {
+        &self.model
+    }
+}
+
+impl GradientBackend for TorchBackend {
+    fn name(&self) -> &'static str {
+        "torch"
+    }
+
+    fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        // Generation runs without autograd; the gradient to the input needs it here.
+        tch::with_grad(|| {
+            let x = h.f_detach()?.set_requires_grad(true);
+            let v = self.model.value(&x)?;
+            v.f_sum(Kind::Float)?.f_backward()?;
+            Ok((v.f_detach()?, x.grad()))
+        })
+    }
+
+    fn value(&mut self, h: &Tensor) -> Result<Tensor> {
+        Ok(tch::no_grad(|| self.model.value(h))?)
+    }
+}
+
+/// ONNX Runtime on the exported graphs.
+#[derive(Debug)]
+pub struct OnnxBackend {
+    value_grad: GraphSession,
+    /// `controller.onnx` with the settings it was exported with.
+    controller: Option<(GraphSession, usize, Option<f64>)>,
+    hidden_size: usize,
+}
+
+impl OnnxBackend {
+    /// Sessions for `value_grad.onnx` and, if given, `controller.onnx` (exported with `steps`
+    /// and `max_edit_norm`).
+    pub fn open(
+        runtime: &OrtRuntime,
+        value_grad: &Path,
+        controller: Option<(&Path, usize, Option<f64>)>,
+        hidden_size: usize,
+        threads: Option<usize>,
+    ) -> Result<Self> {
+        let controller = controller
+            .map(|(path, steps, bound)| {
+                GraphSession::open(runtime, path, threads).map(|s| (s, steps, bound))
+            })
+            .transpose()?;
+        Ok(Self {
+            value_grad: GraphSession::open(runtime, value_grad, threads)?,
+            controller,
+            hidden_size,
+        })
+    }
+
+    fn host(&self, h: &Tensor) -> Result<(Vec<f32>, usize)> {
+        let rows = h.size()[0] as usize;
+        if h.size() != [rows as i64, self.hidden_size as i64] {
+            return Err(Error::Shape(format!(
+                "hidden states {:?} for a value head of hidden size {}",
+                h.size(),
+                self.hidden_size
+            )));
+        }
+        let flat = h
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?
+            .f_flatten(0, -1)?;
+        Ok((Vec::<f32>::try_from(&flat)?, rows))
+    }
+}
+
+fn to_device(values: &[f32], shape: &[i64], device: Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values)
+        .f_view(shape)?
+        .f_to_device(device)?)
+}
+
+impl GradientBackend for OnnxBackend {
+    fn name(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (host, rows) = self.host(h)?;
+        let (v, g) = self.value_grad.value_grad(&host, rows)?;
+        let device = h.device();
+        Ok((
+            to_device(&v, &[rows as i64], device)?,
+            to_device(&g, &h.size(), device)?,
+        ))
+    }
+
+    fn value(&mut self, h: &Tensor) -> Result<Tensor> {
+        let (host, rows) = self.host(h)?;
+        let v = self.value_grad.value_grad(&host, rows)?.0;
+        to_device(&v, &[rows as i64], h.device())
+    }
+
+    fn fused_sgd(
+        &mut self,
+        h: &Tensor,
+        alpha: f64,
+        steps: usize,
+        max_edit_norm: Option<f64>,
+    ) -> Option<Result<(Tensor, Tensor, Tensor)>> {
+        let (_, s, b) = self.controller.as_ref()?;
+        if *s != steps || b.map(|x| x as f32) != max_edit_norm.map(|x| x as f32) {
+            return None;
+        }
+        let (host, rows) = match self.host(h) {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        let (session, _, _) = self.controller.as_mut()?;
+        let mut run = || -> Result<(Tensor, Tensor, Tensor)> {
+            let c = session.control(&host, rows, alpha as f32)?;
+            let device = h.device();
+            Ok((
+                to_device(&c.edited, &h.size(), device)?,
+                to_device(&c.value_before, &[rows as i64], device)?,
+                to_device(&c.value_after, &[rows as i64], device)?,
+            ))
+        };
+        Some(run())
+    }
+}
