@@ -23,6 +23,11 @@ status=0
 step() { printf '\n== %s\n' "$*"; }
 run() { "$@" || { echo "FAILED: $*"; status=1; }; }
 
+step "python packages"
+python3 -c 'import importlib.util as u; print({m: bool(u.find_spec(m)) for m in ["torch", "onnxruntime", "transformers", "safetensors", "h5py", "numpy"]})'
+python3 -c 'import onnxruntime as o; print("onnxruntime", o.__version__, o.get_available_providers())' || true
+nvidia-smi --query-gpu=name,memory.total --format=csv || true
+
 step "recontrol env"
 run "$bin/recontrol" env
 
@@ -59,6 +64,25 @@ d = float(np.abs(sa - sb).max() / np.abs(sa).max()) if same else float("nan")
 print(f"tokens identical: {same}; states {a['states'].dtype}, max |cuda - cpu| / max |cpu| = {d:.2e}")
 sys.exit(0 if same and d < 1e-3 else 1)
 PY
+
+step "controlled generation on cuda:0 (torch backend; onnx backend on the CPU) against cpu"
+for m in llama-mha qwen2; do
+    run "$bin/recontrol" export --value "$root/target/gpu/value-$m" --out "$out/export-$m" --steps 8 --alpha 0.3 >/dev/null
+    for cfg in "cpu torch" "cuda:0 torch" "cuda:0 onnx"; do
+        set -- $cfg
+        run "$bin/recontrol" generate --model "$fixtures/$m" --prompts "$out/prompts.jsonl" --max-new-tokens 24 \
+            --device "$1" --value "$out/export-$m" --grad-backend "$2" --alpha 0.3 --steps 8 --allow-foreign-value \
+            --out "$out/ctl-$m-${1%%:*}-$2.jsonl" 2>/dev/null
+    done
+    python3 - "$out" "$m" <<'PY' || status=1
+import json, sys
+out, m = sys.argv[1], sys.argv[2]
+read = lambda k: [json.loads(l)["tokens"] for l in open(f"{out}/ctl-{m}-{k}.jsonl")]
+a, b, c = read("cpu-torch"), read("cuda-torch"), read("cuda-onnx")
+print(f"{m}: controlled tokens cpu/torch == cuda/torch: {a == b}; cuda/onnx: {a == c}")
+sys.exit(0 if a == b == c else 1)
+PY
+done
 
 step "value training on cuda:0"
 run "$bin/recontrol" value train --rollouts "$root/target/gpu/labelled.h5" --out "$out/value" \
