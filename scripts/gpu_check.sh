@@ -8,7 +8,8 @@
 # Runs: `recontrol env`; the LM parity tests on cuda:0 (hidden states and logits against HF's
 # within 1e-4, greedy tokens identical, batched and alone); greedy generation on cuda:0 equal
 # to cpu; rollout on cuda:0 (states against the CPU store); value training on cuda:0; and
-# scripts/bench_controller.py on cuda when onnxruntime has the CUDA provider.
+# scripts/bench_control.py with a 1B-class bf16 Llama on cuda:0; scripts/bench_controller.py on
+# cuda when onnxruntime has the CUDA provider.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/target/gpu-out}"
@@ -32,7 +33,9 @@ step "recontrol env"
 run "$bin/recontrol" env
 
 step "LM parity on cuda:0"
-RECONTROL_TEST_DEVICE=cuda:0 run "$bin/lm_parity" --test-threads 1 --nocapture
+# Test binaries are not linked with --no-as-needed like the recontrol binary (cli/build.rs):
+# preload libtorch_cuda so that libtorch sees the GPU.
+RECONTROL_TEST_DEVICE=cuda:0 LD_PRELOAD="$torch_lib/libtorch_cuda.so" run "$bin/lm_parity" --test-threads 1 --nocapture
 
 step "greedy generation: cuda:0 against cpu"
 fixtures="$root/tests/fixtures/generated/lm"
@@ -87,6 +90,10 @@ done
 step "value training on cuda:0"
 run "$bin/recontrol" value train --rollouts "$root/target/gpu/labelled.h5" --out "$out/value" \
     --epochs 5 --hidden 64 --batch-size 64 --device cuda:0 --logdir "$out/logs"
+
+step "controlled decoding benchmark on cuda: 1B-class random Llama, bf16"
+run python3 "$root/scripts/bench_control.py" --recontrol "$bin/recontrol" --device cuda --dtype bfloat16 \
+    --layers 22 --hidden 2048 --intermediate 5632 --batches 1 8 --json "$out/bench_control_cuda.json"
 
 step "controller benchmark on cuda"
 if python3 -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())'; then

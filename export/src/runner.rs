@@ -28,10 +28,15 @@ pub struct GraphSession {
 }
 
 impl GraphSession {
-    /// Opens `path` on the CPU; `threads` caps ONNX Runtime's intra-op threads.
+    /// Opens `path` on the CPU; `threads` caps ONNX Runtime's intra-op threads (which do not
+    /// spin between runs).
     pub fn open(runtime: &OrtRuntime, path: &Path, threads: Option<usize>) -> Result<Self> {
         let err = ort_error(path);
-        let mut builder = Session::builder(runtime.environment()).map_err(&err)?;
+        // No spinning between runs: the LM's libtorch threads share the cores with ours.
+        let mut builder = Session::builder(runtime.environment())
+            .map_err(&err)?
+            .with_intra_op_spinning(false)
+            .map_err(|e| err(e.into()))?;
         if let Some(n) = threads {
             builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
         }
