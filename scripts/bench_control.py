@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -116,15 +115,22 @@ def reference(model, tok, value, prompts, args, steps: int) -> float:
     return len(prompts) * args.max_new_tokens / (time.perf_counter() - start)
 
 
-def ours(args, model: Path, prompts_file: Path, batch: int, extra: list[str]) -> float:
-    cmd = [str(args.recontrol), "generate", "--model", str(model), "--prompts", str(prompts_file),
+def ours(args, model: Path, prompts: list[str], tmp: Path, batch: int, extra: list[str]) -> float:
+    """Tokens/s of `recontrol generate` on one batch, timed after a first (warm-up) batch of
+    the same prompts: the per-batch `seconds` of the output records exclude model loading and
+    the first call's device initialisation, as the reference's warm-up run does."""
+    pf = tmp / "prompts.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts + prompts))
+    out = tmp / "out.jsonl"
+    cmd = [str(args.recontrol), "generate", "--model", str(model), "--prompts", str(pf),
            "--batch-size", str(batch), "--max-new-tokens", str(args.max_new_tokens), "--ignore-eos",
            "--device", "cuda:0" if args.device == "cuda" else "cpu",
-           "--dtype", {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.dtype], *extra]
+           "--dtype", {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.dtype], "--out", str(out), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)}\n{done.stderr}")
-    return float(re.search(r"\(([\d.]+) tokens/s\)", done.stderr).group(1))
+    records = [json.loads(line) for line in out.read_text().splitlines()][batch:]
+    return sum(r["num_tokens"] for r in records) / records[0]["seconds"]
 
 
 def main() -> int:
@@ -165,16 +171,14 @@ def main() -> int:
         control = ["--alpha", str(args.alpha), "--steps", str(args.steps), "--allow-foreign-value"]
         for batch in args.batches:
             prompts = (PROMPTS * ((batch + len(PROMPTS) - 1) // len(PROMPTS)))[:batch]
-            pf = tmp / f"prompts{batch}.jsonl"
-            pf.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
             reference(model, tok, value, prompts, args, 0)  # warm-up
             row = {"batch": batch,
                    "reference_plain": reference(model, tok, value, prompts, args, 0),
                    "reference_controlled": reference(model, tok, value, prompts, args, args.steps),
-                   "recontrol_plain": ours(args, tmp / "model", pf, batch, [])}
+                   "recontrol_plain": ours(args, tmp / "model", prompts, tmp, batch, [])}
             for b in args.backends:
                 value_path = tmp / ("onnx" if b == "onnx" else "value")
-                row[f"recontrol_{b}"] = ours(args, tmp / "model", pf, batch,
+                row[f"recontrol_{b}"] = ours(args, tmp / "model", prompts, tmp, batch,
                                              ["--value", str(value_path), "--grad-backend", b, *control])
             rows.append(row)
     print(f"tokens/s, random Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
