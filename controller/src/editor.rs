@@ -210,3 +210,113 @@ impl HiddenStateHook for Controller<'_> {
         Ok(edited)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::{BackendKind, ValueArtifact};
+    use recontrol_value_net::{Activation, ValueConfig, ValueMlp, ValueModel};
+    use tch::Device;
+
+    const D: usize = 6;
+
+    /// A linear value V(h) = std * (w . h + b) + mean, whose gradient is `std * w` everywhere.
+    fn linear_value(dir: &std::path::Path) -> Vec<f32> {
+        let mlp = ValueMlp::new(D, &[], Activation::Relu, 5, Device::Cpu).expect("mlp");
+        let w =
+            Vec::<f32>::try_from(mlp.named_params()[0].1.detach().flatten(0, -1)).expect("weights");
+        ValueModel {
+            config: ValueConfig {
+                input_dim: D,
+                hidden_dims: vec![],
+                activation: Activation::Relu,
+                reward_mean: 1.0,
+                reward_std: 2.0,
+                lm_hidden_size: D,
+                lm_identity: "sha256:test".into(),
+                training: serde_json::json!({}),
+                seed: 5,
+                git_revision: "test".into(),
+                recontrol_version: "test".into(),
+            },
+            mlp,
+        }
+        .save(dir)
+        .expect("save");
+        w.iter().map(|x| x * 2.0).collect()
+    }
+
+    fn edit(backend: &mut dyn GradientBackend, config: ControlConfig, h: &Tensor) -> Vec<f32> {
+        let mut c = Controller::new(backend, config).expect("controller");
+        let (edited, before, after) = c.edit(h).expect("edit");
+        let (b, a) = (
+            Vec::<f32>::try_from(&before).expect("before"),
+            Vec::<f32>::try_from(&after).expect("after"),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(a, b)| a > b),
+            "V rises: {b:?} -> {a:?}"
+        );
+        Vec::<f32>::try_from((edited - h).flatten(0, -1)).expect("edit")
+    }
+
+    /// With a linear V the edit has a closed form for every rule: SGD moves each row by
+    /// `steps * alpha * grad`, a clip scales the gradient to the clip norm, a bound stops the
+    /// edit at the bound along the gradient, Adam moves `steps * alpha * sign(grad)`.
+    #[test]
+    fn edits_of_a_linear_value_have_their_closed_forms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let value = dir.path().join("v");
+        let grad = linear_value(&value);
+        let norm = grad.iter().map(|g| g * g).sum::<f32>().sqrt();
+        let artifact = ValueArtifact::open(&value).expect("open");
+        let h = Tensor::randn([3, D as i64], (Kind::Float, Device::Cpu));
+        let sgd = ControlConfig {
+            alpha: 0.1,
+            steps: 7,
+            rule: UpdateRule::Sgd,
+            clip_grad_norm: None,
+            max_edit_norm: None,
+        };
+        let cases: Vec<(ControlConfig, Vec<f32>)> = vec![
+            (sgd, grad.iter().map(|g| 0.7 * g).collect()),
+            (
+                ControlConfig {
+                    clip_grad_norm: Some(0.5 * f64::from(norm)),
+                    ..sgd
+                },
+                grad.iter().map(|g| 0.35 * g).collect(),
+            ),
+            (
+                ControlConfig {
+                    max_edit_norm: Some(0.1),
+                    ..sgd
+                },
+                grad.iter().map(|g| 0.1 * g / norm).collect(),
+            ),
+            (
+                ControlConfig {
+                    rule: UpdateRule::Adam,
+                    ..sgd
+                },
+                grad.iter().map(|g| 0.7 * g.signum()).collect(),
+            ),
+        ];
+        for kind in [BackendKind::Torch, BackendKind::Onnx] {
+            let mut backend = artifact
+                .backend(kind, Device::Cpu, None, Some(1))
+                .expect("backend");
+            for (config, want) in &cases {
+                let got = edit(backend.as_mut(), *config, &h);
+                for (row, chunk) in got.chunks(D).enumerate() {
+                    for (g, w) in chunk.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() < 1e-5 * (1.0 + w.abs()),
+                            "{kind:?} {config:?} row {row}: {chunk:?} vs {want:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
