@@ -180,6 +180,8 @@ struct RunRecord<'a> {
     args: &'a GenerateArgs,
     eos_token_ids: &'a [i64],
     pad_token_id: i64,
+    /// With --value: the controller (backend, where it ran, settings).
+    controller: Option<String>,
     provenance: Provenance,
 }
 
@@ -284,6 +286,7 @@ impl GenerateArgs {
             args: &self,
             eos_token_ids: &config.eos_token_ids,
             pad_token_id: config.pad_token_id,
+            controller: controller.as_ref().map(|c| format!("{c:?}")),
             provenance: Provenance::current(),
         })
     }

@@ -137,9 +137,10 @@ impl ValueArtifact {
         Ok(())
     }
 
-    /// Builds a backend. `onnx` runs the exported graphs on the CPU (a value directory is
-    /// exported on the fly into a temporary folder); `torch` runs the value directory's
-    /// weights with libtorch autograd on `device`.
+    /// Builds a backend. `onnx` runs the exported graphs with ONNX Runtime (a value directory
+    /// is exported on the fly into a temporary folder), with its CUDA execution provider when
+    /// `device` is a GPU and the loaded onnxruntime has one, else on the CPU; `torch` runs the
+    /// value directory's weights with libtorch autograd on `device`.
     pub fn backend(
         &self,
         kind: BackendKind,
@@ -156,6 +157,10 @@ impl ValueArtifact {
                 Ok(Box::new(TorchBackend::load(dir, device)?))
             }
             BackendKind::Onnx => {
+                let cuda = match device {
+                    Device::Cuda(i) => Some(i),
+                    _ => None,
+                };
                 let runtime = match runtime {
                     Some(r) => r,
                     None => OrtRuntime::load(None)?,
@@ -172,6 +177,7 @@ impl ValueArtifact {
                         controller,
                         self.hidden_size,
                         threads,
+                        cuda,
                     )?));
                 }
                 let dir = self.value_dir.as_ref().ok_or_else(|| Error::Invalid {
@@ -203,6 +209,7 @@ impl ValueArtifact {
                     None,
                     self.hidden_size,
                     threads,
+                    cuda,
                 )?))
             }
         }

@@ -17,6 +17,9 @@ pub trait GradientBackend {
     /// A short name for logs and outputs (`onnx`, `torch`).
     fn name(&self) -> &'static str;
 
+    /// Where it runs, e.g. `onnx on cpu`, `torch on cuda:0`.
+    fn describe(&self) -> String;
+
     /// `h [rows, d]` f32 -> (V `[rows]`, dV/dh `[rows, d]`), f32, on `h`'s device.
     fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)>;
 
@@ -41,6 +44,7 @@ pub trait GradientBackend {
 #[derive(Debug)]
 pub struct TorchBackend {
     model: ValueModel,
+    device: Device,
 }
 
 impl TorchBackend {
@@ -48,6 +52,7 @@ impl TorchBackend {
     pub fn load(value_dir: &Path, device: Device) -> Result<Self> {
         Ok(Self {
             model: ValueModel::load(value_dir, device)?,
+            device,
         })
     }
 
@@ -59,6 +64,10 @@ impl TorchBackend {
 impl GradientBackend for TorchBackend {
     fn name(&self) -> &'static str {
         "torch"
+    }
+
+    fn describe(&self) -> String {
+        format!("torch autograd on {:?}", self.device)
     }
 
     fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -83,27 +92,33 @@ pub struct OnnxBackend {
     /// `controller.onnx` with the settings it was exported with.
     controller: Option<(GraphSession, usize, Option<f64>)>,
     hidden_size: usize,
+    /// The execution provider ONNX Runtime runs on (`cpu` or `cuda`).
+    provider: &'static str,
 }
 
 impl OnnxBackend {
     /// Sessions for `value_grad.onnx` and, if given, `controller.onnx` (exported with `steps`
-    /// and `max_edit_norm`).
+    /// and `max_edit_norm`); on CUDA device `cuda` when the loaded onnxruntime has the CUDA
+    /// execution provider, else on the CPU.
     pub fn open(
         runtime: &OrtRuntime,
         value_grad: &Path,
         controller: Option<(&Path, usize, Option<f64>)>,
         hidden_size: usize,
         threads: Option<usize>,
+        cuda: Option<usize>,
     ) -> Result<Self> {
         let controller = controller
             .map(|(path, steps, bound)| {
-                GraphSession::open(runtime, path, threads).map(|s| (s, steps, bound))
+                GraphSession::open_on(runtime, path, threads, cuda).map(|s| (s.0, steps, bound))
             })
             .transpose()?;
+        let (value_grad, provider) = GraphSession::open_on(runtime, value_grad, threads, cuda)?;
         Ok(Self {
-            value_grad: GraphSession::open(runtime, value_grad, threads)?,
+            value_grad,
             controller,
             hidden_size,
+            provider,
         })
     }
 
@@ -134,6 +149,14 @@ fn to_device(values: &[f32], shape: &[i64], device: Device) -> Result<Tensor> {
 impl GradientBackend for OnnxBackend {
     fn name(&self) -> &'static str {
         "onnx"
+    }
+
+    fn describe(&self) -> String {
+        let fused = match &self.controller {
+            Some((_, steps, _)) => format!(", controller.onnx fuses {steps} steps"),
+            None => String::new(),
+        };
+        format!("ONNX Runtime on {}{fused}", self.provider)
     }
 
     fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)> {

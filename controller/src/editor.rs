@@ -82,7 +82,7 @@ pub struct Controller<'b> {
 impl std::fmt::Debug for Controller<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Controller")
-            .field("backend", &self.backend.name())
+            .field("backend", &self.backend.describe())
             .field("config", &self.config)
             .finish()
     }

@@ -31,6 +31,19 @@ impl GraphSession {
     /// Opens `path` on the CPU; `threads` caps ONNX Runtime's intra-op threads (which do not
     /// spin between runs).
     pub fn open(runtime: &OrtRuntime, path: &Path, threads: Option<usize>) -> Result<Self> {
+        Ok(Self::open_on(runtime, path, threads, None)?.0)
+    }
+
+    /// Opens `path` with ONNX Runtime's CUDA execution provider on device `cuda` when the
+    /// loaded onnxruntime has it (an onnxruntime-gpu build), else on the CPU. Returns the
+    /// session and the execution provider used (`"cuda"` or `"cpu"`).
+    pub fn open_on(
+        runtime: &OrtRuntime,
+        path: &Path,
+        threads: Option<usize>,
+        cuda: Option<usize>,
+    ) -> Result<(Self, &'static str)> {
+        use ort::ep::ExecutionProvider;
         let err = ort_error(path);
         // No spinning between runs: the LM's libtorch threads share the cores with ours.
         let mut builder = Session::builder(runtime.environment())
@@ -40,11 +53,23 @@ impl GraphSession {
         if let Some(n) = threads {
             builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
         }
+        let mut provider = "cpu";
+        if let Some(device) = cuda {
+            if ort::ep::CUDA::is_available().unwrap_or(false) {
+                let ep = ort::ep::CUDA::default().with_device_id(device as i32);
+                if ep.register(&mut builder).is_ok() {
+                    provider = "cuda";
+                }
+            }
+        }
         let session = builder.commit_from_file(path).map_err(&err)?;
-        Ok(Self {
-            path: path.to_owned(),
-            session,
-        })
+        Ok((
+            Self {
+                path: path.to_owned(),
+                session,
+            },
+            provider,
+        ))
     }
 
     fn hidden<'a>(&self, hidden: &'a [f32], batch: usize) -> Result<TensorRef<'a, f32>> {
