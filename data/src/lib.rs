@@ -5,6 +5,7 @@
 //! - [`format`]: prompt formats (raw, hh, vicuna, chat-template, with the paper's optional
 //!   instruction) and the one truncation rule for responses.
 //! - [`store`]: the streaming HDF5 rollout store (states, offsets, tokens, texts, rewards).
+//! - [`metrics`]: the evaluation formulas (rep-n, diversity, bootstrap intervals).
 //!
 //! This crate does not depend on libtorch.
 
@@ -12,6 +13,7 @@ pub mod datasets;
 pub mod dialogue;
 pub mod format;
 pub mod jsonl;
+pub mod metrics;
 pub mod rollout;
 pub mod split;
 pub mod stats;
