@@ -152,7 +152,12 @@ impl ControlArgs {
 /// One output line.
 #[derive(Debug, Serialize)]
 struct Record<'a> {
+    /// The prompt as given (without `--prompt-prefix`).
     prompt: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_prefix: Option<&'a str>,
+    /// The generation call (batch) it came from; `seconds` is that call's.
+    batch: usize,
     response: String,
     tokens: &'a [i64],
     num_tokens: usize,
@@ -192,18 +197,18 @@ impl GenerateArgs {
         if let Some(path) = &self.prompts {
             prompts.extend(recontrol_data::read_prompts(path, &self.prompt_field)?);
         }
-        if let Some(prefix) = &self.prompt_prefix {
-            for p in &mut prompts {
-                p.insert_str(0, prefix);
-            }
-        }
+        // The model sees the prefix; records keep the user's prompt (what rewards judge).
+        let inputs: Vec<String> = prompts
+            .iter()
+            .map(|p| format!("{}{p}", self.prompt_prefix.as_deref().unwrap_or("")))
+            .collect();
         let mut sink = JsonlSink::create(self.out.as_deref())?;
 
         eprintln!("loading {}", self.model.display());
         let lm = LanguageModel::load(&self.model, self.device.device, self.device.dtype.into())
             .with_context(|| format!("--model {}", self.model.display()))?;
         let mut truncated = 0;
-        let token_ids = prompts
+        let token_ids = inputs
             .iter()
             .enumerate()
             .map(|(i, p)| {
@@ -253,6 +258,8 @@ impl GenerateArgs {
                 total_tokens += out.tokens.len();
                 sink.write(&Record {
                     prompt: &prompts[first + offset],
+                    prompt_prefix: self.prompt_prefix.as_deref(),
+                    batch: chunk_index,
                     response: lm.tokenizer.decode(&out.tokens, true)?,
                     tokens: &out.tokens,
                     num_tokens: out.tokens.len(),

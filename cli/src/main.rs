@@ -3,10 +3,12 @@
 mod args;
 mod data;
 mod env;
+mod eval;
 mod export;
 mod generate;
 mod output;
 mod pretrain;
+mod report;
 mod reward;
 mod rollout;
 mod value;
@@ -39,6 +41,8 @@ enum Command {
     Value(value::ValueCommand),
     /// Export a value head as ONNX (value, value + gradient, controller step); inspect ONNX files.
     Export(export::ExportCommand),
+    /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
+    Eval(Box<eval::EvalArgs>),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Reward(args) => args.run(),
         Command::Value(args) => args.run(),
         Command::Export(args) => args.run(),
+        Command::Eval(args) => args.run(),
         Command::Env(args) => args.run(),
     };
     match result {

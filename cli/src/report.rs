@@ -1,0 +1,162 @@
+//! The eval report's human forms: a Markdown table and an SVG chart of reward (with its 95%
+//! interval) and diversity per method.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use svg::node::element::{Line, Rectangle, Text};
+use svg::Document;
+
+use crate::eval::MethodReport;
+
+/// The comparison table (Markdown).
+pub fn table(methods: &[MethodReport]) -> String {
+    let mut s = String::from(
+        "| method | avg reward [95% CI] | gain vs base [95% CI] | diversity | coherence | win vs reference | win vs base | words | s/token |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for m in methods {
+        let win_ref = m
+            .win_rate_vs_reference
+            .map_or("-".to_owned(), |w| format!("{:.1}%", 100.0 * w));
+        s.push_str(&format!(
+            "| {} | {:.3} [{:.3}, {:.3}] | {:+.3} [{:+.3}, {:+.3}] | {:.3} | {:.3} | {} | {:.1}% | {:.1} | {:.4} |\n",
+            m.name,
+            m.avg_reward,
+            m.avg_reward_ci95[0],
+            m.avg_reward_ci95[1],
+            m.reward_gain_vs_base,
+            m.reward_gain_vs_base_ci95[0],
+            m.reward_gain_vs_base_ci95[1],
+            m.diversity,
+            m.coherence,
+            win_ref,
+            100.0 * m.win_rate_vs_base,
+            m.mean_response_words,
+            m.seconds_per_token,
+        ));
+    }
+    s
+}
+
+/// `report.md`: the table and what the numbers mean.
+pub fn write_markdown(
+    path: &Path,
+    methods: &[MethodReport],
+    report: &serde_json::Value,
+) -> Result<()> {
+    let text = format!(
+        "# recontrol eval\n\n{} prompts; reward: {}; coherence: {}.\n\n{}\n\
+         Rewards are scored on prompt + response, the response cut by one truncation rule for\n\
+         every method. Intervals: 95% percentile bootstrap ({} resamples); gains are paired by\n\
+         prompt. Diversity = prod over n = 2..4 of (1 - rep_n / 100), averaged over responses.\n\
+         Win rates count ties as half.\n\n![reward and diversity](chart.svg)\n",
+        report["prompts"],
+        report["reward"].as_str().unwrap_or_default(),
+        report["coherence_encoder"].as_str().unwrap_or_default(),
+        table(methods),
+        report["bootstrap"]["resamples"],
+    );
+    write_atomic(path, text.as_bytes())
+}
+
+/// `chart.svg`: two panels, average reward with its interval and diversity, a bar per method.
+pub fn write_chart(path: &Path, methods: &[MethodReport]) -> Result<()> {
+    let (w, h, pad) = (360.0, 260.0, 40.0);
+    let mut doc = Document::new()
+        .set("viewBox", (0, 0, 2.0 * w, h + 40.0))
+        .set("font-family", "sans-serif")
+        .set("font-size", 11);
+    // Per panel: its title and, per method, (value, interval low, interval high).
+    let panels = [
+        (
+            "average reward (95% CI)",
+            methods
+                .iter()
+                .map(|m| (m.avg_reward, m.avg_reward_ci95[0], m.avg_reward_ci95[1]))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "diversity",
+            methods
+                .iter()
+                .map(|m| (m.diversity, m.diversity, m.diversity))
+                .collect(),
+        ),
+    ];
+    for (p, (title, values)) in panels.iter().enumerate() {
+        let x0 = p as f64 * w;
+        let lo = values.iter().map(|v| v.1.min(0.0)).fold(0.0, f64::min);
+        let hi = values.iter().map(|v| v.2.max(0.0)).fold(0.0, f64::max);
+        let span = if hi - lo > 1e-12 { hi - lo } else { 1.0 };
+        let y = |v: f64| pad + (hi - v) / span * (h - 2.0 * pad);
+        doc = doc.add(
+            Text::new(*title)
+                .set("x", x0 + w / 2.0)
+                .set("y", 20)
+                .set("text-anchor", "middle")
+                .set("font-size", 13),
+        );
+        doc = doc.add(
+            Line::new()
+                .set("x1", x0 + pad)
+                .set("x2", x0 + w - pad / 2.0)
+                .set("y1", y(0.0))
+                .set("y2", y(0.0))
+                .set("stroke", "#444"),
+        );
+        let slot = (w - 1.5 * pad) / methods.len().max(1) as f64;
+        for (i, (m, (v, l, u))) in methods.iter().zip(values).enumerate() {
+            let cx = x0 + pad + slot * (i as f64 + 0.5);
+            let (top, bottom) = (y(v.max(0.0)), y(v.min(0.0)));
+            doc = doc.add(
+                Rectangle::new()
+                    .set("x", cx - slot * 0.3)
+                    .set("y", top)
+                    .set("width", slot * 0.6)
+                    .set("height", (bottom - top).max(0.5))
+                    .set(
+                        "fill",
+                        ["#7f8c8d", "#3498db", "#e67e22", "#27ae60", "#8e44ad"][i % 5],
+                    ),
+            );
+            if u > l {
+                doc = doc.add(
+                    Line::new()
+                        .set("x1", cx)
+                        .set("x2", cx)
+                        .set("y1", y(*u))
+                        .set("y2", y(*l))
+                        .set("stroke", "#000"),
+                );
+            }
+            doc = doc
+                .add(
+                    Text::new(format!("{v:.3}"))
+                        .set("x", cx)
+                        .set("y", y(v.max(*u).max(0.0)) - 4.0)
+                        .set("text-anchor", "middle"),
+                )
+                .add(
+                    Text::new(m.name.clone())
+                        .set("x", cx)
+                        .set("y", h - pad / 2.0 + 14.0)
+                        .set("text-anchor", "middle"),
+                );
+        }
+    }
+    write_atomic(path, doc.to_string().as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".recontrol-")
+        .suffix(".part")
+        .tempfile_in(dir)
+        .with_context(|| format!("{}: cannot create a file", path.display()))?;
+    temp.write_all(bytes)?;
+    temp.persist(path)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
