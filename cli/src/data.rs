@@ -6,7 +6,8 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use recontrol_data::stats::{DatasetStats, Percentiles};
 
-use crate::args::DatasetArgs;
+use crate::args::{DatasetArgs, PromptFormatArg, SplitArgs};
+use crate::output::JsonlSink;
 
 /// Look at datasets.
 #[derive(Debug, Args)]
@@ -19,6 +20,58 @@ pub struct DataCommand {
 pub enum DataSubcommand {
     /// Counts (kept, skipped and why) and length percentiles of a dataset file.
     Stats(StatsArgs),
+    /// Write a split's prompts as JSONL (`prompt`, `index`, and `reference`: the preferred
+    /// response where the data has pairs), for `generate --prompts` and `eval --reference`.
+    Prompts(PromptsArgs),
+}
+
+#[derive(Debug, Args, serde::Serialize)]
+pub struct PromptsArgs {
+    /// Dataset file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub data: DatasetArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub split: SplitArgs,
+    /// Keep the first N prompts of the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Prompt format (chat templates need a model: use `rollout`/`generate` for those).
+    #[arg(long, value_enum, default_value_t = PromptFormatArg::Hh)]
+    pub prompt_format: PromptFormatArg,
+    /// Output JSONL (atomic, with FILE.config.json); stdout if absent.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+impl PromptsArgs {
+    fn run(self) -> Result<()> {
+        let dataset = self.data.read(&self.file)?;
+        let mut records = self.split.select(&dataset.prompts)?;
+        if let Some(limit) = self.limit {
+            records.truncate(limit);
+        }
+        let chosen: std::collections::HashMap<usize, &str> = dataset
+            .pairs
+            .iter()
+            .flatten()
+            .map(|p| (p.prompt.index, p.chosen.as_str()))
+            .collect();
+        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        for r in &records {
+            let prompt = recontrol_data::render_prompt(self.prompt_format.into(), r, None, None)
+                .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))?;
+            let mut line = serde_json::json!({ "prompt": prompt, "index": r.index });
+            if let Some(c) = chosen.get(&r.index) {
+                line["reference"] = serde_json::Value::from(*c);
+            }
+            sink.write(&line)?;
+        }
+        eprintln!("{} prompts", records.len());
+        sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -36,6 +89,7 @@ impl DataCommand {
     pub fn run(self) -> Result<()> {
         match self.command {
             DataSubcommand::Stats(args) => args.run(),
+            DataSubcommand::Prompts(args) => args.run(),
         }
     }
 }
