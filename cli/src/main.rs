@@ -2,6 +2,7 @@
 
 mod args;
 mod data;
+mod demo;
 mod env;
 mod eval;
 mod export;
@@ -43,13 +44,27 @@ enum Command {
     Export(export::ExportCommand),
     /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
     Eval(Box<eval::EvalArgs>),
+    /// The whole pipeline on the embedded default (CPU, minutes): default model, rollouts,
+    /// reward, value, export, four methods generated and evaluated, and an OOD run.
+    Demo(demo::DemoArgs),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a parsed command line (also used by `recontrol demo` for its stages).
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Generate(args) => args.run(),
         Command::Rollout(args) => args.run(),
         Command::Data(args) => args.run(),
@@ -58,14 +73,7 @@ fn main() -> ExitCode {
         Command::Value(args) => args.run(),
         Command::Export(args) => args.run(),
         Command::Eval(args) => args.run(),
+        Command::Demo(args) => args.run(),
         Command::Env(args) => args.run(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
     }
 }

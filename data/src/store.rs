@@ -322,7 +322,10 @@ impl StoreWriter {
             rollouts
                 .iter()
                 .map(|r| {
-                    f(r).parse::<VarLenUnicode>()
+                    // HDF5 strings end at NUL; a model can emit one (byte-level BPE), so it is
+                    // stored as U+FFFD. The token ids beside it stay exact.
+                    f(r).replace('\0', "\u{FFFD}")
+                        .parse::<VarLenUnicode>()
                         .map_err(|e| StoreError::Mismatch {
                             path: self.path.clone(),
                             message: format!(
@@ -1306,6 +1309,21 @@ mod tests {
             .expect("an item")
             .expect_err("refused");
         assert!(err.to_string().ends_with(": no"), "{err}");
+        Ok(())
+    }
+
+    /// A NUL in generated text (a byte-level BPE can decode one) is stored as U+FFFD, not an
+    /// error: HDF5 strings cannot hold it.
+    #[test]
+    fn nul_bytes_in_texts_are_stored_as_replacement_characters() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        let mut rs = rollouts(2);
+        rs[1].response = "a\0b".into();
+        write(&path, StateDtype::F32, &rs)?;
+        let back = Store::open(&path)?.rollout(1)?;
+        assert_eq!(back.response, "a\u{FFFD}b");
+        assert_eq!(back.tokens, rs[1].tokens);
         Ok(())
     }
 

@@ -1,0 +1,136 @@
+//! `recontrol demo` end to end with a tiny configuration: every stage runs, the reports have
+//! the promised fields, a second run skips everything, and a changed setting reruns only the
+//! stages that depend on it.
+
+use std::path::Path;
+use std::process::Output;
+
+use recontrol_tests::cli::{self, arg as s, stderr};
+use serde_json::Value;
+
+fn recontrol(args: &[&str]) -> Output {
+    cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
+}
+
+const TINY: &str = r#"
+[pretrain]
+args = ["--vocab-size", "300", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
+        "--intermediate", "64", "--seq-len", "64", "--steps", "10", "--batch-size", "4"]
+[rollout]
+args = ["--limit", "24", "--max-new-tokens", "8", "--batch-size", "8", "--temperature", "1.0"]
+[reward]
+args = ["--epochs", "1"]
+[value]
+args = ["--hidden", "16", "--epochs", "2", "--batch-size", "32"]
+[export]
+args = ["--steps", "3", "--alpha", "0.5"]
+[prompts]
+args = ["--limit", "8"]
+[generate]
+args = ["--max-new-tokens", "8", "--batch-size", "4"]
+[control]
+args = ["--alpha", "0.5", "--steps", "3"]
+[prompting]
+prefix = "Be helpful. "
+[ood]
+args = ["--test-fraction", "0.1", "--limit", "4"]
+"#;
+
+fn demo(out: &Path, config: &Path) -> String {
+    let run = recontrol(&["demo", "--out", s(out), "--config", s(config)]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    stderr(&run)
+}
+
+fn report(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("report")).expect("json")
+}
+
+#[test]
+fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("demo.toml");
+    std::fs::write(&config, TINY).expect("write");
+    let out = dir.path().join("demo");
+    let first = demo(&out, &config);
+    assert_eq!(first.matches(": done in").count(), 16, "{first}");
+
+    let r = report(&out.join("report/report.json"));
+    let names: Vec<&str> = r["methods"]
+        .as_array()
+        .expect("methods")
+        .iter()
+        .map(|m| m["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        ["base", "prompting", "re-control", "re-control+prompting"]
+    );
+    for m in r["methods"].as_array().expect("methods") {
+        for field in [
+            "avg_reward",
+            "diversity",
+            "coherence",
+            "win_rate_vs_reference",
+            "win_rate_vs_base",
+            "seconds",
+        ] {
+            assert!(m[field].is_number(), "{field}: {m}");
+        }
+        for field in ["avg_reward_ci95", "reward_gain_vs_base_ci95"] {
+            assert_eq!(m[field].as_array().map(Vec::len), Some(2), "{field}: {m}");
+        }
+    }
+    let ood = report(&out.join("report-ood/report.json"));
+    assert_eq!(ood["methods"].as_array().map(Vec::len), Some(2));
+    assert!(out.join("report/chart.svg").is_file());
+    for stage in ["pretrain", "reward", "value"] {
+        let logs: Vec<_> = std::fs::read_dir(out.join("logs").join(stage))
+            .expect("logs")
+            .collect();
+        assert!(!logs.is_empty(), "no TensorBoard log for {stage}");
+    }
+
+    // Unchanged: every stage is skipped.
+    let second = demo(&out, &config);
+    assert_eq!(second.matches("unchanged, skipped").count(), 16, "{second}");
+
+    // A new alpha reruns the RE-Control generations and the reports, nothing upstream.
+    std::fs::write(
+        &config,
+        TINY.replace(
+            r#"args = ["--alpha", "0.5", "--steps", "3"]"#,
+            r#"args = ["--alpha", "0.25", "--steps", "3"]"#,
+        ),
+    )
+    .expect("write");
+    let third = demo(&out, &config);
+    for skipped in [
+        "pretrain",
+        "rollout",
+        "reward",
+        "value",
+        "export",
+        "generate-hh-base",
+    ] {
+        assert!(
+            third.contains(&format!("{skipped}: unchanged, skipped")),
+            "{skipped}: {third}"
+        );
+    }
+    for rerun in [
+        "generate-hh-re-control",
+        "generate-harmfulqa-re-control",
+        "report",
+    ] {
+        assert!(
+            third.contains(&format!("{rerun}: recontrol")),
+            "{rerun}: {third}"
+        );
+    }
+
+    // A bad configuration is one clear error.
+    std::fs::write(&config, "[pretrain]\nargs = 3\n").expect("write");
+    let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
+    cli::assert_fails_with(&run, "--config");
+}
