@@ -118,7 +118,9 @@ impl Runner {
         let resume = resumable && read(&pending) == key;
         if !resume {
             remove(output)?;
-            remove(&work_dir(output))?;
+            for suffix in [".work", ".parts"] {
+                remove(&sibling(output, suffix))?;
+            }
         } else if output.exists() {
             remove(output)?;
         }
@@ -156,10 +158,11 @@ fn remove(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where a training command keeps checkpoints: `OUT.work` beside its output.
-fn work_dir(output: &Path) -> PathBuf {
+/// `OUT<suffix>` beside an output: where training commands keep checkpoints (`.work`) and
+/// rollouts their finished parts (`.parts`).
+fn sibling(output: &Path, suffix: &str) -> PathBuf {
     let mut name = output.file_name().unwrap_or_default().to_os_string();
-    name.push(".work");
+    name.push(suffix);
     output.with_file_name(name)
 }
 
