@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::args::DeviceArgs;
+use crate::output::work_dir;
 
 /// The bundled data, embedded so that the demo needs nothing beside the binary.
 const HH: &[u8] = include_bytes!("../../data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");
@@ -116,13 +117,10 @@ impl Runner {
             return Ok(key);
         }
         let resume = resumable && read(&pending) == key;
+        remove(output)?;
         if !resume {
-            remove(output)?;
-            for suffix in [".work", ".parts"] {
-                remove(&sibling(output, suffix))?;
-            }
-        } else if output.exists() {
-            remove(output)?;
+            remove(&work_dir(output))?;
+            remove(&recontrol_data::rollout::parts_dir(output))?;
         }
         std::fs::write(&pending, &key)?;
         let _ = std::fs::remove_file(&stamp);
@@ -156,14 +154,6 @@ fn remove(path: &Path) -> Result<()> {
         std::fs::remove_file(path)?;
     }
     Ok(())
-}
-
-/// `OUT<suffix>` beside an output: where training commands keep checkpoints (`.work`) and
-/// rollouts their finished parts (`.parts`).
-fn sibling(output: &Path, suffix: &str) -> PathBuf {
-    let mut name = output.file_name().unwrap_or_default().to_os_string();
-    name.push(suffix);
-    output.with_file_name(name)
 }
 
 fn s(p: &Path) -> String {

@@ -3,7 +3,7 @@
 //! rates against the dataset's reference response and against the base, lengths and times.
 //! Writes `report.json`, `report.md` and `chart.svg` into `--out`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -107,26 +107,19 @@ fn read_generations(path: &Path) -> Result<Vec<Generation>> {
 }
 
 fn read_references(path: &Path, field: &str) -> Result<HashMap<String, String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("--reference {}", path.display()))?;
-    let mut out = HashMap::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("--reference {}:{}: not JSON", path.display(), i + 1))?;
-        let (Some(p), Some(r)) = (v["prompt"].as_str(), v[field].as_str()) else {
-            anyhow::bail!(
-                "--reference {}:{}: expected string fields prompt and {field}",
-                path.display(),
-                i + 1
-            );
-        };
-        out.insert(p.to_owned(), r.to_owned());
-    }
-    Ok(out)
+    use recontrol_data::jsonl::{read_lines, string_field};
+    let flag = || format!("--reference {}", path.display());
+    let (lines, _) = read_lines(path, false).with_context(flag)?;
+    lines
+        .iter()
+        .map(|line| {
+            Ok((
+                string_field(path, line, "prompt")?.to_owned(),
+                string_field(path, line, field)?.to_owned(),
+            ))
+        })
+        .collect::<Result<_, recontrol_data::Error>>()
+        .with_context(flag)
 }
 
 /// Mean-pooled final (post-norm) hidden states of a model: the coherence encoder.
@@ -326,8 +319,7 @@ impl EvalArgs {
             let r = &rewards[k];
             let (lo, hi) = bootstrap_mean_ci(r, self.bootstrap, self.seed);
             let (glo, ghi) = bootstrap_paired_diff_ci(r, &rewards[0], self.bootstrap, self.seed);
-            let batches: BTreeSet<usize> = gens.iter().filter_map(|g| g.batch).collect();
-            let seconds = if batches.is_empty() {
+            let seconds = if gens.iter().all(|g| g.batch.is_none()) {
                 gens.iter().map(|g| g.seconds).sum()
             } else {
                 // Lines of one batch share its seconds: count each batch once.

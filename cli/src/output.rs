@@ -104,15 +104,25 @@ impl JsonlSink {
     }
 }
 
-/// `<file>.config.json`.
-pub fn config_path(path: &Path) -> PathBuf {
+/// `<path><suffix>` beside `path` (e.g. `OUT.work`, `FILE.config.json`).
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".config.json");
+    name.push(suffix);
     path.with_file_name(name)
 }
 
-/// Writes pretty JSON under a temporary name and renames it into place.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+/// `<file>.config.json`.
+pub fn config_path(path: &Path) -> PathBuf {
+    sibling(path, ".config.json")
+}
+
+/// Where a training command writing `out` keeps its checkpoint and logs: `OUT.work`.
+pub fn work_dir(out: &Path) -> PathBuf {
+    sibling(out, ".work")
+}
+
+/// Writes `bytes` under a temporary name and renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -122,11 +132,17 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
         .suffix(".part")
         .tempfile_in(dir)
         .with_context(|| format!("{}: cannot create a file", path.display()))?;
-    serde_json::to_writer_pretty(&mut temp, value)?;
-    writeln!(temp)?;
+    temp.write_all(bytes)?;
     temp.persist(path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
+}
+
+/// Writes pretty JSON under a temporary name and renames it into place.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
 }
 
 /// Where a training run keeps what it needs until its output is complete: `OUT.work/` with the
@@ -142,9 +158,7 @@ impl WorkDirs {
     /// Prepares the folders of a run writing `out`; an interrupted run's checkpoint is an error
     /// unless `resume`.
     pub fn prepare(out: &Path, resume: bool, logdir: Option<&Path>) -> Result<Self> {
-        let mut name = out.file_name().unwrap_or_default().to_os_string();
-        name.push(".work");
-        let work = out.with_file_name(name);
+        let work = work_dir(out);
         let checkpoint = work.join("checkpoint.safetensors");
         if checkpoint.exists() && !resume {
             anyhow::bail!(

@@ -1,14 +1,14 @@
 //! The eval report's human forms: a Markdown table and an SVG chart of reward (with its 95%
 //! interval) and diversity per method.
 
-use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use svg::node::element::{Line, Rectangle, Text};
 use svg::Document;
 
 use crate::eval::MethodReport;
+use crate::output::write_atomic;
 
 /// The comparison table (Markdown).
 pub fn table(methods: &[MethodReport]) -> String {
@@ -146,17 +146,4 @@ pub fn write_chart(path: &Path, methods: &[MethodReport]) -> Result<()> {
         }
     }
     write_atomic(path, doc.to_string().as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut temp = tempfile::Builder::new()
-        .prefix(".recontrol-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .with_context(|| format!("{}: cannot create a file", path.display()))?;
-    temp.write_all(bytes)?;
-    temp.persist(path)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
 }

@@ -55,10 +55,6 @@ impl TorchBackend {
             device,
         })
     }
-
-    pub fn model(&self) -> &ValueModel {
-        &self.model
-    }
 }
 
 impl GradientBackend for TorchBackend {

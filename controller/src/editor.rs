@@ -108,16 +108,15 @@ impl<'b> Controller<'b> {
     pub fn edit(&mut self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = self.config;
         let h0 = h.f_to_kind(Kind::Float)?;
-        let (edited, before, after) = if c.rule == UpdateRule::Sgd && c.clip_grad_norm.is_none() {
-            match self
-                .backend
+        let fused = if c.rule == UpdateRule::Sgd && c.clip_grad_norm.is_none() {
+            self.backend
                 .fused_sgd(&h0, c.alpha, c.steps, c.max_edit_norm)
-            {
-                Some(result) => result?,
-                None => self.step_loop(&h0)?,
-            }
         } else {
-            self.step_loop(&h0)?
+            None
+        };
+        let (edited, before, after) = match fused {
+            Some(result) => result?,
+            None => self.step_loop(&h0)?,
         };
         Ok((edited.f_to_kind(h.kind())?, before, after))
     }
@@ -135,13 +134,7 @@ impl<'b> Controller<'b> {
                 before = Some(value);
             }
             if let Some(max) = c.clip_grad_norm {
-                let norm = grad.f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?;
-                let scale = norm
-                    .f_clamp_min(1e-12)?
-                    .f_reciprocal()?
-                    .f_mul_scalar(max)?
-                    .f_clamp_max(1.0)?;
-                grad = grad.f_mul(&scale)?;
+                grad = grad.f_mul(&shrink_to(&grad, max, 1e-12)?)?;
             }
             let update = match c.rule {
                 UpdateRule::Sgd => grad.f_mul_scalar(c.alpha)?,
@@ -163,13 +156,7 @@ impl<'b> Controller<'b> {
             h = h.f_add(&update)?;
             if let Some(bound) = c.max_edit_norm {
                 let u = h.f_sub(h0)?;
-                let norm = u.f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?;
-                let scale = norm
-                    .f_clamp_min(f64::from(f32::MIN_POSITIVE))?
-                    .f_reciprocal()?
-                    .f_mul_scalar(bound)?
-                    .f_clamp_max(1.0)?;
-                h = h0.f_add(&u.f_mul(&scale)?)?;
+                h = h0.f_add(&u.f_mul(&shrink_to(&u, bound, f64::from(f32::MIN_POSITIVE))?)?)?;
             }
         }
         let after = self.backend.value(&h)?;
@@ -179,6 +166,16 @@ impl<'b> Controller<'b> {
         };
         Ok((h, before, after))
     }
+}
+
+/// Per row of `x [rows, d]`, the factor `min(1, max / ||x||_2)` (`[rows, 1]`) that brings the
+/// row's L2 norm down to `max`; norms below `floor` count as `floor`.
+fn shrink_to(x: &Tensor, max: f64, floor: f64) -> Result<Tensor, tch::TchError> {
+    x.f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
+        .f_clamp_min(floor)?
+        .f_reciprocal()?
+        .f_mul_scalar(max)?
+        .f_clamp_max(1.0)
 }
 
 impl HiddenStateHook for Controller<'_> {

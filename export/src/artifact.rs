@@ -51,11 +51,6 @@ pub fn build_models(
     spec: &ControllerSpec,
     producer: &Producer,
 ) -> Result<Vec<(&'static str, ModelProto)>> {
-    let weights =
-        std::fs::read(value.dir.join("model.safetensors")).map_err(|source| Error::Io {
-            path: value.dir.join("model.safetensors"),
-            source,
-        })?;
     let config = serde_json::to_string(&value.config).map_err(|e| Error::Invalid {
         path: value.dir.join("config.json"),
         message: e.to_string(),
@@ -67,10 +62,7 @@ pub fn build_models(
             ("hidden_size", c.input_dim.to_string()),
             ("lm_hidden_size", c.lm_hidden_size.to_string()),
             ("lm_identity", c.lm_identity.clone()),
-            (
-                "value_weights_sha256",
-                format!("{:x}", Sha256::digest(&weights)),
-            ),
+            ("value_weights_sha256", value.weights_sha256.clone()),
             ("value_config", config.clone()),
             ("alpha", spec.alpha.to_string()),
             ("steps", spec.steps.to_string()),

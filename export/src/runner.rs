@@ -72,74 +72,69 @@ impl GraphSession {
         ))
     }
 
-    fn hidden<'a>(&self, hidden: &'a [f32], batch: usize) -> Result<TensorRef<'a, f32>> {
+    /// Runs the graph on `hidden [batch, d]` (and `alpha`, for the controller) and returns
+    /// the named float outputs, flat, in the order asked.
+    fn run<const N: usize>(
+        &mut self,
+        hidden: &[f32],
+        batch: usize,
+        alpha: Option<f32>,
+        outputs: [&str; N],
+    ) -> Result<[Vec<f32>; N]> {
         if batch == 0 || !hidden.len().is_multiple_of(batch) {
             return Err(Error::Invalid {
                 path: self.path.clone(),
                 message: format!("{} hidden values for a batch of {batch}", hidden.len()),
             });
         }
-        TensorRef::from_array_view(([batch, hidden.len() / batch], hidden))
-            .map_err(ort_error(&self.path))
+        let err = ort_error(&self.path);
+        let hidden =
+            TensorRef::from_array_view(([batch, hidden.len() / batch], hidden)).map_err(&err)?;
+        let alpha = alpha.map(|a| [a]);
+        let out = match &alpha {
+            Some(a) => {
+                let a = TensorRef::from_array_view((Vec::<i64>::new(), &a[..])).map_err(&err)?;
+                self.session
+                    .run(ort::inputs!["hidden" => hidden, "alpha" => a])
+            }
+            None => self.session.run(ort::inputs!["hidden" => hidden]),
+        }
+        .map_err(&err)?;
+        let mut values: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        for (value, name) in values.iter_mut().zip(outputs) {
+            let tensor = out.get(name).ok_or_else(|| Error::Invalid {
+                path: self.path.clone(),
+                message: format!("the graph has no output `{name}`"),
+            })?;
+            *value = tensor.try_extract_tensor::<f32>().map_err(&err)?.1.to_vec();
+        }
+        Ok(values)
     }
 
     /// `value.onnx` (or any graph with a `value` output): V `[batch]`.
     pub fn value(&mut self, hidden: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let input = self.hidden(hidden, batch)?;
-        let err = ort_error(&self.path);
-        let out = self
-            .session
-            .run(ort::inputs!["hidden" => input])
-            .map_err(&err)?;
-        Ok(out["value"]
-            .try_extract_tensor::<f32>()
-            .map_err(&err)?
-            .1
-            .to_vec())
+        let [value] = self.run(hidden, batch, None, ["value"])?;
+        Ok(value)
     }
 
     /// `value_grad.onnx`: V `[batch]` and dV/dh `[batch, d]`.
     pub fn value_grad(&mut self, hidden: &[f32], batch: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        let input = self.hidden(hidden, batch)?;
-        let err = ort_error(&self.path);
-        let out = self
-            .session
-            .run(ort::inputs!["hidden" => input])
-            .map_err(&err)?;
-        let value = out["value"]
-            .try_extract_tensor::<f32>()
-            .map_err(&err)?
-            .1
-            .to_vec();
-        let grad = out["grad"]
-            .try_extract_tensor::<f32>()
-            .map_err(&err)?
-            .1
-            .to_vec();
+        let [value, grad] = self.run(hidden, batch, None, ["value", "grad"])?;
         Ok((value, grad))
     }
 
     /// `controller.onnx`: the edited states and V before and after.
     pub fn control(&mut self, hidden: &[f32], batch: usize, alpha: f32) -> Result<Controlled> {
-        let input = self.hidden(hidden, batch)?;
-        let err = ort_error(&self.path);
-        let alpha = [alpha];
-        let alpha = TensorRef::from_array_view((Vec::<i64>::new(), &alpha[..])).map_err(&err)?;
-        let out = self
-            .session
-            .run(ort::inputs!["hidden" => input, "alpha" => alpha])
-            .map_err(&err)?;
-        let get = |name: &str| -> Result<Vec<f32>> {
-            Ok(out[name]
-                .try_extract_tensor::<f32>()
-                .map_err(&err)?
-                .1
-                .to_vec())
-        };
+        let [edited, value_before, value_after] = self.run(
+            hidden,
+            batch,
+            Some(alpha),
+            ["edited_hidden", "value_before", "value_after"],
+        )?;
         Ok(Controlled {
-            edited: get("edited_hidden")?,
-            value_before: get("value_before")?,
-            value_after: get("value_after")?,
+            edited,
+            value_before,
+            value_after,
         })
     }
 }

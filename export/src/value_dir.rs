@@ -57,6 +57,8 @@ pub struct ValueDir {
     pub dir: PathBuf,
     pub config: ValueConfig,
     pub layers: Vec<Linear>,
+    /// sha256 (hex) of `model.safetensors` as read.
+    pub weights_sha256: String,
 }
 
 impl ValueDir {
@@ -154,6 +156,7 @@ impl ValueDir {
             dir: dir.to_owned(),
             config,
             layers,
+            weights_sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes)),
         })
     }
 }
