@@ -70,12 +70,26 @@ pub struct GenerationArgs {
 }
 
 impl GenerationArgs {
+    /// The library's decoding settings of these flags.
+    pub fn settings(&self) -> recontrol_lm::DecodingSettings {
+        recontrol_lm::DecodingSettings {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+
     /// The checked sampling settings.
     pub fn sampling(&self) -> anyhow::Result<recontrol_lm::Sampling> {
         if self.batch_size == 0 {
             anyhow::bail!("--batch-size must be at least 1");
         }
-        recontrol_lm::Sampling::new(self.temperature, self.top_k, self.top_p, self.seed)
+        self.settings()
+            .sampling()
             .map_err(|e| anyhow::anyhow!("--temperature/--top-k/--top-p: {e}"))
     }
 
@@ -84,11 +98,8 @@ impl GenerationArgs {
         &self,
         lm: &recontrol_lm::LanguageModel,
     ) -> anyhow::Result<recontrol_lm::GenerationConfig> {
-        let mut config = lm.generation_config(self.max_new_tokens, self.sampling()?);
-        if self.ignore_eos {
-            config.eos_token_ids.clear();
-        }
-        Ok(config)
+        self.sampling()?;
+        Ok(self.settings().config(lm)?)
     }
 }
 
@@ -171,28 +182,25 @@ pub struct SplitArgs {
 }
 
 impl SplitArgs {
-    pub fn select<'a>(
-        &self,
-        prompts: &'a [recontrol_data::PromptRecord],
-    ) -> anyhow::Result<Vec<&'a recontrol_data::PromptRecord>> {
+    /// The library's prompt selection of these flags (no limit or shard).
+    pub fn selection(&self) -> anyhow::Result<recontrol_data::selection::PromptSelection> {
         if !(0.0..=1.0).contains(&self.test_fraction) {
             anyhow::bail!(
                 "--test-fraction must be in [0, 1], got {}",
                 self.test_fraction
             );
         }
-        let spec = recontrol_data::SplitSpec {
-            seed: self.split_seed,
-            test_fraction: self.test_fraction,
-        };
-        Ok(spec.select(
-            prompts,
-            match self.split {
+        Ok(recontrol_data::selection::PromptSelection {
+            split: match self.split {
                 SplitArg::Train => recontrol_data::Split::Train,
                 SplitArg::Test => recontrol_data::Split::Test,
                 SplitArg::All => recontrol_data::Split::All,
             },
-        ))
+            split_seed: self.split_seed,
+            test_fraction: self.test_fraction,
+            limit: None,
+            shard: None,
+        })
     }
 }
 
@@ -239,21 +247,6 @@ impl PromptArgs {
             (None, true) => Some(recontrol_data::HELPFUL_INSTRUCTION),
             (None, false) => None,
         }
-    }
-
-    /// Model input text of a dataset prompt.
-    pub fn render(
-        &self,
-        record: &recontrol_data::PromptRecord,
-        tokenizer: &recontrol_lm::LmTokenizer,
-    ) -> anyhow::Result<String> {
-        recontrol_data::render_prompt(
-            self.prompt_format.into(),
-            record,
-            self.instruction(),
-            Some(tokenizer),
-        )
-        .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))
     }
 }
 

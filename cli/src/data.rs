@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use recontrol_data::selection::prompt_lines;
 use recontrol_data::stats::{DatasetStats, Percentiles};
 
 use crate::args::{DatasetArgs, PromptFormatArg, SplitArgs};
@@ -49,27 +50,17 @@ pub struct PromptsArgs {
 impl PromptsArgs {
     fn run(self) -> Result<()> {
         let dataset = self.data.read(&self.file)?;
-        let mut records = self.split.select(&dataset.prompts)?;
-        if let Some(limit) = self.limit {
-            records.truncate(limit);
-        }
-        let chosen: std::collections::HashMap<usize, &str> = dataset
-            .pairs
-            .iter()
-            .flatten()
-            .map(|p| (p.prompt.index, p.chosen.as_str()))
-            .collect();
+        let selection = recontrol_data::selection::PromptSelection {
+            limit: self.limit,
+            ..self.split.selection()?
+        };
+        let lines = prompt_lines(&dataset, &selection, self.prompt_format.into())
+            .context("--prompt-format")?;
         let mut sink = JsonlSink::create(self.out.as_deref())?;
-        for r in &records {
-            let prompt = recontrol_data::render_prompt(self.prompt_format.into(), r, None, None)
-                .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))?;
-            let mut line = serde_json::json!({ "prompt": prompt, "index": r.index });
-            if let Some(c) = chosen.get(&r.index) {
-                line["reference"] = serde_json::Value::from(*c);
-            }
-            sink.write(&line)?;
+        for line in &lines {
+            sink.write(line)?;
         }
-        eprintln!("{} prompts", records.len());
+        eprintln!("{} prompts", lines.len());
         sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))
     }
 }

@@ -1,16 +1,16 @@
 //! `recontrol generate`: plain generation, or RE-Control generation with `--value`.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{
-    BackendKind, ControlConfig, Controller, GradientBackend, UpdateRule, ValueArtifact,
+    generate_records, BackendKind, ControlConfig, Controller, GenerationPlan, GradientBackend,
+    UpdateRule,
 };
-use recontrol_export::OrtRuntime;
-use recontrol_lm::{generate, LanguageModel};
+use recontrol_lm::LanguageModel;
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
@@ -124,58 +124,18 @@ impl ControlArgs {
         self.config()
             .check()
             .map_err(|e| anyhow::anyhow!("--alpha/--clip-grad-norm/--max-edit-norm: {e}"))?;
-        let flag = || format!("--value {}", path.display());
-        let artifact = ValueArtifact::open(path).with_context(flag)?;
-        artifact
-            .check_lm(
-                &lm.identity,
-                lm.model.config().hidden_size,
-                self.allow_foreign_value,
-            )
-            .with_context(flag)?;
-        let runtime = match self.grad_backend {
-            GradBackendArg::Onnx => Some(OrtRuntime::load(self.onnxruntime.as_deref())?),
-            GradBackendArg::Torch => None,
+        let options = ValueOptions {
+            backend: match self.grad_backend {
+                GradBackendArg::Onnx => BackendKind::Onnx,
+                GradBackendArg::Torch => BackendKind::Torch,
+            },
+            allow_foreign: self.allow_foreign_value,
+            onnxruntime: self.onnxruntime.clone(),
         };
-        let kind = match self.grad_backend {
-            GradBackendArg::Onnx => BackendKind::Onnx,
-            GradBackendArg::Torch => BackendKind::Torch,
-        };
-        Ok(Some(
-            artifact
-                .backend(kind, lm.model.device(), runtime, None)
-                .with_context(flag)?,
-        ))
+        let backend = open_value_backend(path, lm, &options)
+            .with_context(|| format!("--value {}", path.display()))?;
+        Ok(Some(backend))
     }
-}
-
-/// One output line.
-#[derive(Debug, Serialize)]
-struct Record<'a> {
-    /// The prompt as given (without `--prompt-prefix`).
-    prompt: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt_prefix: Option<&'a str>,
-    /// The generation call (batch) it came from; `seconds` is that call's.
-    batch: usize,
-    response: String,
-    tokens: &'a [i64],
-    num_tokens: usize,
-    finish_reason: &'static str,
-    /// Wall time of the generation call of this prompt's batch (model loading excluded).
-    seconds: f64,
-    /// With --value: the edits of this response.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    control: Option<ControlRecord>,
-}
-
-/// Per-response edit statistics (means over the decoding steps).
-#[derive(Debug, Serialize)]
-struct ControlRecord {
-    edit_norm_mean: f64,
-    edit_norm_max: f64,
-    value_before_mean: f64,
-    value_after_mean: f64,
 }
 
 /// What FILE.config.json records.
@@ -197,33 +157,12 @@ impl GenerateArgs {
         if let Some(path) = &self.prompts {
             prompts.extend(recontrol_data::read_prompts(path, &self.prompt_field)?);
         }
-        // The model sees the prefix; records keep the user's prompt (what rewards judge).
-        let inputs: Vec<String> = prompts
-            .iter()
-            .map(|p| format!("{}{p}", self.prompt_prefix.as_deref().unwrap_or("")))
-            .collect();
         let mut sink = JsonlSink::create(self.out.as_deref())?;
 
         eprintln!("loading {}", self.model.display());
         let lm = LanguageModel::load(&self.model, self.device.device, self.device.dtype.into())
             .with_context(|| format!("--model {}", self.model.display()))?;
-        let mut truncated = 0;
-        let token_ids = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let (ids, cut) = lm.encode_prompt(p, self.generation.max_new_tokens, true)?;
-                if ids.is_empty() {
-                    anyhow::bail!("prompt {i} is empty");
-                }
-                truncated += usize::from(cut);
-                Ok(ids)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if truncated > 0 {
-            eprintln!("{truncated} prompts were too long for the model with --max-new-tokens {}: their oldest tokens were dropped", self.generation.max_new_tokens);
-        }
-        let mut config = self.generation.config(&lm)?;
+        let config = self.generation.config(&lm)?;
         let mut backend = self.control.backend(&lm)?;
         let mut controller = backend
             .as_deref_mut()
@@ -232,61 +171,42 @@ impl GenerateArgs {
         if let Some(c) = &controller {
             eprintln!("controlling with {c:?}");
         }
-
+        let plan = GenerationPlan {
+            prompts: &prompts,
+            prompt_prefix: self.prompt_prefix.as_deref(),
+            config: config.clone(),
+            batch_size: self.generation.batch_size,
+        };
         let progress = ProgressBar::new(prompts.len() as u64).with_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} prompts  {elapsed} (eta {eta})  {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let (mut total_tokens, mut total_seconds) = (0usize, 0f64);
-        for (chunk_index, chunk) in token_ids.chunks(self.generation.batch_size).enumerate() {
-            let first = chunk_index * self.generation.batch_size;
-            config.first_row = first as u64;
-            let start = Instant::now();
-            let hook = controller
-                .as_mut()
-                .map(|c| c as &mut dyn recontrol_lm::HiddenStateHook);
-            let outputs = generate(&lm.model, chunk, &config, hook)?;
-            let seconds = start.elapsed().as_secs_f64();
-            let stats = controller
-                .as_mut()
-                .map(Controller::take_stats)
-                .unwrap_or_default();
-            total_seconds += seconds;
-            for (offset, out) in outputs.iter().enumerate() {
-                total_tokens += out.tokens.len();
-                sink.write(&Record {
-                    prompt: &prompts[first + offset],
-                    prompt_prefix: self.prompt_prefix.as_deref(),
-                    batch: chunk_index,
-                    response: lm.tokenizer.decode(&out.tokens, true)?,
-                    tokens: &out.tokens,
-                    num_tokens: out.tokens.len(),
-                    finish_reason: out.finish_reason.as_str(),
-                    seconds,
-                    control: controller.as_ref().map(|_| {
-                        let s = stats.get(offset).copied().unwrap_or_default();
-                        ControlRecord {
-                            edit_norm_mean: s.edit_norm_mean(),
-                            edit_norm_max: s.edit_norm_max,
-                            value_before_mean: s.value_before_mean(),
-                            value_after_mean: s.value_after_mean(),
-                        }
-                    }),
-                })?;
+        let (mut tokens, mut seconds) = (0usize, 0f64);
+        let summary = generate_records(&lm, &plan, controller.as_mut(), &mut |records| {
+            for r in records {
+                sink.write(r)?;
+                tokens += r.num_tokens.unwrap_or(0);
             }
-            progress.inc(chunk.len() as u64);
-            progress.set_message(format!(
-                "{:.1} tokens/s",
-                total_tokens as f64 / total_seconds
-            ));
-        }
+            seconds += records.first().and_then(|r| r.seconds).unwrap_or(0.0);
+            progress.inc(records.len() as u64);
+            progress.set_message(format!("{:.1} tokens/s", tokens as f64 / seconds));
+            Ok(())
+        })?;
         progress.finish_and_clear();
+        if summary.truncated_prompts > 0 {
+            eprintln!(
+                "{} prompts were too long for the model with --max-new-tokens {}: their oldest tokens were dropped",
+                summary.truncated_prompts, self.generation.max_new_tokens
+            );
+        }
         eprintln!(
-            "generated {total_tokens} tokens for {} prompts in {total_seconds:.2} s ({:.1} tokens/s)",
-            prompts.len(),
-            total_tokens as f64 / total_seconds.max(1e-9)
+            "generated {} tokens for {} prompts in {:.2} s ({:.1} tokens/s)",
+            summary.tokens,
+            summary.prompts,
+            summary.seconds,
+            summary.tokens as f64 / summary.seconds.max(1e-9)
         );
         sink.finish(&RunRecord {
             command: "generate",

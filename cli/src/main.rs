@@ -9,7 +9,6 @@ mod export;
 mod generate;
 mod output;
 mod pretrain;
-mod report;
 mod reward;
 mod rollout;
 mod value;

@@ -1,20 +1,19 @@
 //! `recontrol reward`: train a Bradley-Terry reward model, score generations, label rollouts.
 
-use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use recontrol_data::{PromptFormat, Split, SplitSpec, Store};
+use recontrol_data::{read_generations, Store};
 use recontrol_lm::LanguageModel;
-use recontrol_reward_model::train::{
-    length_baseline_accuracy, pair_features, train_head, train_top_k, EpochMetrics, PairTexts,
-    RewardTrainConfig, RunControl,
+use recontrol_reward_model::stage::{
+    label_start, label_store, prepare_pairs, train_reward, LabelMode, RewardOutcome,
+    RewardSettings, RewardSummary,
 };
-use recontrol_reward_model::{load_reward, scored_text, RewardModel};
+use recontrol_reward_model::train::{EpochMetrics, RewardTrainConfig, RunControl};
+use recontrol_reward_model::{load_reward, RewardModel};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::args::{DatasetArgs, DeviceArgs, EpochRunArgs};
 use crate::output::{JsonlSink, Provenance, WorkDirs};
@@ -95,28 +94,18 @@ pub struct TrainArgs {
     pub device: DeviceArgs,
 }
 
+/// What `reward_training.json` in the reward-model directory records.
 #[derive(Debug, Serialize)]
 struct TrainingRecord<'a> {
     args: &'a TrainArgs,
-    backbone_identity: &'a str,
-    train_pairs: usize,
-    heldout_pairs: usize,
-    skipped_empty: usize,
-    history: &'a [EpochMetrics],
-    heldout_accuracy: f64,
-    length_baseline_accuracy: f64,
+    #[serde(flatten)]
+    summary: &'a RewardSummary,
     provenance: Provenance,
 }
 
 impl TrainArgs {
-    fn run(&self) -> Result<()> {
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
-                self.out.display()
-            );
-        }
-        let config = RewardTrainConfig {
+    fn settings(&self) -> RewardSettings {
+        RewardSettings {
             epochs: self.epochs,
             batch_size: self.batch_size,
             lr: self.lr,
@@ -124,7 +113,21 @@ impl TrainArgs {
             warmup_steps: self.warmup_steps,
             weight_decay: self.weight_decay,
             seed: self.seed,
-        };
+            unfreeze_top_k: self.unfreeze_top_k,
+            feature_batch_size: self.feature_batch_size,
+            split_seed: self.split_seed,
+            test_fraction: self.test_fraction,
+        }
+    }
+
+    fn run(&self) -> Result<()> {
+        if self.out.exists() {
+            anyhow::bail!(
+                "--out {}: exists; remove it or choose another name",
+                self.out.display()
+            );
+        }
+        let settings = self.settings();
         let WorkDirs {
             checkpoint, logdir, ..
         } = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
@@ -136,43 +139,12 @@ impl TrainArgs {
                 self.pairs.display()
             )
         })?;
-        let split = SplitSpec {
-            seed: self.split_seed,
-            test_fraction: self.test_fraction,
-        };
-        let (mut train, mut heldout) = (PairTexts::default(), PairTexts::default());
-        // Replies alone, for the length-only baseline: (chosen, rejected) per side.
-        let (mut train_replies, mut heldout_replies) =
-            ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-        let mut skipped_empty = 0;
-        for pair in pairs {
-            if pair.chosen.is_empty() || pair.rejected.is_empty() {
-                skipped_empty += 1;
-                continue;
-            }
-            let prompt = recontrol_data::render_prompt(PromptFormat::Raw, &pair.prompt, None, None)
-                .map_err(anyhow::Error::msg)?;
-            let (side, replies) = if split.side_of(&pair.prompt.raw) == Split::Test {
-                (&mut heldout, &mut heldout_replies)
-            } else {
-                (&mut train, &mut train_replies)
-            };
-            side.chosen
-                .push(scored_text(&prompt, &format!(" {}", pair.chosen)));
-            side.rejected
-                .push(scored_text(&prompt, &format!(" {}", pair.rejected)));
-            replies.0.push(pair.chosen.clone());
-            replies.1.push(pair.rejected.clone());
-        }
-        if skipped_empty > 0 {
-            eprintln!("skipped {skipped_empty} pairs with an empty reply");
-        }
-        if train.chosen.is_empty() || heldout.chosen.is_empty() {
-            anyhow::bail!(
-                "--pairs {}: {} training and {} held-out pairs; both sides need some",
-                self.pairs.display(),
-                train.chosen.len(),
-                heldout.chosen.len()
+        let prepared = prepare_pairs(pairs, &settings.split())
+            .with_context(|| format!("--pairs {}", self.pairs.display()))?;
+        if prepared.skipped_empty > 0 {
+            eprintln!(
+                "skipped {} pairs with an empty reply",
+                prepared.skipped_empty
             );
         }
 
@@ -182,7 +154,7 @@ impl TrainArgs {
                 .with_context(|| format!("--model {}", self.model.display()))?;
 
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
-        let progress = ProgressBar::new(config.epochs as u64).with_style(
+        let progress = ProgressBar::new(settings.epochs as u64).with_style(
             ProgressStyle::with_template("{bar:30} epoch {pos}/{len}  {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
@@ -208,65 +180,32 @@ impl TrainArgs {
                 m.heldout_accuracy, m.heldout_margin
             ));
         };
-        let trained = if self.unfreeze_top_k == 0 {
-            eprintln!(
-                "features of {} training and {} held-out pairs",
-                train.chosen.len(),
-                heldout.chosen.len()
-            );
-            let train_features = pair_features(&lm, &train, self.feature_batch_size)?;
-            let heldout_features = pair_features(&lm, &heldout, self.feature_batch_size)?;
-            train_head(
-                &train_features,
-                &heldout_features,
-                &config,
-                control,
-                &mut on_epoch,
-            )?
-        } else {
-            train_top_k(
-                &lm,
-                self.unfreeze_top_k,
-                &train,
-                &heldout,
-                &config,
-                control,
-                &mut on_epoch,
-            )?
-        };
+        let outcome = train_reward(&lm, &prepared, &settings, control, &mut on_epoch)?;
         tb.flush();
         progress.finish_and_clear();
-        if !trained.complete {
-            eprintln!(
-                "stopped after epoch {} of {}; continue with --resume",
-                trained.history.len(),
-                config.epochs
-            );
-            return Ok(());
-        }
-        let accuracy = trained.history.last().map_or(0.0, |m| m.heldout_accuracy);
-        let baseline = length_baseline_accuracy(
-            (&train_replies.0, &train_replies.1),
-            (&heldout_replies.0, &heldout_replies.1),
-        );
-        let identity = lm.identity.clone();
+        let (score, summary) = match outcome {
+            RewardOutcome::Stopped { epochs_done } => {
+                eprintln!(
+                    "stopped after epoch {epochs_done} of {}; continue with --resume",
+                    settings.epochs
+                );
+                return Ok(());
+            }
+            RewardOutcome::Complete { score, summary } => (score, summary),
+        };
         let record = serde_json::to_value(TrainingRecord {
             args: self,
-            backbone_identity: &identity,
-            train_pairs: train.chosen.len(),
-            heldout_pairs: heldout.chosen.len(),
-            skipped_empty,
-            history: &trained.history,
-            heldout_accuracy: accuracy,
-            length_baseline_accuracy: baseline,
+            summary: &summary,
             provenance: Provenance::current(),
         })?;
-        let model = RewardModel::from_parts(lm, trained.score);
+        let model = RewardModel::from_parts(lm, score);
         model.save(&self.out, &[("reward_training.json", record)])?;
         let _ = std::fs::remove_file(&checkpoint);
         println!(
-            "held-out pair accuracy {accuracy:.3} (length-only baseline {baseline:.3}) on {} pairs; wrote {}",
-            heldout.chosen.len(),
+            "held-out pair accuracy {:.3} (length-only baseline {:.3}) on {} pairs; wrote {}",
+            summary.heldout_accuracy,
+            summary.length_baseline_accuracy,
+            summary.heldout_pairs,
             self.out.display()
         );
         Ok(())
@@ -290,46 +229,19 @@ pub struct ScoreArgs {
 
 impl ScoreArgs {
     fn run(self) -> Result<()> {
-        let file = std::fs::File::open(&self.input)
+        let mut records = read_generations(&self.input)
             .with_context(|| format!("--input {}", self.input.display()))?;
-        let mut records: Vec<serde_json::Map<String, Value>> = Vec::new();
-        let mut pairs = Vec::new();
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-            let line = line.with_context(|| format!("--input {}", self.input.display()))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let record: serde_json::Map<String, Value> =
-                serde_json::from_str(&line).with_context(|| {
-                    format!(
-                        "--input {}:{}: malformed JSON object",
-                        self.input.display(),
-                        i + 1
-                    )
-                })?;
-            let field = |name: &str| -> Result<String> {
-                record
-                    .get(name)
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .with_context(|| {
-                        format!(
-                            "--input {}:{}: no string field {name:?}",
-                            self.input.display(),
-                            i + 1
-                        )
-                    })
-            };
-            pairs.push((field("prompt")?, field("response")?));
-            records.push(record);
-        }
+        let pairs: Vec<(String, String)> = records
+            .iter()
+            .map(|r| (r.prompt.clone(), r.response.clone()))
+            .collect();
         let mut reward = load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let rewards = reward.score(&pairs)?;
         let mut sink = JsonlSink::create(self.out.as_deref())?;
-        for (mut record, r) in records.into_iter().zip(rewards) {
-            record.insert("reward".into(), Value::from(r));
-            sink.write(&record)?;
+        for (record, r) in records.iter_mut().zip(rewards) {
+            record.reward = Some(f64::from(r));
+            sink.write(record)?;
         }
         sink.finish(&serde_json::json!({
             "command": "reward score",
@@ -363,46 +275,29 @@ pub struct LabelArgs {
 
 impl LabelArgs {
     fn run(self) -> Result<()> {
-        let store = Store::open_rw(&self.rollouts)
-            .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
+        let flag = || format!("--rollouts {}", self.rollouts.display());
+        let store = Store::open_rw(&self.rollouts).with_context(flag)?;
         let rewards = store.rewards()?;
-        let labelled = rewards.iter().filter(|r| !r.is_nan()).count();
-        let n = rewards.len();
-        let start = if self.overwrite {
-            0
-        } else if labelled == n && n > 0 {
-            anyhow::bail!(
-                "--rollouts {}: already labelled; pass --overwrite to relabel",
-                self.rollouts.display()
-            );
-        } else if labelled > 0 && !self.resume {
-            anyhow::bail!(
-                "--rollouts {}: partly labelled ({labelled} of {n}); pass --resume to finish or --overwrite to relabel",
-                self.rollouts.display()
-            );
-        } else {
-            // Labelling goes in order: resume at the first unlabelled rollout.
-            rewards.iter().position(|r| r.is_nan()).unwrap_or(n)
+        let mode = match (self.overwrite, self.resume) {
+            (true, _) => LabelMode::Overwrite,
+            (false, true) => LabelMode::Resume,
+            (false, false) => LabelMode::Fresh,
         };
+        let start = label_start(&rewards, mode).with_context(flag)?;
         let mut reward = load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
-        let texts = store.texts()?;
-        let progress = ProgressBar::new(n as u64).with_style(
+        let progress = ProgressBar::new(rewards.len() as u64).with_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} rollouts labelled  {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         progress.set_position(start as u64);
-        let mut at = start;
-        for chunk in texts[start..].chunks(self.chunk.max(1)) {
-            let scores = reward.score(chunk)?;
-            store.write_rewards(at, &scores)?;
-            at += chunk.len();
-            progress.set_position(at as u64);
-        }
+        let summary = label_store(&store, reward.as_mut(), start, self.chunk, &mut |done| {
+            progress.set_position(done as u64)
+        })?;
         progress.finish_and_clear();
         eprintln!(
             "labelled {} rollouts of {} with {} (texts re-tokenised by the reward's own tokenizer)",
-            n - start,
+            summary.labelled,
             self.rollouts.display(),
             reward.describe()
         );

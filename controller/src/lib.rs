@@ -9,14 +9,18 @@
 //!   or Adam; optional gradient clip and edit-norm bound), with per-row edit statistics.
 //! - [`artifact`]: opening `--value` (export dir, `.onnx` file or value dir) and checking it
 //!   against the LM (hidden size, source-model identity).
+//! - [`generation`]: the generation stage ([`generate_records`]): prompts in, generation
+//!   records out, plain or controlled.
 
 pub mod artifact;
 pub mod backend;
 pub mod editor;
+pub mod generation;
 
 pub use artifact::{BackendKind, ValueArtifact};
 pub use backend::{GradientBackend, OnnxBackend, TorchBackend};
 pub use editor::{ControlConfig, Controller, RowStats, UpdateRule};
+pub use generation::{generate_records, GenerationPlan, GenerationSummary};
 
 use std::path::PathBuf;
 
@@ -38,6 +42,13 @@ pub enum Error {
     Shape(String),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Lm(#[from] recontrol_lm::Error),
+    #[error("prompt {index} is empty")]
+    EmptyPrompt { index: usize },
+    /// The caller's sink refused a batch of records.
+    #[error("{0}")]
+    Sink(generation::SinkError),
 }
 
 /// The crate's result type.

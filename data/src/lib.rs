@@ -1,20 +1,24 @@
 //! Datasets, prompt formats and the HDF5 rollout store of recontrol.
 //!
 //! - [`datasets`]: HH-RLHF preference pairs, HarmfulQA questions, generic JSONL with field names.
-//! - [`split`]: seeded, deterministic train/test splits.
+//! - [`split`]: seeded, deterministic train/test splits; [`selection`]: the records a stage
+//!   uses (side, limit, shard) and the prompts file.
 //! - [`format`]: prompt formats (raw, hh, vicuna, chat-template, with the paper's optional
 //!   instruction) and the one truncation rule for responses.
 //! - [`store`]: the streaming HDF5 rollout store (states, offsets, tokens, texts, rewards).
-//! - [`metrics`]: the evaluation formulas (rep-n, diversity, bootstrap intervals).
+//! - [`generation`]: the generation record (one line of a generations JSONL file).
+//! - [`metrics`]: the evaluation formulas (rep-n, diversity, bootstrap intervals, win rates).
 //!
 //! This crate does not depend on libtorch.
 
 pub mod datasets;
 pub mod dialogue;
 pub mod format;
+pub mod generation;
 pub mod jsonl;
 pub mod metrics;
 pub mod rollout;
+pub mod selection;
 pub mod split;
 pub mod stats;
 pub mod store;
@@ -27,6 +31,7 @@ pub use format::{
     dialogue_document, render_prompt, truncate_response, ChatRenderer, PromptFormat,
     HELPFUL_INSTRUCTION,
 };
+pub use generation::{read_generations, EditStats, GenerationRecord};
 pub use jsonl::read_prompts;
 pub use split::{Split, SplitSpec};
 pub use store::{Rollout, StateDtype, Store, StoreError, StoreMeta, StoreWriter};

@@ -1,6 +1,6 @@
 //! The evaluation formulas, one pure function each (definitions in the RE-Control paper's
 //! evaluation): repetition and diversity over whitespace word tokens, and seeded percentile
-//! bootstrap intervals for a mean and for a paired difference of means.
+//! bootstrap intervals for a mean and for a paired difference of means, and win rates.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -20,6 +20,22 @@ pub fn rep_n(text: &str, n: usize) -> f64 {
 /// `diversity = prod over n = 2, 3, 4 of (1 - rep_n / 100)` of one text.
 pub fn diversity(text: &str) -> f64 {
     (2..=4).map(|n| 1.0 - rep_n(text, n) / 100.0).product()
+}
+
+/// Share of pairs in which `a` beats `b`, ties counting half (0 for no pairs): a method's win
+/// rate against another on the same prompts, and a reward model's pair accuracy (chosen
+/// against rejected). A NaN on either side counts as a loss for `a`.
+pub fn win_rate<T: PartialOrd>(a: &[T], b: &[T]) -> f64 {
+    let wins: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| match x.partial_cmp(y) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        })
+        .sum();
+    wins / a.len().max(1) as f64
 }
 
 /// The 95% percentile bootstrap interval of the mean of `values` (`resamples` draws, seeded).
@@ -76,6 +92,14 @@ mod tests {
         // Too short for any n-gram.
         assert!((rep_n("one", 2) - 100.0).abs() < 1e-12);
         assert!(diversity("") == 0.0);
+    }
+
+    #[test]
+    fn win_rates_count_ties_half_and_nan_as_a_loss() {
+        assert_eq!(win_rate(&[3.0, 1.0, 2.0, 0.0], &[1.0, 2.0, 2.0, 0.0]), 0.5);
+        assert_eq!(win_rate(&[2.0f32, f32::NAN], &[1.0, 0.0]), 0.5);
+        assert_eq!(win_rate(&[1, 2, 3], &[0, 0, 0]), 1.0);
+        assert_eq!(win_rate::<f64>(&[], &[]), 0.0);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod bpe;
 mod cache;
 pub mod checkpoint;
 pub mod config;
+mod decoding;
 mod device;
 mod error;
 mod generate;
@@ -44,6 +45,7 @@ use serde::Deserialize;
 
 pub use cache::KvCache;
 pub use config::{Architecture, ModelConfig, SUPPORTED_MODEL_TYPES};
+pub use decoding::DecodingSettings;
 pub use device::{DType, DeviceSpec};
 pub use error::{Error, Result};
 pub use generate::{generate, FinishReason, Generation, GenerationConfig};

@@ -2,10 +2,13 @@
 //! backbone plus a scalar head, the layout of Hugging Face `LlamaForSequenceClassification`),
 //! and rule-based rewards from a small TOML spec. Both score `prompt + truncated response`
 //! (the shared truncation rule of `recontrol_data::truncate_response`).
+//!
+//! [`stage`] holds the stages as library calls: pair preparation, training, store labelling.
 
 pub mod loss;
 pub mod model;
 pub mod rules;
+pub mod stage;
 pub mod train;
 
 pub use loss::bradley_terry_loss;
@@ -33,6 +36,10 @@ pub enum Error {
     NonFinite { index: usize, value: f32 },
     #[error("training: {0}")]
     Training(String),
+    #[error("{train} training and {heldout} held-out pairs; both sides need some")]
+    EmptySide { train: usize, heldout: usize },
+    #[error(transparent)]
+    Store(recontrol_data::StoreError),
 }
 
 /// The crate's result type.

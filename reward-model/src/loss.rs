@@ -11,17 +11,15 @@ pub fn bradley_terry_loss(chosen: &Tensor, rejected: &Tensor) -> Result<Tensor, 
 /// Share of pairs whose chosen reward is higher (ties count half) and the mean margin.
 pub fn accuracy_and_margin(chosen: &[f32], rejected: &[f32]) -> (f64, f64) {
     let n = chosen.len().max(1) as f64;
-    let mut correct = 0.0;
-    let mut margin = 0.0;
-    for (c, r) in chosen.iter().zip(rejected) {
-        correct += match c.partial_cmp(r) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        };
-        margin += f64::from(c - r);
-    }
-    (correct / n, margin / n)
+    let margin: f64 = chosen
+        .iter()
+        .zip(rejected)
+        .map(|(c, r)| f64::from(c - r))
+        .sum();
+    (
+        recontrol_data::metrics::win_rate(chosen, rejected),
+        margin / n,
+    )
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
-//! The eval report's human forms: a Markdown table and an SVG chart of reward (with its 95%
-//! interval) and diversity per method.
+//! The report's forms: `report.json` (the [`Report`] and how the run was made), `report.md` (a
+//! Markdown table and what the numbers mean) and `chart.svg` (reward with its 95% interval and
+//! diversity per method).
 
+use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use serde::Serialize;
 use svg::node::element::{Line, Rectangle, Text};
 use svg::Document;
 
-use crate::eval::MethodReport;
-use crate::output::write_atomic;
+use crate::{Error, MethodReport, Report, Result};
 
 /// The comparison table (Markdown).
 pub fn table(methods: &[MethodReport]) -> String {
@@ -40,28 +41,23 @@ pub fn table(methods: &[MethodReport]) -> String {
 }
 
 /// `report.md`: the table and what the numbers mean.
-pub fn write_markdown(
-    path: &Path,
-    methods: &[MethodReport],
-    report: &serde_json::Value,
-) -> Result<()> {
-    let text = format!(
+pub fn markdown(report: &Report) -> String {
+    format!(
         "# recontrol eval\n\n{} prompts; reward: {}; coherence: {}.\n\n{}\n\
          Rewards are scored on prompt + response, the response cut by one truncation rule for\n\
          every method. Intervals: 95% percentile bootstrap ({} resamples); gains are paired by\n\
          prompt. Diversity = prod over n = 2..4 of (1 - rep_n / 100), averaged over responses.\n\
          Win rates count ties as half.\n\n![reward and diversity](chart.svg)\n",
-        report["prompts"],
-        report["reward"].as_str().unwrap_or_default(),
-        report["coherence_encoder"].as_str().unwrap_or_default(),
-        table(methods),
-        report["bootstrap"]["resamples"],
-    );
-    write_atomic(path, text.as_bytes())
+        report.prompts,
+        report.reward,
+        report.coherence_encoder,
+        table(&report.methods),
+        report.bootstrap.resamples,
+    )
 }
 
 /// `chart.svg`: two panels, average reward with its interval and diversity, a bar per method.
-pub fn write_chart(path: &Path, methods: &[MethodReport]) -> Result<()> {
+pub fn chart(methods: &[MethodReport]) -> String {
     let (w, h, pad) = (360.0, 260.0, 40.0);
     let mut doc = Document::new()
         .set("viewBox", (0, 0, 2.0 * w, h + 40.0))
@@ -145,5 +141,46 @@ pub fn write_chart(path: &Path, methods: &[MethodReport]) -> Result<()> {
                 );
         }
     }
-    write_atomic(path, doc.to_string().as_bytes())
+    doc.to_string()
+}
+
+/// `report.json` as written: the report, then how the run was made (`run`'s fields, e.g. the
+/// arguments and provenance).
+#[derive(Serialize)]
+struct ReportFile<'a, R: Serialize> {
+    #[serde(flatten)]
+    report: &'a Report,
+    #[serde(flatten)]
+    run: &'a R,
+}
+
+/// Writes `report.json`, `report.md` and `chart.svg` into the folder `out` (made if missing),
+/// each under a temporary name renamed into place when complete. `run` (a struct or map)
+/// adds its fields to `report.json`.
+pub fn write_report<R: Serialize>(out: &Path, report: &Report, run: &R) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.to_owned(),
+        source,
+    })?;
+    let mut json = serde_json::to_vec_pretty(&ReportFile { report, run })?;
+    json.push(b'\n');
+    write_atomic(&out.join("report.json"), &json)?;
+    write_atomic(&out.join("report.md"), markdown(report).as_bytes())?;
+    write_atomic(&out.join("chart.svg"), chart(&report.methods).as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".recontrol-")
+        .suffix(".part")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    temp.write_all(bytes).map_err(io)?;
+    temp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
 }
