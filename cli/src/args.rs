@@ -138,9 +138,10 @@ pub struct DatasetArgs {
 }
 
 impl DatasetArgs {
-    pub fn read(&self, path: &std::path::Path) -> anyhow::Result<recontrol_data::Dataset> {
+    /// The library's read options of these flags.
+    pub fn options(&self) -> recontrol_data::ReadOptions {
         use recontrol_data::DatasetKind;
-        let options = recontrol_data::ReadOptions {
+        recontrol_data::ReadOptions {
             kind: match self.dataset_kind {
                 DatasetKindArg::Auto => None,
                 DatasetKindArg::Hh => Some(DatasetKind::Hh),
@@ -153,8 +154,11 @@ impl DatasetArgs {
                 rejected: self.rejected_field.clone(),
             },
             skip_bad: self.skip_bad,
-        };
-        Ok(recontrol_data::Dataset::read(path, &options)?)
+        }
+    }
+
+    pub fn read(&self, path: &std::path::Path) -> anyhow::Result<recontrol_data::Dataset> {
+        Ok(recontrol_data::Dataset::read(path, &self.options())?)
     }
 }
 

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use recontrol_data::Store;
+use recontrol_export::Producer;
+use recontrol_value_net::stage::{train_value_model, ValueOutcome, ValueSettings};
 use recontrol_value_net::train::{
-    check_labelled, evaluate, train_value, EpochMetrics, RunControl, ValueTrainConfig,
+    check_labelled, evaluate, EpochMetrics, RunControl, ValueTrainConfig,
 };
-use recontrol_value_net::{Activation, Target, ValueConfig, ValueModel};
+use recontrol_value_net::{Activation, Target, ValueModel};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, EpochRunArgs};
@@ -115,9 +117,10 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self) -> ValueTrainConfig {
-        ValueTrainConfig {
-            hidden_dims: vec![self.hidden; self.layers],
+    fn settings(&self) -> ValueSettings {
+        ValueSettings {
+            layers: self.layers,
+            hidden: self.hidden,
             activation: self.activation.into(),
             target: match self.target {
                 TargetArg::Td0 => Target::Td0,
@@ -130,7 +133,6 @@ impl TrainArgs {
             val_fraction: self.val_fraction,
             patience: self.patience,
             seed: self.seed,
-            ..ValueTrainConfig::default()
         }
     }
 
@@ -158,17 +160,24 @@ impl TrainArgs {
         let store = Store::open(&self.rollouts)
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;
-        let config = self.config();
+        let provenance = Provenance::current();
+        let producer = Producer {
+            recontrol_version: provenance.recontrol_version.to_owned(),
+            git_revision: provenance.git_revision.to_owned(),
+        };
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
-        let trained = train_value(
+        let outcome = train_value_model(
             &store,
-            &config,
+            &self.rollouts,
+            &self.settings(),
+            self,
             device,
             RunControl {
                 checkpoint: &checkpoint,
                 resume: self.run.resume,
                 max_epochs_this_run: self.run.max_epochs_per_run,
             },
+            &producer,
             &mut |m: &EpochMetrics| {
                 tb.add_scalar("value/train_loss", m.train_loss as f32, m.epoch);
                 tb.add_scalar("value/val_loss", m.val_loss as f32, m.epoch);
@@ -184,39 +193,15 @@ impl TrainArgs {
         )
         .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         tb.flush();
-        if !trained.complete {
-            eprintln!(
-                "stopped after epoch {}; continue with --resume",
-                trained.history.len()
-            );
-            return Ok(());
-        }
-        let provenance = Provenance::current();
-        let model = ValueModel {
-            config: ValueConfig {
-                input_dim: store.meta().hidden_size,
-                hidden_dims: config.hidden_dims.clone(),
-                activation: config.activation,
-                reward_mean: trained.reward_mean,
-                reward_std: trained.reward_std,
-                lm_hidden_size: store.meta().hidden_size,
-                lm_identity: store.meta().model_hash.clone(),
-                training: serde_json::json!({
-                    "args": self,
-                    "config": config,
-                    "rollouts": self.rollouts,
-                    "best_epoch": trained.best_epoch,
-                    "history": trained.history,
-                }),
-                seed: self.seed,
-                git_revision: provenance.git_revision.to_owned(),
-                recontrol_version: provenance.recontrol_version.to_owned(),
-            },
-            mlp: trained.mlp,
+        let (model, best) = match outcome {
+            ValueOutcome::Stopped { epochs_done } => {
+                eprintln!("stopped after epoch {epochs_done}; continue with --resume");
+                return Ok(());
+            }
+            ValueOutcome::Complete { model, best } => (model, best),
         };
         model.save(&self.out)?;
         let _ = std::fs::remove_file(&checkpoint);
-        let best = trained.history[trained.best_epoch.saturating_sub(1)];
         println!(
             "best epoch {}: validation loss {:.4}, terminal MSE {:.4}, Spearman(V(s_0), r) {:.3}; wrote {}",
             best.epoch,

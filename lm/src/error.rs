@@ -112,6 +112,12 @@ pub enum Error {
 
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+
+    #[error("{path}: {message}")]
+    Corpus { path: PathBuf, message: String },
+
+    #[error(transparent)]
+    Data(#[from] recontrol_data::Error),
 }
 
 /// The crate's result type.
@@ -122,6 +128,13 @@ impl Error {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn tokenizer(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
+        Self::Tokenizer {
+            path: path.to_owned(),
+            message: e.to_string(),
         }
     }
 }

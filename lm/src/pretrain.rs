@@ -3,6 +3,8 @@
 //! clipping, seeded initialisation and data order, exact resumption from a checkpoint, held-out
 //! perplexity, and an HF model directory at the end.
 
+pub mod stage;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;

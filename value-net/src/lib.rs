@@ -8,9 +8,11 @@
 //!   Monte-Carlo return.
 //! - [`train`]: streaming training from the rollout store (bounded memory, seeded split by
 //!   rollout, early stopping, resumable checkpoints) and evaluation.
+//! - [`stage`]: the value stage as one call: settings in, the value directory's model out.
 
 pub mod loss;
 pub mod mlp;
+pub mod stage;
 pub mod train;
 
 pub use loss::{bellman_loss, lambda_returns, td0_target, Target};
@@ -37,6 +39,12 @@ pub enum Error {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("val fraction must be in [0, 1), got {0}")]
+    ValFraction(f64),
+    #[error("lambda must be in [0, 1], got {0}")]
+    Lambda(f64),
+    #[error("training record: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// The crate's result type.
