@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_lm::optim::AdamWConfig;
 use recontrol_lm::pretrain::stage::{
-    corpus_documents, pretrain_model, CorpusFormat, PretrainOutcome, PretrainRun, PretrainSettings,
+    corpus_documents, event_scalars, pretrain_model, CorpusFormat, PretrainOutcome, PretrainRun, PretrainSettings,
 };
 use recontrol_lm::pretrain::{PretrainConfig, TrainEvent};
 use recontrol_lm::DeviceSpec;
@@ -206,33 +206,27 @@ impl PretrainArgs {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let mut last_eval = f64::NAN;
-        let mut on_event = |e: TrainEvent| match e {
-            TrainEvent::Step {
-                step,
-                loss,
-                lr,
-                grad_norm,
-                tokens_per_s,
-            } => {
-                tb.add_scalar("train/loss", loss as f32, step);
-                tb.add_scalar("train/perplexity", loss.exp() as f32, step);
-                tb.add_scalar("train/lr", lr as f32, step);
-                tb.add_scalar("train/grad_norm", grad_norm as f32, step);
-                tb.add_scalar("train/tokens_per_s", tokens_per_s as f32, step);
-                progress.set_position(step as u64);
-                progress.set_message(format!(
-                    "loss {loss:.3}  held-out ppl {last_eval:.1}  {tokens_per_s:.0} tok/s"
-                ));
+        let mut on_event = |e: TrainEvent| {
+            let (step, scalars) = event_scalars(&e);
+            for (tag, value) in scalars {
+                tb.add_scalar(tag, value as f32, step);
             }
-            TrainEvent::Eval {
-                step,
-                loss,
-                perplexity,
-            } => {
-                tb.add_scalar("eval/loss", loss as f32, step);
-                tb.add_scalar("eval/perplexity", perplexity as f32, step);
-                tb.flush();
-                last_eval = perplexity;
+            match e {
+                TrainEvent::Step {
+                    step,
+                    loss,
+                    tokens_per_s,
+                    ..
+                } => {
+                    progress.set_position(step as u64);
+                    progress.set_message(format!(
+                        "loss {loss:.3}  held-out ppl {last_eval:.1}  {tokens_per_s:.0} tok/s"
+                    ));
+                }
+                TrainEvent::Eval { perplexity, .. } => {
+                    tb.flush();
+                    last_eval = perplexity;
+                }
             }
         };
         let run = PretrainRun {

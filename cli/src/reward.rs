@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::{read_generations, Store};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::stage::{
-    label_start, label_store, prepare_pairs, train_reward, LabelMode, RewardOutcome,
+    epoch_scalars, label_start, label_store, prepare_pairs, train_reward, LabelMode, RewardOutcome,
     RewardSettings, RewardSummary,
 };
 use recontrol_reward_model::train::{EpochMetrics, RewardTrainConfig, RunControl};
@@ -164,15 +164,9 @@ impl TrainArgs {
             max_epochs_this_run: self.run.max_epochs_per_run,
         };
         let mut on_epoch = |m: &EpochMetrics| {
-            tb.add_scalar("reward/train_loss", m.train_loss as f32, m.epoch);
-            tb.add_scalar("reward/heldout_loss", m.heldout_loss as f32, m.epoch);
-            tb.add_scalar(
-                "reward/heldout_accuracy",
-                m.heldout_accuracy as f32,
-                m.epoch,
-            );
-            tb.add_scalar("reward/heldout_margin", m.heldout_margin as f32, m.epoch);
-            tb.add_scalar("reward/lr", m.lr as f32, m.epoch);
+            for (tag, value) in epoch_scalars(m) {
+                tb.add_scalar(tag, value as f32, m.epoch);
+            }
             tb.flush();
             progress.set_position(m.epoch as u64);
             progress.set_message(format!(

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use recontrol_data::Store;
 use recontrol_export::Producer;
-use recontrol_value_net::stage::{train_value_model, ValueOutcome, ValueSettings};
+use recontrol_value_net::stage::{epoch_scalars, train_value_model, ValueOutcome, ValueSettings};
 use recontrol_value_net::train::{
     check_labelled, evaluate, EpochMetrics, RunControl, ValueTrainConfig,
 };
@@ -179,11 +179,9 @@ impl TrainArgs {
             },
             &producer,
             &mut |m: &EpochMetrics| {
-                tb.add_scalar("value/train_loss", m.train_loss as f32, m.epoch);
-                tb.add_scalar("value/val_loss", m.val_loss as f32, m.epoch);
-                tb.add_scalar("value/terminal_mse", m.terminal_mse as f32, m.epoch);
-                tb.add_scalar("value/spearman_v0_reward", m.spearman as f32, m.epoch);
-                tb.add_scalar("value/transitions_per_s", m.transitions_per_s as f32, m.epoch);
+                for (tag, value) in epoch_scalars(m) {
+                    tb.add_scalar(tag, value as f32, m.epoch);
+                }
                 tb.flush();
                 eprintln!(
                     "epoch {}: train {:.4}, val {:.4}, terminal MSE {:.4}, Spearman {:.3}, {:.0} transitions/s",

@@ -14,26 +14,43 @@ fn recontrol(args: &[&str]) -> Output {
 
 const TINY: &str = r#"
 [pretrain]
-args = ["--vocab-size", "300", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
-        "--intermediate", "64", "--seq-len", "64", "--steps", "10", "--batch-size", "4"]
+vocab_size = 300
+layers = 1
+hidden = 32
+heads = 2
+kv_heads = 2
+intermediate = 64
+seq_len = 64
+steps = 10
+batch_size = 4
 [rollout]
-args = ["--limit", "24", "--max-new-tokens", "8", "--batch-size", "8", "--temperature", "1.0"]
+limit = 24
+[rollout.decoding]
+max_new_tokens = 8
+batch_size = 8
+temperature = 1.0
 [reward]
-args = ["--epochs", "1"]
+epochs = 1
 [value]
-args = ["--hidden", "16", "--epochs", "2", "--batch-size", "32"]
+hidden = 16
+epochs = 2
+batch_size = 32
 [export]
-args = ["--steps", "3", "--alpha", "0.5"]
+steps = 3
+alpha = 0.5
 [prompts]
-args = ["--limit", "8"]
+limit = 8
 [generate]
-args = ["--max-new-tokens", "8", "--batch-size", "4"]
+max_new_tokens = 8
+batch_size = 4
 [control]
-args = ["--alpha", "0.5", "--steps", "3"]
+alpha = 0.5
+steps = 3
 [prompting]
 prefix = "Be helpful. "
 [ood]
-args = ["--test-fraction", "0.1", "--limit", "4"]
+test_fraction = 0.1
+limit = 4
 "#;
 
 fn demo(out: &Path, config: &Path) -> String {
@@ -99,8 +116,8 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     std::fs::write(
         &config,
         TINY.replace(
-            r#"args = ["--alpha", "0.5", "--steps", "3"]"#,
-            r#"args = ["--alpha", "0.25", "--steps", "3"]"#,
+            "alpha = 0.5\nsteps = 3",
+            "alpha = 0.25\nsteps = 3",
         ),
     )
     .expect("write");

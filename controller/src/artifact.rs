@@ -10,7 +10,7 @@ use crate::backend::{GradientBackend, OnnxBackend, TorchBackend};
 use crate::{Error, Result};
 
 /// Which gradient backend to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Onnx,

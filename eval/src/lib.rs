@@ -79,6 +79,7 @@ impl std::fmt::Debug for Judges<'_> {
 
 /// Settings of the bootstrap intervals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvalSettings {
     /// Bootstrap resamples for the 95% intervals.
     pub bootstrap: usize,

@@ -184,3 +184,51 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     temp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn method(name: &str, reward: f64, win_ref: Option<f64>) -> MethodReport {
+        MethodReport {
+            name: name.into(),
+            file: format!("{name}.jsonl").into(),
+            responses: 2,
+            avg_reward: reward,
+            avg_reward_ci95: [reward - 0.5, reward + 0.5],
+            reward_gain_vs_base: 0.25,
+            reward_gain_vs_base_ci95: [-0.125, 0.5],
+            diversity: 0.75,
+            rep_2: 10.0,
+            rep_3: 5.0,
+            rep_4: 0.0,
+            coherence: 0.5,
+            win_rate_vs_reference: win_ref,
+            win_rate_vs_base: 0.625,
+            mean_response_words: 12.25,
+            mean_response_tokens: 16.0,
+            seconds: 2.0,
+            seconds_per_token: 0.0625,
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_method_with_its_numbers() {
+        let table = table(&[method("base", 1.0, Some(0.5)), method("rc", -2.0, None)]);
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows[2],
+            "| base | 1.000 [0.500, 1.500] | +0.250 [-0.125, +0.500] | 0.750 | 0.500 | 50.0% | 62.5% | 12.2 | 0.0625 |"
+        );
+        assert!(rows[3].starts_with("| rc | -2.000 [-2.500, -1.500] |"));
+        assert!(rows[3].contains("| - | 62.5% |"), "{}", rows[3]);
+    }
+
+    #[test]
+    fn the_chart_has_a_bar_and_a_label_per_method_and_panel() {
+        let svg = chart(&[method("base", 1.0, None), method("rc", 2.0, None)]);
+        assert_eq!(svg.matches("<rect").count(), 4);
+        assert_eq!(svg.matches(">rc<").count(), 2);
+    }
+}

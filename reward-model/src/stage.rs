@@ -121,6 +121,17 @@ impl RewardSettings {
     }
 }
 
+/// An epoch's metrics as TensorBoard scalars (tag, value).
+pub fn epoch_scalars(m: &EpochMetrics) -> [(&'static str, f64); 5] {
+    [
+        ("reward/train_loss", m.train_loss),
+        ("reward/heldout_loss", m.heldout_loss),
+        ("reward/heldout_accuracy", m.heldout_accuracy),
+        ("reward/heldout_margin", m.heldout_margin),
+        ("reward/lr", m.lr),
+    ]
+}
+
 /// What a finished training recorded (`reward_training.json`, with the caller's run record).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RewardSummary {

@@ -67,6 +67,17 @@ impl ValueSettings {
     }
 }
 
+/// An epoch's metrics as TensorBoard scalars (tag, value).
+pub fn epoch_scalars(m: &EpochMetrics) -> [(&'static str, f64); 5] {
+    [
+        ("value/train_loss", m.train_loss),
+        ("value/val_loss", m.val_loss),
+        ("value/terminal_mse", m.terminal_mse),
+        ("value/spearman_v0_reward", m.spearman),
+        ("value/transitions_per_s", m.transitions_per_s),
+    ]
+}
+
 /// What `config.json`'s `training` records of a run.
 #[derive(Debug, Clone, Serialize)]
 struct TrainingRecord<'a, A: Serialize> {

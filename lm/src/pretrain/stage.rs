@@ -147,6 +147,36 @@ impl PretrainSettings {
     }
 }
 
+/// A training event as TensorBoard scalars: the step and (tag, value) pairs.
+pub fn event_scalars(event: &TrainEvent) -> (usize, Vec<(&'static str, f64)>) {
+    match *event {
+        TrainEvent::Step {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+        } => (
+            step,
+            vec![
+                ("train/loss", loss),
+                ("train/perplexity", loss.exp()),
+                ("train/lr", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/tokens_per_s", tokens_per_s),
+            ],
+        ),
+        TrainEvent::Eval {
+            step,
+            loss,
+            perplexity,
+        } => (
+            step,
+            vec![("eval/loss", loss), ("eval/perplexity", perplexity)],
+        ),
+    }
+}
+
 /// A corpus split into training and held-out documents, with held-out prompts for samples.
 #[derive(Debug, Clone, Default)]
 pub struct Documents {

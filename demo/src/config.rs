@@ -1,0 +1,219 @@
+//! The demo's configuration (`cli/demo.toml`): one typed section per stage, each the stage's
+//! library settings (or a small demo-side view of them). A missing key takes the stage's
+//! default; an unknown key is an error.
+
+use recontrol_controller::{BackendKind, ControlConfig, UpdateRule};
+use recontrol_data::selection::PromptSelection;
+use recontrol_data::{Split, StateDtype, HELPFUL_INSTRUCTION};
+use recontrol_eval::EvalSettings;
+use recontrol_export::ControllerSpec;
+use recontrol_lm::pretrain::stage::PretrainSettings;
+use recontrol_lm::DecodingSettings;
+use recontrol_reward_model::stage::RewardSettings;
+use recontrol_rollout::RolloutSettings;
+use recontrol_value_net::stage::ValueSettings;
+use serde::{Deserialize, Serialize};
+
+/// Every stage's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// The small default model, pretrained on the train dialogues.
+    pub pretrain: PretrainSettings,
+    /// Rollouts of the default model on train prompts.
+    pub rollout: RolloutStage,
+    /// The reward model on the default model's backbone, train pairs.
+    pub reward: RewardSettings,
+    /// The value net on the labelled rollouts.
+    pub value: ValueSettings,
+    /// The ONNX artifacts.
+    pub export: ExportStage,
+    /// Held-out HH test prompts with their reference responses.
+    pub prompts: PromptsStage,
+    /// Decoding of every method.
+    pub generate: DecodingSettings,
+    /// What the RE-Control methods add.
+    pub control: ControlStage,
+    /// What the prompting methods add.
+    pub prompting: PromptingStage,
+    /// Out-of-distribution HarmfulQA questions.
+    pub ood: PromptsStage,
+    /// Bootstrap intervals of the reports.
+    pub eval: EvalSettings,
+}
+
+impl DemoConfig {
+    /// Parses a TOML configuration; the error is one line.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))
+    }
+}
+
+/// Which train prompts are rolled out, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutStage {
+    /// Use at most this many train prompts.
+    pub limit: Option<usize>,
+    pub samples_per_prompt: usize,
+    pub state_dtype: StateDtype,
+    pub rollouts_per_part: usize,
+    pub decoding: DecodingSettings,
+}
+
+impl Default for RolloutStage {
+    fn default() -> Self {
+        let s = RolloutSettings::default();
+        Self {
+            limit: None,
+            samples_per_prompt: s.samples_per_prompt,
+            state_dtype: s.state_dtype,
+            rollouts_per_part: s.rollouts_per_part,
+            decoding: s.decoding,
+        }
+    }
+}
+
+impl RolloutStage {
+    /// The train side of the default split, up to the limit.
+    pub fn selection(&self) -> PromptSelection {
+        PromptSelection {
+            split: Split::Train,
+            limit: self.limit,
+            ..PromptSelection::default()
+        }
+    }
+
+    /// The rollout settings: the HH prompt format, no instruction.
+    pub fn settings(&self) -> RolloutSettings {
+        RolloutSettings {
+            samples_per_prompt: self.samples_per_prompt,
+            state_dtype: self.state_dtype,
+            rollouts_per_part: self.rollouts_per_part,
+            decoding: self.decoding.clone(),
+            ..RolloutSettings::default()
+        }
+    }
+}
+
+/// The export's controller settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportStage {
+    /// Gradient steps per decoding step in controller.onnx.
+    pub steps: usize,
+    /// The default step size recorded with the artifacts.
+    pub alpha: f32,
+    /// Bound on each row's total edit norm.
+    pub max_edit_norm: Option<f32>,
+}
+
+impl Default for ExportStage {
+    fn default() -> Self {
+        Self {
+            steps: 30,
+            alpha: 0.5,
+            max_edit_norm: None,
+        }
+    }
+}
+
+impl ExportStage {
+    pub fn spec(&self) -> ControllerSpec {
+        ControllerSpec {
+            steps: self.steps,
+            alpha: self.alpha,
+            max_edit_norm: self.max_edit_norm,
+        }
+    }
+}
+
+/// Which test-side prompts of a dataset are evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptsStage {
+    pub split_seed: u64,
+    /// Share of prompts on the test side.
+    pub test_fraction: f64,
+    /// Keep the first N test prompts.
+    pub limit: Option<usize>,
+}
+
+impl Default for PromptsStage {
+    fn default() -> Self {
+        let s = PromptSelection::default();
+        Self {
+            split_seed: s.split_seed,
+            test_fraction: s.test_fraction,
+            limit: None,
+        }
+    }
+}
+
+impl PromptsStage {
+    /// The test side of the split, up to the limit.
+    pub fn selection(&self) -> PromptSelection {
+        PromptSelection {
+            split: Split::Test,
+            split_seed: self.split_seed,
+            test_fraction: self.test_fraction,
+            limit: self.limit,
+            shard: None,
+        }
+    }
+}
+
+/// RE-Control's settings at generation time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlStage {
+    /// Step size of each update.
+    pub alpha: f64,
+    /// Updates per decoding step (the export's steps let controller.onnx fuse them).
+    pub steps: usize,
+    pub update: UpdateRule,
+    pub clip_grad_norm: Option<f64>,
+    pub max_edit_norm: Option<f64>,
+    /// Where dV/dh comes from.
+    pub backend: BackendKind,
+}
+
+impl Default for ControlStage {
+    fn default() -> Self {
+        Self {
+            alpha: 0.5,
+            steps: 30,
+            update: UpdateRule::Sgd,
+            clip_grad_norm: None,
+            max_edit_norm: None,
+            backend: BackendKind::Onnx,
+        }
+    }
+}
+
+impl ControlStage {
+    pub fn config(&self) -> ControlConfig {
+        ControlConfig {
+            alpha: self.alpha,
+            steps: self.steps,
+            rule: self.update,
+            clip_grad_norm: self.clip_grad_norm,
+            max_edit_norm: self.max_edit_norm,
+        }
+    }
+}
+
+/// The "+prompting" variant's instruction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptingStage {
+    pub prefix: String,
+}
+
+impl Default for PromptingStage {
+    fn default() -> Self {
+        Self {
+            prefix: HELPFUL_INSTRUCTION.to_owned(),
+        }
+    }
+}

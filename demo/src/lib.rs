@@ -1,0 +1,286 @@
+//! `recontrol demo`: the whole RE-Control pipeline on the embedded default, one typed chain of
+//! library calls.
+//!
+//! [`Stage::chain`] lists the stages in order: pretrain the small default model -> rollouts on
+//! train prompts -> reward model from train pairs -> label -> value net -> export -> held-out
+//! prompts -> generate with every [`Method`] -> eval report; then the same value net on
+//! HarmfulQA questions (out of distribution). Each stage's settings come from its section of
+//! the [`DemoConfig`] (`cli/demo.toml`). A stage's key is a digest of its serialised settings,
+//! the device and the keys of the stages it reads; a stage whose output exists with a stamp of
+//! the same key is skipped, and an interrupted training stage with the same key resumes.
+
+mod config;
+mod stages;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{
+    ControlStage, DemoConfig, ExportStage, PromptingStage, PromptsStage, RolloutStage,
+};
+pub use stages::{run_demo, DemoOutcome, DemoRun};
+
+/// The bundled data, embedded so that the demo needs nothing beside the binary.
+pub const HH_RLHF: &[u8] = include_bytes!("../../data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");
+pub const HARMFULQA: &[u8] = include_bytes!("../../data/bundled/harmfulqa/harmfulqa.json");
+
+/// Errors of the demo: a stage's error, named by the stage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("demo stage {stage}: {source}")]
+    Stage {
+        stage: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// The prompt sets the methods are evaluated on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PromptSet {
+    /// Held-out HH-RLHF test prompts, with reference responses.
+    Hh,
+    /// HarmfulQA questions (out of distribution for the value net).
+    HarmfulQa,
+}
+
+impl PromptSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hh => "hh",
+            Self::HarmfulQa => "harmfulqa",
+        }
+    }
+
+    /// The methods compared on this set.
+    pub fn methods(self) -> &'static [Method] {
+        match self {
+            Self::Hh => &[
+                Method::Base,
+                Method::Prompting,
+                Method::ReControl,
+                Method::ReControlPrompting,
+            ],
+            Self::HarmfulQa => &[Method::Base, Method::ReControl],
+        }
+    }
+}
+
+/// A decoding method of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    Base,
+    /// The helpful-assistant instruction before the prompt.
+    Prompting,
+    /// RE-Control: the value net edits every decoding step's hidden state.
+    ReControl,
+    ReControlPrompting,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Prompting => "prompting",
+            Self::ReControl => "re-control",
+            Self::ReControlPrompting => "re-control+prompting",
+        }
+    }
+
+    /// Whether the value net steers it.
+    pub fn controlled(self) -> bool {
+        matches!(self, Self::ReControl | Self::ReControlPrompting)
+    }
+
+    /// Whether the prompting instruction goes before the prompt.
+    pub fn prompted(self) -> bool {
+        matches!(self, Self::Prompting | Self::ReControlPrompting)
+    }
+}
+
+/// One stage of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Pretrain,
+    Rollout,
+    Reward,
+    Label,
+    Value,
+    Export,
+    Prompts(PromptSet),
+    Generate(PromptSet, Method),
+    Eval(PromptSet),
+}
+
+impl Stage {
+    /// Every stage, in the order it runs (each after the stages it reads).
+    pub fn chain() -> Vec<Stage> {
+        let sets = [PromptSet::Hh, PromptSet::HarmfulQa];
+        let mut chain = vec![
+            Self::Pretrain,
+            Self::Rollout,
+            Self::Reward,
+            Self::Label,
+            Self::Value,
+            Self::Export,
+        ];
+        chain.extend(sets.map(Self::Prompts));
+        for set in sets {
+            chain.extend(set.methods().iter().map(|&m| Self::Generate(set, m)));
+        }
+        chain.extend(sets.map(Self::Eval));
+        chain
+    }
+
+    /// The stage's name (stamps and progress lines).
+    pub fn name(self) -> String {
+        match self {
+            Self::Pretrain => "pretrain".into(),
+            Self::Rollout => "rollout".into(),
+            Self::Reward => "reward".into(),
+            Self::Label => "label".into(),
+            Self::Value => "value".into(),
+            Self::Export => "export".into(),
+            Self::Prompts(PromptSet::Hh) => "prompts".into(),
+            Self::Prompts(PromptSet::HarmfulQa) => "ood-prompts".into(),
+            Self::Generate(set, m) => format!("generate-{}-{}", set.name(), m.name()),
+            Self::Eval(PromptSet::Hh) => "report".into(),
+            Self::Eval(PromptSet::HarmfulQa) => "report-ood".into(),
+        }
+    }
+
+    /// The `recontrol` subcommand that does the same work on its own.
+    pub fn command(self) -> &'static str {
+        match self {
+            Self::Pretrain => "lm pretrain",
+            Self::Rollout => "rollout",
+            Self::Reward => "reward train",
+            Self::Label => "reward label",
+            Self::Value => "value train",
+            Self::Export => "export",
+            Self::Prompts(_) => "data prompts",
+            Self::Generate(..) => "generate",
+            Self::Eval(_) => "eval",
+        }
+    }
+
+    /// The stages whose outputs this one reads.
+    pub fn inputs(self) -> Vec<Stage> {
+        match self {
+            Self::Pretrain | Self::Prompts(_) => vec![],
+            Self::Rollout | Self::Reward => vec![Self::Pretrain],
+            Self::Label => vec![Self::Rollout, Self::Reward],
+            Self::Value => vec![Self::Label],
+            Self::Export => vec![Self::Value],
+            Self::Generate(set, _) => vec![Self::Pretrain, Self::Export, Self::Prompts(set)],
+            Self::Eval(set) => {
+                let mut inputs: Vec<Stage> = set
+                    .methods()
+                    .iter()
+                    .map(|&m| Self::Generate(set, m))
+                    .collect();
+                inputs.push(Self::Reward);
+                inputs
+            }
+        }
+    }
+
+    /// Whether an interrupted run continues from its checkpoint (or finished parts).
+    pub fn resumable(self) -> bool {
+        matches!(
+            self,
+            Self::Pretrain | Self::Rollout | Self::Reward | Self::Value
+        )
+    }
+
+    /// Where the stage writes, inside the demo's folder.
+    pub fn output(self, out: &Path) -> PathBuf {
+        match self {
+            Self::Pretrain => out.join("model"),
+            Self::Rollout => out.join("rollouts.h5"),
+            Self::Reward => out.join("reward"),
+            Self::Label => out.join("labelled.h5"),
+            Self::Value => out.join("value"),
+            Self::Export => out.join("onnx"),
+            Self::Prompts(PromptSet::Hh) => out.join("prompts.jsonl"),
+            Self::Prompts(PromptSet::HarmfulQa) => out.join("prompts-harmfulqa.jsonl"),
+            Self::Generate(set, m) => out
+                .join("generations")
+                .join(set.name())
+                .join(format!("{}.jsonl", m.name())),
+            Self::Eval(PromptSet::Hh) => out.join("report"),
+            Self::Eval(PromptSet::HarmfulQa) => out.join("report-ood"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_comes_after_its_inputs_and_has_its_own_output() {
+        let chain = Stage::chain();
+        assert_eq!(chain.len(), 16);
+        for (i, stage) in chain.iter().enumerate() {
+            for input in stage.inputs() {
+                let at = chain.iter().position(|s| *s == input).expect("in chain");
+                assert!(at < i, "{} reads {}", stage.name(), input.name());
+            }
+        }
+        let out = Path::new("d");
+        let mut outputs: Vec<PathBuf> = chain.iter().map(|s| s.output(out)).collect();
+        let mut names: Vec<String> = chain.iter().map(|s| s.name()).collect();
+        outputs.sort();
+        outputs.dedup();
+        names.sort();
+        names.dedup();
+        assert_eq!((outputs.len(), names.len()), (16, 16));
+        assert_eq!(
+            Stage::Generate(PromptSet::HarmfulQa, Method::ReControl).name(),
+            "generate-harmfulqa-re-control"
+        );
+    }
+
+    #[test]
+    fn methods_say_what_they_add() {
+        let flags: Vec<(bool, bool)> = PromptSet::Hh
+            .methods()
+            .iter()
+            .map(|m| (m.controlled(), m.prompted()))
+            .collect();
+        assert_eq!(
+            flags,
+            [(false, false), (false, true), (true, false), (true, true)]
+        );
+    }
+
+    #[test]
+    fn the_configuration_refuses_unknown_keys_and_fills_defaults() {
+        let config = DemoConfig::from_toml("[rollout]\nlimit = 5\n[rollout.decoding]\ntemperature = 1.0\n")
+            .expect("parse");
+        assert_eq!(config.rollout.limit, Some(5));
+        assert_eq!(config.rollout.decoding.temperature, 1.0);
+        assert_eq!(config.export, ExportStage::default());
+        let err = DemoConfig::from_toml("[pretrain]\nargs = 3\n").expect_err("unknown key");
+        assert!(err.contains("args"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+}

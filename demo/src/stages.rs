@@ -1,0 +1,529 @@
+//! Running the chain: stage keys, stamps, skipping and resuming, and each stage as the library
+//! call that does its work.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use recontrol_controller::generation::{open_value_backend, ValueOptions};
+use recontrol_controller::{generate_records, Controller, GenerationPlan};
+use recontrol_data::selection::prompt_lines;
+use recontrol_data::{Dataset, PromptFormat, ReadOptions, Store};
+use recontrol_eval::{
+    evaluate, read_references, write_report, CoherenceEncoder, Judges, MethodGenerations, Report,
+};
+use recontrol_export::{write_export, Producer, ValueDir};
+use recontrol_io::{JsonlSink, Provenance, WorkDirs};
+use recontrol_lm::pretrain::stage::{
+    corpus_documents, event_scalars, pretrain_model, PretrainOutcome, PretrainRun,
+};
+use recontrol_lm::{DType, DeviceSpec, LanguageModel};
+use recontrol_reward_model::stage::{
+    epoch_scalars as reward_scalars, label_start, label_store, prepare_pairs, train_reward,
+    LabelMode, RewardOutcome, RewardSummary,
+};
+use recontrol_reward_model::{load_reward, RewardModel};
+use recontrol_rollout::{collect_rollouts, select_prompts};
+use recontrol_value_net::stage::{
+    epoch_scalars as value_scalars, train_value_model, ValueOutcome,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+use crate::{DemoConfig, Error, Method, PromptSet, Result, Stage, HARMFULQA, HH_RLHF};
+
+/// Where and how the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoRun<'a> {
+    /// Output folder: every artifact, logs/ (TensorBoard), report/ and report-ood/.
+    pub out: &'a Path,
+    pub device: DeviceSpec,
+    /// Recorded with every artifact.
+    pub provenance: &'a Provenance,
+    /// The ONNX Runtime library (default: `$ORT_DYLIB_PATH`, then the project venv).
+    pub onnxruntime: Option<PathBuf>,
+}
+
+/// The demo's results: the HH report and the out-of-distribution report.
+#[derive(Debug, Clone)]
+pub struct DemoOutcome {
+    pub hh: Report,
+    pub ood: Report,
+    /// Wall time of this call.
+    pub seconds: f64,
+}
+
+/// Runs (or continues) the whole chain with `config`.
+pub fn run_demo(config: &DemoConfig, run: &DemoRun<'_>) -> Result<DemoOutcome> {
+    let out = run.out;
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).map_err(Error::io(out))?;
+    let hh = data.join("hh-rlhf-harmless-base.jsonl.gz");
+    let harmfulqa = data.join("harmfulqa.json");
+    for (path, bytes) in [(&hh, HH_RLHF), (&harmfulqa, HARMFULQA)] {
+        if std::fs::read(path).ok().as_deref() != Some(bytes) {
+            std::fs::write(path, bytes).map_err(Error::io(path))?;
+        }
+    }
+    let pipeline = Pipeline {
+        config,
+        run,
+        hh,
+        harmfulqa,
+    };
+    let chain = Stage::chain();
+    let started = Instant::now();
+    let stamps = out.join(".stamps");
+    std::fs::create_dir_all(&stamps).map_err(Error::io(&stamps))?;
+    let mut keys: HashMap<Stage, String> = HashMap::new();
+    let mut reports: HashMap<PromptSet, Report> = HashMap::new();
+    for (i, &stage) in chain.iter().enumerate() {
+        let name = stage.name();
+        let settings = pipeline.settings(stage);
+        let mut hasher = Sha256::new();
+        for part in [name.clone(), settings.to_string(), run.device.to_string()]
+            .into_iter()
+            .chain(stage.inputs().iter().map(|s| keys[s].clone()))
+        {
+            hasher.update(part.as_bytes());
+            hasher.update([0]);
+        }
+        let key = format!("{:x}", hasher.finalize());
+        keys.insert(stage, key.clone());
+        let output = stage.output(out);
+        let (stamp, pending) = (stamps.join(&name), stamps.join(format!("{name}.pending")));
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        let prefix = format!("[{}/{}] {name}", i + 1, chain.len());
+        let stage_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Stage {
+            stage: name.clone(),
+            source,
+        };
+        if output.exists() && read(&stamp) == key {
+            eprintln!("{prefix}: unchanged, skipped");
+            if let Stage::Eval(set) = stage {
+                reports.insert(set, read_report(&output).map_err(stage_error)?);
+            }
+            continue;
+        }
+        let resume = stage.resumable() && read(&pending) == key;
+        remove(&output)?;
+        if !resume {
+            remove(&recontrol_io::work_dir(&output))?;
+            remove(&recontrol_data::rollout::parts_dir(&output))?;
+        }
+        std::fs::write(&pending, &key).map_err(Error::io(&pending))?;
+        let _ = std::fs::remove_file(&stamp);
+        eprintln!(
+            "{prefix}: recontrol {} {settings}{}  ({:.0} s so far)",
+            stage.command(),
+            if resume { " (resuming)" } else { "" },
+            started.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        if let Some(parent) = output.parent() {
+            std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+        }
+        if let Some((set, report)) = pipeline.run(stage, &output, resume).map_err(stage_error)? {
+            reports.insert(set, report);
+        }
+        std::fs::write(&stamp, &key).map_err(Error::io(&stamp))?;
+        let _ = std::fs::remove_file(&pending);
+        eprintln!("{prefix}: done in {:.0} s", t.elapsed().as_secs_f64());
+    }
+    let mut take = |set: PromptSet| {
+        reports.remove(&set).ok_or_else(|| Error::Stage {
+            stage: Stage::Eval(set).name(),
+            source: "no report".into(),
+        })
+    };
+    Ok(DemoOutcome {
+        hh: take(PromptSet::Hh)?,
+        ood: take(PromptSet::HarmfulQa)?,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn remove(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).map_err(Error::io(path))?;
+    } else if path.exists() {
+        std::fs::remove_file(path).map_err(Error::io(path))?;
+    }
+    Ok(())
+}
+
+type StageResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A finished stage's report, read back when the stage is skipped.
+fn read_report(dir: &Path) -> StageResult<Report> {
+    let path = dir.join("report.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+/// What a stage's output folder records beside it: the stage, its settings and provenance.
+#[derive(Serialize)]
+struct StageRecord<'a> {
+    stage: String,
+    settings: &'a serde_json::Value,
+    provenance: &'a Provenance,
+}
+
+struct Pipeline<'a> {
+    config: &'a DemoConfig,
+    run: &'a DemoRun<'a>,
+    hh: PathBuf,
+    harmfulqa: PathBuf,
+}
+
+impl Pipeline<'_> {
+    fn out(&self, stage: Stage) -> PathBuf {
+        stage.output(self.run.out)
+    }
+
+    fn logs(&self, name: &str) -> PathBuf {
+        self.run.out.join("logs").join(name)
+    }
+
+    fn producer(&self) -> Producer {
+        Producer {
+            recontrol_version: self.run.provenance.recontrol_version.clone(),
+            git_revision: self.run.provenance.git_revision.clone(),
+        }
+    }
+
+    /// A stage's own settings, as its key and its record see them.
+    fn settings(&self, stage: Stage) -> serde_json::Value {
+        let c = self.config;
+        match stage {
+            Stage::Pretrain => to_json(&c.pretrain),
+            Stage::Rollout => to_json(&c.rollout),
+            Stage::Reward => to_json(&c.reward),
+            Stage::Label => serde_json::json!({ "mode": LabelMode::Overwrite }),
+            Stage::Value => to_json(&c.value),
+            Stage::Export => to_json(&c.export),
+            Stage::Prompts(PromptSet::Hh) => to_json(&c.prompts),
+            Stage::Prompts(PromptSet::HarmfulQa) => to_json(&c.ood),
+            Stage::Generate(_, m) => serde_json::json!({
+                "decoding": c.generate,
+                "control": m.controlled().then_some(c.control),
+                "prompt_prefix": m.prompted().then_some(&c.prompting.prefix),
+            }),
+            Stage::Eval(_) => to_json(&c.eval),
+        }
+    }
+
+    /// Runs one stage into `output`; an evaluation returns its report.
+    fn run(
+        &self,
+        stage: Stage,
+        output: &Path,
+        resume: bool,
+    ) -> StageResult<Option<(PromptSet, Report)>> {
+        match stage {
+            Stage::Pretrain => self.pretrain(output, resume)?,
+            Stage::Rollout => self.rollout(output, resume)?,
+            Stage::Reward => self.reward(output, resume)?,
+            Stage::Label => self.label(output)?,
+            Stage::Value => self.value(output, resume)?,
+            Stage::Export => {
+                let dir = ValueDir::read(&self.out(Stage::Value))?;
+                write_export(&dir, output, &self.config.export.spec(), &self.producer())?;
+            }
+            Stage::Prompts(set) => self.prompts(set, output)?,
+            Stage::Generate(set, method) => self.generate(set, method, output)?,
+            Stage::Eval(set) => return Ok(Some((set, self.eval(set, output)?))),
+        }
+        Ok(None)
+    }
+
+    fn pretrain(&self, output: &Path, resume: bool) -> StageResult<()> {
+        let settings = &self.config.pretrain;
+        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("pretrain")))?;
+        let docs = corpus_documents(
+            &self.hh,
+            settings.corpus_format,
+            &ReadOptions::default(),
+            &settings.split(),
+        )?;
+        let mut tb = SummaryWriter::new(&dirs.logdir);
+        let mut on_event = |e| {
+            let (step, scalars) = event_scalars(&e);
+            for (tag, value) in scalars {
+                tb.add_scalar(tag, value as f32, step);
+            }
+            if let recontrol_lm::pretrain::TrainEvent::Eval { perplexity, .. } = e {
+                tb.flush();
+                eprintln!("  step {step}: held-out perplexity {perplexity:.2}");
+            }
+        };
+        let run = PretrainRun {
+            work: &dirs.work,
+            checkpoint: &dirs.checkpoint,
+            resume,
+            max_steps_this_run: None,
+            device: self.run.device.resolve()?,
+        };
+        let outcome = pretrain_model(
+            settings,
+            &docs,
+            output,
+            run,
+            (settings, self.run.provenance),
+            &mut on_event,
+        )?;
+        tb.flush();
+        match outcome {
+            PretrainOutcome::Complete { summary, .. } => {
+                eprintln!(
+                    "  held-out perplexity {:.2} (unigram {:.2})",
+                    summary.heldout_perplexity, summary.unigram_perplexity
+                );
+                Ok(())
+            }
+            PretrainOutcome::Stopped { steps_done } => {
+                Err(format!("stopped after step {steps_done}").into())
+            }
+        }
+    }
+
+    fn rollout(&self, output: &Path, resume: bool) -> StageResult<()> {
+        let stage = &self.config.rollout;
+        let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
+        let records = select_prompts(&dataset, &stage.selection())?;
+        let lm = LanguageModel::load(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let mut last = 0;
+        let report = collect_rollouts(
+            &lm,
+            &records,
+            &self.hh,
+            &stage.settings(),
+            output,
+            resume,
+            &mut |done, total| {
+                if done * 10 / total.max(1) > last * 10 / total.max(1) {
+                    eprintln!("  {done}/{total} rollouts");
+                }
+                last = done;
+            },
+        )?;
+        eprintln!(
+            "  {} rollouts, {} states in {:.1} s",
+            report.rollouts, report.states, report.seconds
+        );
+        Ok(())
+    }
+
+    fn reward(&self, output: &Path, resume: bool) -> StageResult<()> {
+        let settings = &self.config.reward;
+        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("reward")))?;
+        let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
+        let pairs = dataset
+            .pairs
+            .as_ref()
+            .ok_or("the bundled HH-RLHF file has no pairs")?;
+        let prepared = prepare_pairs(pairs, &settings.split())?;
+        let lm =
+            LanguageModel::load_backbone(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let mut tb = SummaryWriter::new(&dirs.logdir);
+        let control = recontrol_train::RunControl {
+            checkpoint: &dirs.checkpoint,
+            resume,
+            max_epochs_this_run: None,
+        };
+        let outcome = train_reward(&lm, &prepared, settings, control, &mut |m| {
+            for (tag, value) in reward_scalars(m) {
+                tb.add_scalar(tag, value as f32, m.epoch);
+            }
+            tb.flush();
+        })?;
+        let (score, summary) = match outcome {
+            RewardOutcome::Complete { score, summary } => (score, summary),
+            RewardOutcome::Stopped { epochs_done } => {
+                return Err(format!("stopped after epoch {epochs_done}").into())
+            }
+        };
+        eprintln!(
+            "  held-out pair accuracy {:.3} (length-only baseline {:.3})",
+            summary.heldout_accuracy, summary.length_baseline_accuracy
+        );
+        #[derive(Serialize)]
+        struct Record<'a> {
+            args: &'a recontrol_reward_model::stage::RewardSettings,
+            #[serde(flatten)]
+            summary: &'a RewardSummary,
+            provenance: &'a Provenance,
+        }
+        let record = serde_json::to_value(Record {
+            args: settings,
+            summary: &summary,
+            provenance: self.run.provenance,
+        })?;
+        RewardModel::from_parts(lm, score).save(output, &[("reward_training.json", record)])?;
+        let _ = std::fs::remove_file(&dirs.checkpoint);
+        Ok(())
+    }
+
+    /// Labels a copy of the rollouts, so that a new reward relabels them without new rollouts.
+    fn label(&self, output: &Path) -> StageResult<()> {
+        let rollouts = self.out(Stage::Rollout);
+        std::fs::copy(&rollouts, output).map_err(|e| {
+            format!(
+                "copying {} to {}: {e}",
+                rollouts.display(),
+                output.display()
+            )
+        })?;
+        let store = Store::open_rw(output)?;
+        let start = label_start(&store.rewards()?, LabelMode::Overwrite)?;
+        let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
+        let summary = label_store(&store, reward.as_mut(), start, 64, &mut |_| {})?;
+        eprintln!("  labelled {} rollouts", summary.labelled);
+        Ok(())
+    }
+
+    fn value(&self, output: &Path, resume: bool) -> StageResult<()> {
+        let settings = &self.config.value;
+        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("value")))?;
+        let labelled = self.out(Stage::Label);
+        let store = Store::open(&labelled)?;
+        let mut tb = SummaryWriter::new(&dirs.logdir);
+        let outcome = train_value_model(
+            &store,
+            &labelled,
+            settings,
+            settings,
+            self.run.device.resolve()?,
+            recontrol_train::RunControl {
+                checkpoint: &dirs.checkpoint,
+                resume,
+                max_epochs_this_run: None,
+            },
+            &self.producer(),
+            &mut |m| {
+                for (tag, value) in value_scalars(m) {
+                    tb.add_scalar(tag, value as f32, m.epoch);
+                }
+                tb.flush();
+            },
+        )?;
+        match outcome {
+            ValueOutcome::Complete { model, best } => {
+                eprintln!(
+                    "  best epoch {}: validation loss {:.4}, Spearman(V(s_0), r) {:.3}",
+                    best.epoch, best.val_loss, best.spearman
+                );
+                model.save(output)?;
+                let _ = std::fs::remove_file(&dirs.checkpoint);
+                Ok(())
+            }
+            ValueOutcome::Stopped { epochs_done } => {
+                Err(format!("stopped after epoch {epochs_done}").into())
+            }
+        }
+    }
+
+    fn prompts(&self, set: PromptSet, output: &Path) -> StageResult<()> {
+        let (path, stage) = match set {
+            PromptSet::Hh => (&self.hh, &self.config.prompts),
+            PromptSet::HarmfulQa => (&self.harmfulqa, &self.config.ood),
+        };
+        let dataset = Dataset::read(path, &ReadOptions::default())?;
+        let lines = prompt_lines(&dataset, &stage.selection(), PromptFormat::Hh)?;
+        let mut sink = JsonlSink::create(Some(output))?;
+        for line in &lines {
+            sink.write(line)?;
+        }
+        sink.finish(&StageRecord {
+            stage: Stage::Prompts(set).name(),
+            settings: &self.settings(Stage::Prompts(set)),
+            provenance: self.run.provenance,
+        })?;
+        Ok(())
+    }
+
+    fn generate(&self, set: PromptSet, method: Method, output: &Path) -> StageResult<()> {
+        let c = self.config;
+        let prompts = recontrol_data::read_prompts(&self.out(Stage::Prompts(set)), "prompt")?;
+        let lm = LanguageModel::load(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let mut backend = if method.controlled() {
+            let options = ValueOptions {
+                backend: c.control.backend,
+                allow_foreign: false,
+                onnxruntime: self.run.onnxruntime.clone(),
+            };
+            Some(open_value_backend(
+                &self.out(Stage::Export),
+                &lm,
+                &options,
+            )?)
+        } else {
+            None
+        };
+        let mut controller = backend
+            .as_deref_mut()
+            .map(|b| Controller::new(b, c.control.config()))
+            .transpose()?;
+        let plan = GenerationPlan {
+            prompts: &prompts,
+            prompt_prefix: method.prompted().then_some(c.prompting.prefix.as_str()),
+            config: c.generate.config(&lm)?,
+            batch_size: c.generate.batch_size,
+        };
+        let mut sink = JsonlSink::create(Some(output))?;
+        let summary = generate_records(&lm, &plan, controller.as_mut(), &mut |records| {
+            for r in records {
+                sink.write(r)?;
+            }
+            Ok(())
+        })?;
+        eprintln!(
+            "  {} tokens for {} prompts in {:.2} s",
+            summary.tokens, summary.prompts, summary.seconds
+        );
+        sink.finish(&StageRecord {
+            stage: Stage::Generate(set, method).name(),
+            settings: &self.settings(Stage::Generate(set, method)),
+            provenance: self.run.provenance,
+        })?;
+        Ok(())
+    }
+
+    fn eval(&self, set: PromptSet, output: &Path) -> StageResult<Report> {
+        let methods = set
+            .methods()
+            .iter()
+            .map(|&m| MethodGenerations::read(m.name(), &self.out(Stage::Generate(set, m))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let references = match set {
+            PromptSet::Hh => Some(read_references(
+                &self.out(Stage::Prompts(set)),
+                "reference",
+            )?),
+            PromptSet::HarmfulQa => None,
+        };
+        let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
+        let encoder = CoherenceEncoder::load(&self.out(Stage::Pretrain), self.run.device)?;
+        let judges = Judges {
+            reward: reward.as_mut(),
+            coherence: &encoder,
+        };
+        let report = evaluate(&methods, references.as_ref(), judges, &self.config.eval)?;
+        write_report(
+            output,
+            &report,
+            &StageRecord {
+                stage: Stage::Eval(set).name(),
+                settings: &self.settings(Stage::Eval(set)),
+                provenance: self.run.provenance,
+            },
+        )?;
+        Ok(report)
+    }
+}
+
+/// Settings as JSON (they are plain structs: serialising them cannot fail).
+fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
