@@ -261,9 +261,7 @@ impl RolloutArgs {
                     StateDtypeArg::F32 => StateDtype::F32,
                     StateDtypeArg::F16 => StateDtype::F16,
                 },
-                prompt_format: recontrol_data::PromptFormat::from(self.prompt.prompt_format)
-                    .as_str()
-                    .to_owned(),
+                prompt_format: self.prompt.prompt_format.into(),
                 generation: serde_json::to_value(&self.generation)?,
                 seed: self.generation.seed,
                 recontrol_version: env!("CARGO_PKG_VERSION").to_owned(),
