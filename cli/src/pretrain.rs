@@ -217,10 +217,12 @@ impl PretrainArgs {
                 ];
                 if split.side_of(&pair.prompt.raw) == recontrol_data::Split::Test {
                     heldout.extend(docs);
-                    prompts.push(
-                        recontrol_data::render_prompt(PromptFormat::Hh, &pair.prompt, None, None)
-                            .map_err(anyhow::Error::msg)?,
-                    );
+                    prompts.push(recontrol_data::render_prompt(
+                        PromptFormat::Hh,
+                        &pair.prompt,
+                        None,
+                        None,
+                    )?);
                 } else {
                     train.extend(docs);
                 }

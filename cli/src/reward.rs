@@ -150,8 +150,8 @@ impl TrainArgs {
                 skipped_empty += 1;
                 continue;
             }
-            let prompt = recontrol_data::render_prompt(PromptFormat::Raw, &pair.prompt, None, None)
-                .map_err(anyhow::Error::msg)?;
+            let prompt =
+                recontrol_data::render_prompt(PromptFormat::Raw, &pair.prompt, None, None)?;
             let (side, replies) = if split.side_of(&pair.prompt.raw) == Split::Test {
                 (&mut heldout, &mut heldout_replies)
             } else {
