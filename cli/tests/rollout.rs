@@ -456,5 +456,5 @@ fn chat_template_prompts_with_the_helpful_instruction() {
             recontrol_data::HELPFUL_INSTRUCTION
         )
     );
-    assert_eq!(st.meta().prompt_format, "chat-template");
+    assert_eq!(st.meta().prompt_format.as_str(), "chat-template");
 }

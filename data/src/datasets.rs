@@ -208,7 +208,7 @@ fn hh_pairs(
             report.skipped_different_prefix += 1;
             continue;
         }
-        let mut turns = parse_hh_turns(prefix).map_err(&record_error)?;
+        let mut turns = parse_hh_turns(prefix).map_err(|e| record_error(e.to_string()))?;
         // Counted with the final (empty) assistant turn, which may follow an assistant turn.
         if turns
             .windows(2)

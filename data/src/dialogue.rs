@@ -60,7 +60,7 @@ impl Dialogue {
 
 /// Splits HH-format text into turns. The text must start with a turn marker (leading
 /// whitespace aside); turn texts are trimmed.
-pub fn parse_hh_turns(text: &str) -> Result<Vec<Turn>, String> {
+pub fn parse_hh_turns(text: &str) -> crate::Result<Vec<Turn>> {
     let markers = [
         (HUMAN_MARKER, Role::User),
         (ASSISTANT_MARKER, Role::Assistant),
@@ -78,9 +78,8 @@ pub fn parse_hh_turns(text: &str) -> Result<Vec<Turn>, String> {
         let (marker, role) = markers
             .iter()
             .find(|(m, _)| rest.starts_with(m))
-            .ok_or_else(|| {
-                let head: String = rest.chars().take(30).collect();
-                format!("expected \"Human:\" or \"Assistant:\" turn, found {head:?}")
+            .ok_or_else(|| crate::Error::TurnMarker {
+                found: rest.chars().take(30).collect(),
             })?;
         let body = &rest[marker.len()..];
         let end = markers
@@ -95,7 +94,7 @@ pub fn parse_hh_turns(text: &str) -> Result<Vec<Turn>, String> {
         rest = &body[end..];
     }
     if turns.is_empty() {
-        return Err("no turns".to_owned());
+        return Err(crate::Error::NoTurns);
     }
     Ok(turns)
 }
@@ -105,7 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_turns_and_consecutive_assistant_turns() -> Result<(), String> {
+    fn parses_turns_and_consecutive_assistant_turns() -> crate::Result<()> {
         let t = parse_hh_turns("\n\nHuman: hi there\n\nAssistant: Hello!\n\nAssistant: Anything else?\n\nHuman: no\n\nAssistant:")?;
         let roles: Vec<Role> = t.iter().map(|t| t.role).collect();
         assert_eq!(
@@ -125,7 +124,9 @@ mod tests {
 
     #[test]
     fn rejects_text_without_markers() {
-        let err = parse_hh_turns("just text").expect_err("no markers");
+        let err = parse_hh_turns("just text")
+            .expect_err("no markers")
+            .to_string();
         assert!(err.contains("expected \"Human:\""), "{err}");
     }
 }

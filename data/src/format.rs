@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datasets::PromptRecord;
 use crate::dialogue::{Role, Turn};
+use crate::{Error, Result};
 
 /// The paper's "+prompting" instruction (Vicuna's system prompt).
 pub const HELPFUL_INSTRUCTION: &str = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
@@ -38,8 +39,9 @@ impl PromptFormat {
 /// Renders chat messages with a model's chat template (implemented by the `lm` crate's
 /// tokenizer; kept as a trait so this crate needs no model).
 pub trait ChatRenderer {
-    /// The template applied to `messages` with the generation prompt added.
-    fn render_chat(&self, messages: &[Turn]) -> Result<String, String>;
+    /// The template applied to `messages` with the generation prompt added; a failure is
+    /// [`Error::ChatTemplate`] around the renderer's own error.
+    fn render_chat(&self, messages: &[Turn]) -> Result<String>;
 }
 
 /// Model input text for a prompt, with an optional instruction before it (the paper's
@@ -49,7 +51,7 @@ pub fn render_prompt(
     record: &PromptRecord,
     instruction: Option<&str>,
     chat: Option<&dyn ChatRenderer>,
-) -> Result<String, String> {
+) -> Result<String> {
     let turns = &record.dialogue.turns;
     Ok(match format {
         PromptFormat::Raw => match instruction {
@@ -93,7 +95,7 @@ pub fn render_prompt(
             text
         }
         PromptFormat::ChatTemplate => {
-            let chat = chat.ok_or("the chat-template format needs a model with a chat template")?;
+            let chat = chat.ok_or(Error::NoChatRenderer)?;
             let mut messages = Vec::with_capacity(turns.len() + 1);
             if let Some(i) = instruction {
                 messages.push(Turn {
@@ -184,7 +186,7 @@ mod tests {
 
     struct Brackets;
     impl ChatRenderer for Brackets {
-        fn render_chat(&self, messages: &[Turn]) -> Result<String, String> {
+        fn render_chat(&self, messages: &[Turn]) -> Result<String> {
             Ok(messages
                 .iter()
                 .map(|m| format!("[{}]{}", m.role.as_str(), m.text))
@@ -194,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn formats_render_the_dialogue() -> Result<(), String> {
+    fn formats_render_the_dialogue() -> Result<()> {
         let r = record();
         assert_eq!(render_prompt(PromptFormat::Raw, &r, None, None)?, r.raw);
         assert_eq!(
@@ -229,6 +231,10 @@ mod tests {
             "\n\nHuman: Why?\n\nAssistant:"
         );
         assert!(render_prompt(PromptFormat::ChatTemplate, &q, None, None).is_err());
+        assert_eq!(
+            render_prompt(PromptFormat::ChatTemplate, &q, None, None).map_err(|e| e.to_string()),
+            Err("the chat-template format needs a model with a chat template".to_owned())
+        );
         Ok(())
     }
 

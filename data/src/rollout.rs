@@ -200,6 +200,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::store::StateDtype;
+    use crate::PromptFormat;
     use ndarray::Array2;
 
     fn meta(hidden: usize) -> StoreMeta {
@@ -208,7 +209,7 @@ mod tests {
             model: "m".into(),
             model_hash: "h".into(),
             state_dtype: StateDtype::F32,
-            prompt_format: "raw".into(),
+            prompt_format: PromptFormat::Raw,
             generation: serde_json::json!({}),
             seed: 0,
             recontrol_version: "test".into(),

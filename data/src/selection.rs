@@ -7,17 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::{Dataset, PromptRecord};
 use crate::format::{render_prompt, PromptFormat};
 use crate::split::{Split, SplitSpec};
-
-/// Errors of a selection.
-#[derive(Debug, thiserror::Error)]
-pub enum SelectionError {
-    #[error("test fraction must be in [0, 1], got {0}")]
-    TestFraction(f64),
-    #[error("prompt format: {0}")]
-    Render(String),
-}
-
-type Result<T, E = SelectionError> = std::result::Result<T, E>;
+use crate::{Error, Result};
 
 /// A job-array shard: `K/N` takes records K, K+N, K+2N, ... (K from 0 to N-1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +68,7 @@ pub fn select_prompts<'a>(
     selection: &PromptSelection,
 ) -> Result<Vec<&'a PromptRecord>> {
     if !(0.0..=1.0).contains(&selection.test_fraction) {
-        return Err(SelectionError::TestFraction(selection.test_fraction));
+        return Err(Error::TestFraction(selection.test_fraction));
     }
     let spec = SplitSpec {
         seed: selection.split_seed,
@@ -126,8 +116,7 @@ pub fn prompt_lines(
         .into_iter()
         .map(|r| {
             Ok(PromptLine {
-                prompt: render_prompt(format, r, None, None)
-                    .map_err(|e| SelectionError::Render(e.to_string()))?,
+                prompt: render_prompt(format, r, None, None)?,
                 index: r.index,
                 reference: chosen.get(&r.index).map(|c| (*c).to_owned()),
             })

@@ -137,10 +137,7 @@ impl LmTokenizer {
 }
 
 impl recontrol_data::ChatRenderer for LmTokenizer {
-    fn render_chat(
-        &self,
-        messages: &[recontrol_data::Turn],
-    ) -> std::result::Result<String, String> {
+    fn render_chat(&self, messages: &[recontrol_data::Turn]) -> recontrol_data::Result<String> {
         let messages: Vec<ChatMessage> = messages
             .iter()
             .map(|t| ChatMessage {
@@ -149,7 +146,9 @@ impl recontrol_data::ChatRenderer for LmTokenizer {
             })
             .collect();
         self.apply_chat_template(&messages, true)
-            .map_err(|e| e.to_string())
+            .map_err(|e| recontrol_data::Error::ChatTemplate {
+                source: Box::new(e),
+            })
     }
 }
 

@@ -40,6 +40,8 @@ pub enum Error {
     EmptySide { train: usize, heldout: usize },
     #[error(transparent)]
     Store(recontrol_data::StoreError),
+    #[error(transparent)]
+    Data(#[from] recontrol_data::Error),
 }
 
 /// The crate's result type.

@@ -34,8 +34,7 @@ pub fn prepare_pairs(pairs: &[PreferencePair], split: &SplitSpec) -> Result<Prep
             prepared.skipped_empty += 1;
             continue;
         }
-        let prompt = render_prompt(PromptFormat::Raw, &pair.prompt, None, None)
-            .map_err(|e| Error::Training(e.to_string()))?;
+        let prompt = render_prompt(PromptFormat::Raw, &pair.prompt, None, None)?;
         let (side, replies) = if split.side_of(&pair.prompt.raw) == Split::Test {
             (&mut prepared.heldout, &mut prepared.heldout_replies)
         } else {

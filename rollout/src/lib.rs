@@ -23,8 +23,8 @@ pub enum Error {
     NoPrompts,
     #[error("samples per prompt must be at least 1")]
     NoSamples,
-    #[error("prompt format: {0}")]
-    Render(String),
+    #[error(transparent)]
+    Data(#[from] recontrol_data::Error),
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
     #[error(transparent)]
@@ -109,7 +109,7 @@ pub fn collect_rollouts(
             settings.instruction.as_deref(),
             Some(&lm.tokenizer),
         )
-        .map_err(|e| Error::Render(e.to_string()))?;
+        ?;
         for _ in 0..settings.samples_per_prompt {
             prompts.push(PlannedPrompt {
                 prompt_index: r.index as i64,
@@ -124,7 +124,7 @@ pub fn collect_rollouts(
             model: lm.dir.display().to_string(),
             model_hash: lm.identity.clone(),
             state_dtype: settings.state_dtype,
-            prompt_format: settings.prompt_format.as_str().to_owned(),
+            prompt_format: settings.prompt_format,
             generation: serde_json::to_value(&settings.decoding)?,
             seed: settings.decoding.seed,
             recontrol_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -10,7 +10,7 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use recontrol_data::store::{RolloutBlock, StreamOptions, TransitionBatch};
+use recontrol_data::store::{RolloutBlock, StreamOptions, TargetError, TransitionBatch};
 use recontrol_data::Store;
 use recontrol_lm::optim::{AdamW, AdamWConfig};
 use serde::{Deserialize, Serialize};
@@ -206,10 +206,10 @@ impl Data<'_> {
         };
         let kind = mlp.kind();
         let (mean, std) = self.norm;
-        let mut returns = |block: &RolloutBlock| -> std::result::Result<Vec<f32>, String> {
+        let mut returns = |block: &RolloutBlock| -> std::result::Result<Vec<f32>, TargetError> {
             match self.config.target {
                 Target::Lambda(lambda) => block_returns(mlp, block, lambda, self.norm, self.device)
-                    .map_err(|e| e.to_string()),
+                    .map_err(TargetError::from),
                 _ => Ok(vec![f32::NAN; block.states.nrows()]),
             }
         };
@@ -522,7 +522,7 @@ mod tests {
             model: "synthetic".into(),
             model_hash: "sha256:synthetic".into(),
             state_dtype: StateDtype::F32,
-            prompt_format: "raw".into(),
+            prompt_format: recontrol_data::PromptFormat::Raw,
             generation: serde_json::json!({}),
             seed: 0,
             recontrol_version: "test".into(),

@@ -214,13 +214,12 @@ pub fn corpus_documents(
             ];
             if split.side_of(&pair.prompt.raw) == Split::Test {
                 docs.heldout.extend(both);
-                docs.prompts.push(
-                    recontrol_data::render_prompt(PromptFormat::Hh, &pair.prompt, None, None)
-                        .map_err(|e| Error::Corpus {
-                            path: path.to_owned(),
-                            message: e.to_string(),
-                        })?,
-                );
+                docs.prompts.push(recontrol_data::render_prompt(
+                    PromptFormat::Hh,
+                    &pair.prompt,
+                    None,
+                    None,
+                )?);
             } else {
                 docs.train.extend(both);
             }
