@@ -201,6 +201,7 @@ impl TrainArgs {
                 reward_std: trained.reward_std,
                 lm_hidden_size: store.meta().hidden_size,
                 lm_identity: store.meta().model_hash.clone(),
+                target: Some(config.target),
                 training: serde_json::json!({
                     "args": self,
                     "config": config,
@@ -259,13 +260,11 @@ impl EvalArgs {
         }
         let rewards = check_labelled(&store)?;
         let all = vec![true; rewards.len()];
-        // The Bellman loss with the target the net was trained with (TD(0) if not recorded).
-        let target: Target = model
+        // The Bellman loss with the target the net was trained with.
+        let target = model
             .config
-            .training
-            .pointer("/config/target")
-            .and_then(|t| serde_json::from_value(t.clone()).ok())
-            .unwrap_or_default();
+            .trained_target(&self.value.join("config.json"))
+            .with_context(|| format!("--value {}", self.value.display()))?;
         let config = ValueTrainConfig {
             activation: model.config.activation,
             target,
