@@ -80,10 +80,12 @@ impl ExportArgs {
         };
         let manifest = write_export(&dir, &out, &spec, &producer)
             .with_context(|| format!("--out {}", out.display()))?;
-        let files = manifest["files"]
-            .as_object()
-            .map(|f| f.keys().cloned().collect::<Vec<_>>().join(", "))
-            .unwrap_or_default();
+        let files = manifest
+            .files
+            .iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "wrote {} ({files}, manifest.json): hidden {}, {} steps, alpha {}",
             out.display(),

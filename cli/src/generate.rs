@@ -54,7 +54,8 @@ pub struct GenerateArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GradBackendArg {
-    /// ONNX Runtime on the exported graphs (value_grad.onnx / controller.onnx), on the CPU.
+    /// ONNX Runtime on the exported graphs (value_grad.onnx / controller.onnx), with its CUDA
+    /// execution provider when --device is a GPU and the onnxruntime has it, else on the CPU.
     Onnx,
     /// libtorch autograd on the value directory, on the LM's device.
     Torch,

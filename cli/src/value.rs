@@ -242,13 +242,11 @@ impl EvalArgs {
         }
         let rewards = check_labelled(&store)?;
         let all = vec![true; rewards.len()];
-        // The Bellman loss with the target the net was trained with (TD(0) if not recorded).
-        let target: Target = model
+        // The Bellman loss with the target the net was trained with.
+        let target = model
             .config
-            .training
-            .pointer("/config/target")
-            .and_then(|t| serde_json::from_value(t.clone()).ok())
-            .unwrap_or_default();
+            .trained_target(&self.value.join("config.json"))
+            .with_context(|| format!("--value {}", self.value.display()))?;
         let config = ValueTrainConfig {
             activation: model.config.activation,
             target,

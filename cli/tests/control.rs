@@ -27,6 +27,7 @@ fn value_dir(dir: &Path, input: usize, identity: &str, seed: u64) -> PathBuf {
             reward_std: 4.0,
             lm_hidden_size: input,
             lm_identity: identity.to_owned(),
+            target: None,
             training: serde_json::json!({}),
             seed,
             git_revision: "test".into(),

@@ -117,6 +117,47 @@ fn trains_saves_logs_and_evaluates() {
     assert_eq!(metrics["rollouts"], 40);
     assert_eq!(metrics["target"], serde_json::json!({"lambda": 0.75}));
     assert!(metrics["terminal_mse"].as_f64().expect("mse").is_finite());
+
+    // The target is recorded as `target`; value dirs written before that field have it only
+    // in the training record, which eval reads too; one with neither is refused.
+    assert_eq!(config["target"], serde_json::json!({"lambda": 0.75}));
+    let eval = |config: &Value, name: &str| {
+        let value = dir.path().join(name);
+        std::fs::create_dir_all(&value).expect("mkdir");
+        std::fs::copy(
+            out.join("model.safetensors"),
+            value.join("model.safetensors"),
+        )
+        .expect("copy");
+        std::fs::write(value.join("config.json"), config.to_string()).expect("write");
+        let run = recontrol(&[
+            "value",
+            "eval",
+            "--value",
+            s(&value),
+            "--rollouts",
+            s(&rollouts),
+        ]);
+        (run, value)
+    };
+    let mut legacy = config.clone();
+    legacy.as_object_mut().expect("object").remove("target");
+    let (run, _) = eval(&legacy, "legacy");
+    assert!(run.status.success(), "{}", stderr(&run));
+    let metrics: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(metrics["target"], serde_json::json!({"lambda": 0.75}));
+    legacy["training"]["config"]
+        .as_object_mut()
+        .expect("object")
+        .remove("target");
+    let (run, value) = eval(&legacy, "untargeted");
+    assert_fails_with(
+        &run,
+        &format!(
+            "{}: no `target` (nor `training.config.target`)",
+            value.join("config.json").display()
+        ),
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use recontrol_export::{inspect, write_export, ControllerSpec, OrtRuntime, Producer, ValueDir};
+use recontrol_export::{ControllerSpec, GraphKind, GraphMetadata, Manifest, OrtRuntime, ValueDir};
 use tch::Device;
 
 use crate::backend::{GradientBackend, OnnxBackend, TorchBackend};
@@ -25,21 +25,17 @@ pub struct ValueArtifact {
     pub lm_identity: String,
     /// The value directory (weights for the torch backend), when known and present.
     pub value_dir: Option<PathBuf>,
-    /// `value_grad.onnx` and `controller.onnx`, when exported.
+    /// `value_grad.onnx`, when exported.
     pub value_grad: Option<PathBuf>,
-    pub controller: Option<PathBuf>,
-    /// The settings `controller.onnx` was exported with: steps, edit-norm bound.
-    pub exported_steps: Option<usize>,
-    pub exported_bound: Option<f64>,
+    /// `controller.onnx` and the settings it was exported with, when exported.
+    pub controller: Option<(PathBuf, ControllerSpec)>,
 }
 
 impl ValueArtifact {
-    /// Opens an export directory, an `.onnx` file of one, or a value directory.
+    /// Opens an export directory, an `.onnx` file of one, or a value directory. The graphs'
+    /// metadata and the manifest are parsed in full: a bad value is an error naming its file
+    /// and key.
     pub fn open(path: &Path) -> Result<Self> {
-        let invalid = |message: String| Error::Invalid {
-            path: path.to_owned(),
-            message,
-        };
         if path.is_dir() && path.join("config.json").is_file() {
             let dir = ValueDir::read(path)?;
             return Ok(Self {
@@ -49,66 +45,42 @@ impl ValueArtifact {
                 value_dir: Some(path.to_owned()),
                 value_grad: None,
                 controller: None,
-                exported_steps: None,
-                exported_bound: None,
             });
         }
         let (dir, file) = if path.is_dir() {
             if !path.join("manifest.json").is_file() {
-                return Err(invalid(
-                    "neither an export directory (manifest.json) nor a value directory (config.json)"
-                        .into(),
-                ));
+                return Err(Error::NotAValueHeadDir {
+                    path: path.to_owned(),
+                });
             }
-            (path.to_owned(), path.join("value_grad.onnx"))
+            (path.to_owned(), path.join(GraphKind::ValueGrad.file_name()))
         } else if path.extension().is_some_and(|e| e == "onnx") {
             (
                 path.parent().map(Path::to_owned).unwrap_or_default(),
                 path.to_owned(),
             )
         } else {
-            return Err(invalid(
-                "expected an export directory, an .onnx file or a value directory".into(),
-            ));
+            return Err(Error::NotAValueHead {
+                path: path.to_owned(),
+            });
         };
-        let summary = inspect(&file)?;
-        let meta = |key: &str| -> Result<&String> {
-            summary.metadata.get(key).ok_or_else(|| Error::Invalid {
-                path: file.clone(),
-                message: format!("no `{key}` metadata: not exported by recontrol"),
-            })
+        let meta = GraphMetadata::read(&file)?;
+        let sibling = |graph: GraphKind| Some(dir.join(graph.file_name())).filter(|p| p.is_file());
+        let manifest_value_dir = if dir.join("manifest.json").is_file() {
+            Some(Manifest::read(&dir)?.value_dir).filter(|p| p.join("config.json").is_file())
+        } else {
+            None
         };
-        let hidden_size = meta("hidden_size")?.parse().map_err(|_| Error::Invalid {
-            path: file.clone(),
-            message: "hidden_size metadata is not a number".into(),
-        })?;
-        let lm_identity = meta("lm_identity")?.clone();
-        let sibling = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
-        let manifest_value_dir = std::fs::read_to_string(dir.join("manifest.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|m| m["value_dir"].as_str().map(PathBuf::from))
-            .filter(|p| p.join("config.json").is_file());
-        let controller = sibling("controller.onnx");
-        let (exported_steps, exported_bound) = match &controller {
-            Some(c) => {
-                let s = inspect(c)?;
-                (
-                    s.metadata.get("steps").and_then(|v| v.parse().ok()),
-                    s.metadata.get("max_edit_norm").and_then(|v| v.parse().ok()),
-                )
-            }
-            None => (None, None),
-        };
+        let controller = sibling(GraphKind::Controller)
+            .map(|c| GraphMetadata::read(&c).map(|m| (c, m.controller)))
+            .transpose()?;
         Ok(Self {
             path: path.to_owned(),
-            hidden_size,
-            lm_identity,
+            hidden_size: meta.hidden_size,
+            lm_identity: meta.lm_identity,
             value_dir: manifest_value_dir,
-            value_grad: sibling("value_grad.onnx"),
+            value_grad: sibling(GraphKind::ValueGrad),
             controller,
-            exported_steps,
-            exported_bound,
         })
     }
 
@@ -121,26 +93,26 @@ impl ValueArtifact {
         allow_foreign: bool,
     ) -> Result<()> {
         if self.hidden_size != hidden_size {
-            return Err(Error::Mismatch(format!(
-                "the value head at {} takes hidden size {}, the model's is {hidden_size}",
-                self.path.display(),
-                self.hidden_size
-            )));
+            return Err(Error::HiddenSizeMismatch {
+                path: self.path.clone(),
+                value_net: self.hidden_size,
+                model: hidden_size,
+            });
         }
         if self.lm_identity != lm_identity && !allow_foreign {
-            return Err(Error::Mismatch(format!(
-                "the value head at {} was trained on the states of model {}, not this model ({lm_identity}); pass --allow-foreign-value to use it anyway",
-                self.path.display(),
-                self.lm_identity
-            )));
+            return Err(Error::IdentityMismatch {
+                path: self.path.clone(),
+                value_net: self.lm_identity.clone(),
+                model: lm_identity.to_owned(),
+            });
         }
         Ok(())
     }
 
-    /// Builds a backend. `onnx` runs the exported graphs with ONNX Runtime (a value directory
-    /// is exported on the fly into a temporary folder), with its CUDA execution provider when
-    /// `device` is a GPU and the loaded onnxruntime has one, else on the CPU; `torch` runs the
-    /// value directory's weights with libtorch autograd on `device`.
+    /// Builds a backend. `onnx` runs the exported graphs with ONNX Runtime (for a value
+    /// directory, its `value_grad` graph built in memory), with its CUDA execution provider
+    /// when `device` is a GPU and the loaded onnxruntime has one, else on the CPU; `torch`
+    /// runs the value directory's weights with libtorch autograd on `device`.
     pub fn backend(
         &self,
         kind: BackendKind,
@@ -150,9 +122,8 @@ impl ValueArtifact {
     ) -> Result<Box<dyn GradientBackend>> {
         match kind {
             BackendKind::Torch => {
-                let dir = self.value_dir.as_ref().ok_or_else(|| Error::Invalid {
+                let dir = self.value_dir.as_ref().ok_or_else(|| Error::NoValueDir {
                     path: self.path.clone(),
-                    message: "the torch backend needs the value directory (config.json + model.safetensors); its manifest points to none that exists".into(),
                 })?;
                 Ok(Box::new(TorchBackend::load(dir, device)?))
             }
@@ -168,9 +139,8 @@ impl ValueArtifact {
                 if let Some(value_grad) = &self.value_grad {
                     let controller = self
                         .controller
-                        .as_deref()
-                        .zip(self.exported_steps)
-                        .map(|(c, steps)| (c, steps, self.exported_bound));
+                        .as_ref()
+                        .map(|(c, spec)| (c.as_path(), *spec));
                     return Ok(Box::new(OnnxBackend::open(
                         runtime,
                         value_grad,
@@ -180,38 +150,104 @@ impl ValueArtifact {
                         cuda,
                     )?));
                 }
-                let dir = self.value_dir.as_ref().ok_or_else(|| Error::Invalid {
+                let dir = self.value_dir.as_ref().ok_or_else(|| Error::NoValueGrad {
                     path: self.path.clone(),
-                    message: "no value_grad.onnx beside it".into(),
                 })?;
-                // Sessions hold the graphs in memory, so the temporary files can go.
-                let temp = tempfile::tempdir().map_err(|e| Error::Invalid {
-                    path: std::env::temp_dir(),
-                    message: e.to_string(),
-                })?;
-                let out = temp.path().join("export");
-                write_export(
-                    &ValueDir::read(dir)?,
-                    &out,
-                    &ControllerSpec {
-                        steps: 0,
-                        alpha: 0.0,
-                        max_edit_norm: None,
-                    },
-                    &Producer {
-                        recontrol_version: env!("CARGO_PKG_VERSION").into(),
-                        git_revision: String::new(),
-                    },
-                )?;
-                Ok(Box::new(OnnxBackend::open(
+                Ok(Box::new(OnnxBackend::from_value_dir(
                     runtime,
-                    &out.join("value_grad.onnx"),
-                    None,
-                    self.hidden_size,
+                    &ValueDir::read(dir)?,
                     threads,
                     cuda,
                 )?))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recontrol_export::{write_export, Producer};
+    use recontrol_value_net::{Activation, ValueConfig, ValueMlp, ValueModel};
+
+    fn value_dir(dir: &Path) {
+        ValueModel {
+            config: ValueConfig {
+                input_dim: 6,
+                hidden_dims: vec![4],
+                activation: Activation::Tanh,
+                reward_mean: 0.0,
+                reward_std: 1.0,
+                lm_hidden_size: 6,
+                lm_identity: "sha256:value".into(),
+                target: None,
+                training: serde_json::json!({}),
+                seed: 1,
+                git_revision: "test".into(),
+                recontrol_version: "test".into(),
+            },
+            mlp: ValueMlp::new(6, &[4], Activation::Tanh, 1, Device::Cpu).expect("mlp"),
+        }
+        .save(dir)
+        .expect("save");
+    }
+
+    /// An export directory and its controller.onnx open to the same head, with the settings
+    /// controller.onnx was exported with and the value directory its manifest names.
+    #[test]
+    fn opens_an_export_with_its_settings_and_checks_it_against_the_lm() -> Result<()> {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let value = tmp.path().join("value");
+        value_dir(&value);
+        let out = tmp.path().join("export");
+        let spec = ControllerSpec {
+            steps: 4,
+            alpha: 0.5,
+            max_edit_norm: Some(2.0),
+        };
+        let producer = Producer {
+            recontrol_version: "test".into(),
+            git_revision: "test".into(),
+        };
+        write_export(&ValueDir::read(&value)?, &out, &spec, &producer)?;
+        let canonical = std::fs::canonicalize(&value).expect("canonical");
+        for path in [out.clone(), out.join("controller.onnx")] {
+            let a = ValueArtifact::open(&path)?;
+            assert_eq!(a.hidden_size, 6);
+            assert_eq!(a.lm_identity, "sha256:value");
+            assert_eq!(a.value_dir.as_deref(), Some(canonical.as_path()));
+            assert_eq!(a.value_grad, Some(out.join("value_grad.onnx")));
+            assert_eq!(a.controller, Some((out.join("controller.onnx"), spec)));
+        }
+        let a = ValueArtifact::open(&out)?;
+        assert!(matches!(
+            a.check_lm("sha256:value", 8, false),
+            Err(Error::HiddenSizeMismatch {
+                value_net: 6,
+                model: 8,
+                ..
+            })
+        ));
+        match a.check_lm("sha256:lm", 6, false) {
+            Err(Error::IdentityMismatch {
+                value_net, model, ..
+            }) => assert_eq!(
+                (value_net.as_str(), model.as_str()),
+                ("sha256:value", "sha256:lm")
+            ),
+            other => panic!("{other:?}"),
+        }
+        a.check_lm("sha256:lm", 6, true)?;
+        a.check_lm("sha256:value", 6, false)?;
+
+        std::fs::write(out.join("manifest.json"), "{}").expect("write");
+        let err = ValueArtifact::open(&out)
+            .expect_err("bad manifest")
+            .to_string();
+        assert!(
+            err.contains("manifest.json: not an export manifest"),
+            "{err}"
+        );
+        Ok(())
     }
 }

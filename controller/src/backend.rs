@@ -1,12 +1,15 @@
 //! Where dV/dh comes from: one trait, two implementations.
 //!
 //! - [`OnnxBackend`]: ONNX Runtime runs the exported `value_grad.onnx` (and `controller.onnx`,
-//!   which does all the plain-SGD steps of a decoding step in one call), on the CPU.
+//!   which does all the plain-SGD steps of a decoding step in one call), on its CUDA execution
+//!   provider when the LM is on a GPU and the loaded onnxruntime has it, else on the CPU.
 //! - [`TorchBackend`]: libtorch autograd on the value directory's weights, on the LM's device.
 
 use std::path::Path;
 
-use recontrol_export::{GraphSession, OrtRuntime};
+use recontrol_export::{
+    build_model, ControllerSpec, GraphKind, GraphSession, OrtRuntime, Producer, ValueDir,
+};
 use recontrol_value_net::ValueModel;
 use tch::{Device, Kind, Tensor};
 
@@ -14,10 +17,8 @@ use crate::{Error, Result};
 
 /// V and dV/dh of a batch of states; optionally the whole SGD edit in one call.
 pub trait GradientBackend {
-    /// A short name for logs and outputs (`onnx`, `torch`).
-    fn name(&self) -> &'static str;
-
-    /// Where it runs, e.g. `onnx on cpu`, `torch on cuda:0`.
+    /// What runs where, e.g. `ONNX Runtime on cuda, controller.onnx fuses 30 steps`,
+    /// `torch autograd on Cuda(0)`.
     fn describe(&self) -> String;
 
     /// `h [rows, d]` f32 -> (V `[rows]`, dV/dh `[rows, d]`), f32, on `h`'s device.
@@ -58,10 +59,6 @@ impl TorchBackend {
 }
 
 impl GradientBackend for TorchBackend {
-    fn name(&self) -> &'static str {
-        "torch"
-    }
-
     fn describe(&self) -> String {
         format!("torch autograd on {:?}", self.device)
     }
@@ -86,27 +83,27 @@ impl GradientBackend for TorchBackend {
 pub struct OnnxBackend {
     value_grad: GraphSession,
     /// `controller.onnx` with the settings it was exported with.
-    controller: Option<(GraphSession, usize, Option<f64>)>,
+    controller: Option<(GraphSession, ControllerSpec)>,
     hidden_size: usize,
     /// The execution provider ONNX Runtime runs on (`cpu` or `cuda`).
     provider: &'static str,
 }
 
 impl OnnxBackend {
-    /// Sessions for `value_grad.onnx` and, if given, `controller.onnx` (exported with `steps`
-    /// and `max_edit_norm`); on CUDA device `cuda` when the loaded onnxruntime has the CUDA
+    /// Sessions for `value_grad.onnx` and, if given, `controller.onnx` (with the settings it
+    /// was exported with); on CUDA device `cuda` when the loaded onnxruntime has the CUDA
     /// execution provider, else on the CPU.
     pub fn open(
         runtime: &OrtRuntime,
         value_grad: &Path,
-        controller: Option<(&Path, usize, Option<f64>)>,
+        controller: Option<(&Path, ControllerSpec)>,
         hidden_size: usize,
         threads: Option<usize>,
         cuda: Option<usize>,
     ) -> Result<Self> {
         let controller = controller
-            .map(|(path, steps, bound)| {
-                GraphSession::open_on(runtime, path, threads, cuda).map(|s| (s.0, steps, bound))
+            .map(|(path, spec)| {
+                GraphSession::open_on(runtime, path, threads, cuda).map(|s| (s.0, spec))
             })
             .transpose()?;
         let (value_grad, provider) = GraphSession::open_on(runtime, value_grad, threads, cuda)?;
@@ -118,14 +115,45 @@ impl OnnxBackend {
         })
     }
 
+    /// A session of a value directory's `value_grad` graph, built in memory (no export
+    /// written, no fused controller), placed as [`Self::open`] places one.
+    pub fn from_value_dir(
+        runtime: &OrtRuntime,
+        value: &ValueDir,
+        threads: Option<usize>,
+        cuda: Option<usize>,
+    ) -> Result<Self> {
+        // The controller settings and producer only enter the graph's metadata.
+        let model = build_model(
+            GraphKind::ValueGrad,
+            value,
+            &ControllerSpec {
+                steps: 0,
+                alpha: 0.0,
+                max_edit_norm: None,
+            },
+            &Producer {
+                recontrol_version: env!("CARGO_PKG_VERSION").into(),
+                git_revision: String::new(),
+            },
+        )?;
+        let (value_grad, provider) =
+            GraphSession::from_model_on(runtime, &model, &value.dir, threads, cuda)?;
+        Ok(Self {
+            value_grad,
+            controller: None,
+            hidden_size: value.config.input_dim,
+            provider,
+        })
+    }
+
     fn host(&self, h: &Tensor) -> Result<(Vec<f32>, usize)> {
         let rows = h.size()[0] as usize;
         if h.size() != [rows as i64, self.hidden_size as i64] {
-            return Err(Error::Shape(format!(
-                "hidden states {:?} for a value head of hidden size {}",
-                h.size(),
-                self.hidden_size
-            )));
+            return Err(Error::StateShape {
+                shape: h.size(),
+                hidden_size: self.hidden_size,
+            });
         }
         let flat = h
             .f_to_device(Device::Cpu)?
@@ -143,13 +171,9 @@ fn to_device(values: &[f32], shape: &[i64], device: Device) -> Result<Tensor> {
 }
 
 impl GradientBackend for OnnxBackend {
-    fn name(&self) -> &'static str {
-        "onnx"
-    }
-
     fn describe(&self) -> String {
         let fused = match &self.controller {
-            Some((_, steps, _)) => format!(", controller.onnx fuses {steps} steps"),
+            Some((_, spec)) => format!(", controller.onnx fuses {} steps", spec.steps),
             None => String::new(),
         };
         format!("ONNX Runtime on {}{fused}", self.provider)
@@ -178,15 +202,15 @@ impl GradientBackend for OnnxBackend {
         steps: usize,
         max_edit_norm: Option<f64>,
     ) -> Option<Result<(Tensor, Tensor, Tensor)>> {
-        let (_, s, b) = self.controller.as_ref()?;
-        if *s != steps || b.map(|x| x as f32) != max_edit_norm.map(|x| x as f32) {
+        let (_, spec) = self.controller.as_ref()?;
+        if spec.steps != steps || spec.max_edit_norm != max_edit_norm.map(|x| x as f32) {
             return None;
         }
         let (host, rows) = match self.host(h) {
             Ok(x) => x,
             Err(e) => return Some(Err(e)),
         };
-        let (session, _, _) = self.controller.as_mut()?;
+        let (session, _) = self.controller.as_mut()?;
         let mut run = || -> Result<(Tensor, Tensor, Tensor)> {
             let c = session.control(&host, rows, alpha as f32)?;
             let device = h.device();

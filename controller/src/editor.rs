@@ -33,17 +33,16 @@ pub struct ControlConfig {
 impl ControlConfig {
     /// Refuses settings that cannot be right (non-finite alpha, non-positive bounds).
     pub fn check(&self) -> Result<()> {
-        let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
         if !self.alpha.is_finite() {
-            return Err(Error::Config(format!(
-                "alpha must be finite, got {}",
-                self.alpha
-            )));
+            return Err(Error::AlphaNotFinite { alpha: self.alpha });
         }
-        if !positive(self.clip_grad_norm) || !positive(self.max_edit_norm) {
-            return Err(Error::Config(
-                "gradient clip and edit-norm bound must be positive".into(),
-            ));
+        for (setting, bound) in [
+            ("the gradient clip", self.clip_grad_norm),
+            ("the edit-norm bound", self.max_edit_norm),
+        ] {
+            if let Some(value) = bound.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::NotPositive { setting, value });
+            }
         }
         Ok(())
     }
@@ -231,6 +230,7 @@ mod tests {
                 reward_std: 2.0,
                 lm_hidden_size: D,
                 lm_identity: "sha256:test".into(),
+                target: None,
                 training: serde_json::json!({}),
                 seed: 5,
                 git_revision: "test".into(),
@@ -315,5 +315,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn control_settings_that_cannot_be_right_are_named() {
+        let ok = ControlConfig {
+            alpha: 0.5,
+            steps: 3,
+            rule: UpdateRule::Sgd,
+            clip_grad_norm: Some(1.0),
+            max_edit_norm: Some(1.0),
+        };
+        assert!(ok.check().is_ok());
+        let err = |c: ControlConfig| c.check().expect_err("bad").to_string();
+        assert_eq!(
+            err(ControlConfig {
+                alpha: f64::NAN,
+                ..ok
+            }),
+            "alpha must be finite, got NaN"
+        );
+        assert_eq!(
+            err(ControlConfig {
+                clip_grad_norm: Some(0.0),
+                ..ok
+            }),
+            "the gradient clip must be positive and finite, got 0"
+        );
+        assert_eq!(
+            err(ControlConfig {
+                max_edit_norm: Some(-2.0),
+                ..ok
+            }),
+            "the edit-norm bound must be positive and finite, got -2"
+        );
     }
 }

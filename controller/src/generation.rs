@@ -46,7 +46,7 @@ pub fn generate_records(
     sink: &mut dyn FnMut(&[GenerationRecord]) -> std::result::Result<(), SinkError>,
 ) -> Result<GenerationSummary> {
     if plan.batch_size == 0 {
-        return Err(Error::Config("the batch size must be at least 1".into()));
+        return Err(Error::ZeroBatch);
     }
     let prefix = plan.prompt_prefix.unwrap_or("");
     let mut truncated_prompts = 0;

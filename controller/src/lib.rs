@@ -33,19 +33,53 @@ pub enum Error {
     Export(#[from] recontrol_export::Error),
     #[error(transparent)]
     ValueNet(#[from] recontrol_value_net::Error),
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-    /// A value head that does not fit the loaded LM.
-    #[error("{0}")]
-    Mismatch(String),
-    #[error("{0}")]
-    Shape(String),
-    #[error("{0}")]
-    Config(String),
+    /// `--value` is none of the things a value head can be.
+    #[error("{path}: expected an export directory, an .onnx file or a value directory")]
+    NotAValueHead { path: PathBuf },
+    #[error(
+        "{path}: neither an export directory (manifest.json) nor a value directory (config.json)"
+    )]
+    NotAValueHeadDir { path: PathBuf },
+    /// The torch backend needs weights, and the export's manifest names no value directory
+    /// that still exists.
+    #[error(
+        "{path}: the torch backend needs the value directory (config.json + model.safetensors); \
+         its manifest points to none that exists"
+    )]
+    NoValueDir { path: PathBuf },
+    #[error("{path}: no value_grad.onnx beside it")]
+    NoValueGrad { path: PathBuf },
+    /// A value head for another hidden size than the LM's.
+    #[error("the value head at {path} takes hidden size {value_net}, the model's is {model}")]
+    HiddenSizeMismatch {
+        path: PathBuf,
+        value_net: usize,
+        model: usize,
+    },
+    /// A value head trained on another LM's states.
+    #[error(
+        "the value head at {path} was trained on the states of model {value_net}, not this model \
+         ({model}); pass --allow-foreign-value to use it anyway"
+    )]
+    IdentityMismatch {
+        path: PathBuf,
+        value_net: String,
+        model: String,
+    },
+    /// States that are not `[rows, hidden_size]`.
+    #[error("hidden states {shape:?} for a value head of hidden size {hidden_size}")]
+    StateShape { shape: Vec<i64>, hidden_size: usize },
+    #[error("alpha must be finite, got {alpha}")]
+    AlphaNotFinite { alpha: f64 },
+    /// A gradient clip or edit-norm bound that is not a positive number.
+    #[error("{setting} must be positive and finite, got {value}")]
+    NotPositive { setting: &'static str, value: f64 },
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
     #[error("prompt {index} is empty")]
     EmptyPrompt { index: usize },
+    #[error("the batch size must be at least 1")]
+    ZeroBatch,
     /// The caller's sink refused a batch of records.
     #[error("{0}")]
     Sink(generation::SinkError),

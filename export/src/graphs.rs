@@ -8,18 +8,35 @@
 //!   `-V(h).sum()`), optionally projecting the total edit `h - hidden` of each row onto an L2
 //!   ball after every step.
 
+use serde::{Deserialize, Serialize, Serializer};
+
 use crate::graph::{Attr, Dim, GraphBuilder};
 use crate::value_dir::{Activation, ValueDir};
 
-/// Controller settings fixed at export.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Controller settings fixed at export (recorded in the graphs' metadata and the manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ControllerSpec {
     /// Gradient steps per decoding step.
     pub steps: usize,
     /// The default step size (recorded in metadata; `alpha` is a graph input).
+    #[serde(serialize_with = "widened")]
     pub alpha: f32,
     /// Bound on each row's total edit norm `||h_n - h_0||_2`, if any.
+    #[serde(serialize_with = "widened_option")]
     pub max_edit_norm: Option<f32>,
+}
+
+/// Manifests have always held these f32 settings as f64 (`0.1` is written
+/// `0.10000000149011612`); they read back as the same f32.
+fn widened<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(f64::from(*x))
+}
+
+fn widened_option<S: Serializer>(x: &Option<f32>, s: S) -> Result<S::Ok, S::Error> {
+    match x {
+        Some(x) => s.serialize_some(&f64::from(*x)),
+        None => s.serialize_none(),
+    }
 }
 
 /// One Linear layer's initializers.

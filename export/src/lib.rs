@@ -6,14 +6,18 @@
 //!   official `onnx.proto` by `scripts/gen_onnx_proto.sh`, checked in).
 //! - [`graphs`]: `value.onnx`, `value_grad.onnx` (the backward pass written out as ONNX ops)
 //!   and `controller.onnx` (RE-Control's gradient steps, unrolled).
-//! - [`artifact`]: the export directory with its manifest, and `inspect`.
-//! - [`runner`]: running the graphs with ONNX Runtime.
+//! - [`metadata`]: the metadata every exported graph carries, written and parsed back as one
+//!   type ([`GraphMetadata`]).
+//! - [`artifact`]: the export directory with its [`Manifest`], and `inspect`.
+//! - [`runner`]: running the graphs with ONNX Runtime, on its CUDA execution provider when
+//!   asked and available, else on the CPU.
 //! - [`runtime`]: finding and loading ONNX Runtime at run time (the project venv's
 //!   `onnxruntime` wheel, or any onnxruntime / onnxruntime-gpu a user points at).
 
 pub mod artifact;
 pub mod graph;
 pub mod graphs;
+pub mod metadata;
 #[rustfmt::skip]
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
 pub mod proto;
@@ -21,11 +25,14 @@ pub mod runner;
 pub mod runtime;
 pub mod value_dir;
 
-pub use artifact::{inspect, write_export, ModelSummary, Producer};
+pub use artifact::{
+    build_model, inspect, write_export, FileEntry, Manifest, ManifestFiles, ModelSummary, Producer,
+};
 pub use graphs::ControllerSpec;
+pub use metadata::{GraphKind, GraphMetadata};
 pub use runner::{Controlled, GraphSession};
 pub use runtime::{locate_onnxruntime, OrtRuntime};
-pub use value_dir::{Activation, ValueConfig, ValueDir};
+pub use value_dir::{Activation, Target, ValueConfig, ValueDir};
 
 use std::path::PathBuf;
 
@@ -43,6 +50,49 @@ pub enum Error {
 
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+
+    #[error("{path}: exists; remove it or choose another name")]
+    Exists { path: PathBuf },
+
+    /// A graph without one of the metadata keys recontrol writes.
+    #[error("{path}: no `{key}` metadata: not exported by recontrol")]
+    MissingMetadata { path: PathBuf, key: &'static str },
+
+    /// A key (of ONNX metadata, a manifest or a value config) whose value is not what it
+    /// should be.
+    #[error("{path}: `{key}` is {found}, not {expected}")]
+    BadValue {
+        path: PathBuf,
+        key: &'static str,
+        expected: String,
+        found: String,
+    },
+
+    #[error(
+        "{path}: no `target` (nor `training.config.target`): the Bellman target the value net \
+         was trained with is not recorded"
+    )]
+    NoTarget { path: PathBuf },
+
+    #[error("lambda must be in [0, 1], got {lambda}")]
+    LambdaOutOfRange { lambda: f64 },
+
+    #[error("{path}: ONNX Runtime: {source}")]
+    Runtime {
+        path: PathBuf,
+        #[source]
+        source: ort::Error,
+    },
+
+    #[error("{path}: {values} hidden values for a batch of {batch}")]
+    BatchShape {
+        path: PathBuf,
+        values: usize,
+        batch: usize,
+    },
+
+    #[error("{path}: the graph has no output `{name}`")]
+    NoOutput { path: PathBuf, name: &'static str },
 
     #[error("{path}: {source}")]
     Io {

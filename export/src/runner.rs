@@ -1,11 +1,13 @@
-//! Running the exported graphs with ONNX Runtime (through `ort`): a session per file, inputs
-//! and outputs as flat row-major `f32` buffers.
+//! Running the exported graphs with ONNX Runtime (through `ort`): a session per graph (read
+//! from a file, or built in memory), on ONNX Runtime's CUDA execution provider when asked for
+//! and available, else on the CPU; inputs and outputs as flat row-major `f32` buffers.
 
 use std::path::{Path, PathBuf};
 
 use ort::session::Session;
 use ort::value::TensorRef;
 
+use crate::proto::ModelProto;
 use crate::runtime::OrtRuntime;
 use crate::{Error, Result};
 
@@ -43,29 +45,34 @@ impl GraphSession {
         threads: Option<usize>,
         cuda: Option<usize>,
     ) -> Result<(Self, &'static str)> {
-        use ort::ep::ExecutionProvider;
-        let err = ort_error(path);
-        // No spinning between runs: the LM's libtorch threads share the cores with ours.
-        let mut builder = Session::builder(runtime.environment())
-            .map_err(&err)?
-            .with_intra_op_spinning(false)
-            .map_err(|e| err(e.into()))?;
-        if let Some(n) = threads {
-            builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
-        }
-        let mut provider = "cpu";
-        if let Some(device) = cuda {
-            if ort::ep::CUDA::is_available().unwrap_or(false) {
-                let ep = ort::ep::CUDA::default().with_device_id(device as i32);
-                if ep.register(&mut builder).is_ok() {
-                    provider = "cuda";
-                }
-            }
-        }
-        let session = builder.commit_from_file(path).map_err(&err)?;
+        let (mut builder, provider) = builder(runtime, path, threads, cuda)?;
+        let session = builder.commit_from_file(path).map_err(ort_error(path))?;
         Ok((
             Self {
                 path: path.to_owned(),
+                session,
+            },
+            provider,
+        ))
+    }
+
+    /// A session of `model` built in memory (no file written), placed as [`Self::open_on`]
+    /// places one; `source` names where the graph came from in errors.
+    pub fn from_model_on(
+        runtime: &OrtRuntime,
+        model: &ModelProto,
+        source: &Path,
+        threads: Option<usize>,
+        cuda: Option<usize>,
+    ) -> Result<(Self, &'static str)> {
+        use prost::Message;
+        let (mut builder, provider) = builder(runtime, source, threads, cuda)?;
+        let session = builder
+            .commit_from_memory(&model.encode_to_vec())
+            .map_err(ort_error(source))?;
+        Ok((
+            Self {
+                path: source.to_owned(),
                 session,
             },
             provider,
@@ -79,12 +86,13 @@ impl GraphSession {
         hidden: &[f32],
         batch: usize,
         alpha: Option<f32>,
-        outputs: [&str; N],
+        outputs: [&'static str; N],
     ) -> Result<[Vec<f32>; N]> {
         if batch == 0 || !hidden.len().is_multiple_of(batch) {
-            return Err(Error::Invalid {
+            return Err(Error::BatchShape {
                 path: self.path.clone(),
-                message: format!("{} hidden values for a batch of {batch}", hidden.len()),
+                values: hidden.len(),
+                batch,
             });
         }
         let err = ort_error(&self.path);
@@ -102,9 +110,9 @@ impl GraphSession {
         .map_err(&err)?;
         let mut values: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
         for (value, name) in values.iter_mut().zip(outputs) {
-            let tensor = out.get(name).ok_or_else(|| Error::Invalid {
+            let tensor = out.get(name).ok_or_else(|| Error::NoOutput {
                 path: self.path.clone(),
-                message: format!("the graph has no output `{name}`"),
+                name,
             })?;
             *value = tensor.try_extract_tensor::<f32>().map_err(&err)?.1.to_vec();
         }
@@ -139,10 +147,40 @@ impl GraphSession {
     }
 }
 
+/// A session builder on the CUDA execution provider (device `cuda`) when asked for and the
+/// loaded onnxruntime has it, else on the CPU; and which of the two it is.
+fn builder(
+    runtime: &OrtRuntime,
+    path: &Path,
+    threads: Option<usize>,
+    cuda: Option<usize>,
+) -> Result<(ort::session::builder::SessionBuilder, &'static str)> {
+    use ort::ep::ExecutionProvider;
+    let err = ort_error(path);
+    // No spinning between runs: the LM's libtorch threads share the cores with ours.
+    let mut builder = Session::builder(runtime.environment())
+        .map_err(&err)?
+        .with_intra_op_spinning(false)
+        .map_err(|e| err(e.into()))?;
+    if let Some(n) = threads {
+        builder = builder.with_intra_threads(n).map_err(|e| err(e.into()))?;
+    }
+    let mut provider = "cpu";
+    if let Some(device) = cuda {
+        if ort::ep::CUDA::is_available().unwrap_or(false) {
+            let ep = ort::ep::CUDA::default().with_device_id(device as i32);
+            if ep.register(&mut builder).is_ok() {
+                provider = "cuda";
+            }
+        }
+    }
+    Ok((builder, provider))
+}
+
 /// An ONNX Runtime error as this crate's, naming the model file.
 fn ort_error(path: &Path) -> impl Fn(ort::Error) -> Error + '_ {
-    move |e| Error::Invalid {
+    move |source| Error::Runtime {
         path: path.to_owned(),
-        message: format!("ONNX Runtime: {e}"),
+        source,
     }
 }

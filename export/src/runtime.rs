@@ -15,16 +15,30 @@ pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 /// Where the project venv keeps the onnxruntime wheel's shared library.
 const VENV_CAPI: &str = ".venv/site-packages/onnxruntime/capi";
 
-/// The path of the ONNX Runtime shared library to load.
+/// The path of the ONNX Runtime shared library to load: `explicit`, else `$ORT_DYLIB_PATH`,
+/// else the project venv above this executable.
 pub fn locate_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf> {
+    lookup(
+        explicit,
+        std::env::var_os(ORT_DYLIB_ENV),
+        std::env::current_exe().ok().as_deref(),
+    )
+}
+
+/// The lookup order of [`locate_onnxruntime`], with the environment's value and the
+/// executable's path passed in.
+fn lookup(
+    explicit: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+    exe: Option<&Path>,
+) -> Result<PathBuf> {
     if let Some(path) = explicit {
         return Ok(path.to_owned());
     }
-    if let Some(path) = std::env::var_os(ORT_DYLIB_ENV) {
+    if let Some(path) = env {
         return Ok(PathBuf::from(path));
     }
     let mut searched = Vec::new();
-    let exe = std::env::current_exe().ok();
     for dir in exe.iter().flat_map(|e| e.ancestors().skip(1)) {
         let capi = dir.join(VENV_CAPI);
         if let Some(lib) = newest_library(&capi) {
@@ -151,26 +165,65 @@ mod tests {
         );
     }
 
+    /// A fake tree: `root/.venv/.../capi/libonnxruntime.so.1.20.0` and an executable at
+    /// `root/target/debug/deps/t`.
+    fn venv_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let root = tempfile::tempdir().expect("tempdir");
+        let capi = root.path().join(VENV_CAPI);
+        std::fs::create_dir_all(&capi).expect("capi");
+        let lib = capi.join("libonnxruntime.so.1.20.0");
+        std::fs::write(&lib, b"").expect("lib");
+        let exe = root.path().join("target/debug/deps/t");
+        (root, lib, exe)
+    }
+
     #[test]
-    fn explicit_path_wins() -> Result<()> {
+    fn looks_up_the_flag_then_the_environment_then_the_venv_above_the_executable() -> Result<()> {
+        let (_root, lib, exe) = venv_tree();
+        let env = || Some(std::ffi::OsString::from("/env/libonnxruntime.so"));
+        let flag = Path::new("/x/libort.so");
+        assert_eq!(lookup(Some(flag), env(), Some(&exe))?, flag);
         assert_eq!(
-            locate_onnxruntime(Some(Path::new("/x/libort.so")))?,
-            PathBuf::from("/x/libort.so")
+            lookup(None, env(), Some(&exe))?,
+            Path::new("/env/libonnxruntime.so")
         );
+        assert_eq!(lookup(None, None, Some(&exe))?, lib);
         Ok(())
     }
 
     #[test]
+    fn names_every_folder_searched_when_nothing_is_found() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let exe = root.path().join("bin/t");
+        let err = lookup(None, None, Some(&exe))
+            .expect_err("no venv")
+            .to_string();
+        assert!(err.contains("set ORT_DYLIB_PATH"), "{err}");
+        let first = root.path().join("bin").join(VENV_CAPI);
+        let second = root.path().join(VENV_CAPI);
+        assert!(
+            err.contains(&format!("{}, {}", first.display(), second.display())),
+            "{err}"
+        );
+    }
+
+    /// Test binaries live in target/debug/deps: the search walks up to the repo's .venv,
+    /// whatever `$ORT_DYLIB_PATH` says, and that library loads. With the variable set,
+    /// [`locate_onnxruntime`] returns it instead.
+    #[test]
     fn finds_and_loads_the_project_venv_runtime() -> Result<()> {
-        // Test binaries live in target/debug/deps: the search walks up to the repo's .venv.
-        if std::env::var_os(ORT_DYLIB_ENV).is_some() {
-            return Ok(()); // a user override is in force; the search is not what is tested then
-        }
-        let rt = OrtRuntime::load(None)?;
-        assert!(rt
-            .path
-            .to_string_lossy()
-            .contains(".venv/site-packages/onnxruntime/capi/"));
+        let exe = std::env::current_exe().ok();
+        let venv = lookup(None, None, exe.as_deref())?;
+        assert!(
+            venv.to_string_lossy()
+                .contains(".venv/site-packages/onnxruntime/capi/"),
+            "{}",
+            venv.display()
+        );
+        let want = std::env::var_os(ORT_DYLIB_ENV).map_or(venv.clone(), PathBuf::from);
+        assert_eq!(locate_onnxruntime(None)?, want);
+        let rt = OrtRuntime::load(Some(&venv))?;
+        assert_eq!(rt.path, venv);
         assert!(
             rt.build_info.contains("ORT Build Info"),
             "{}",

@@ -2,6 +2,10 @@
 //! `model.safetensors` (PyTorch `nn.Linear` naming, `layers.{i}.weight` `[out, in]` and
 //! `layers.{i}.bias` `[out]`). The format is defined here, without libtorch, so that exporting
 //! and inspecting need no libtorch; `recontrol-value-net` writes and reads the same types.
+//!
+//! `config.json` records the Bellman target the net was trained with as `target`; value
+//! directories written before that field existed have it only in `training.config.target`
+//! (the training run's record), which [`ValueConfig::trained_target`] reads as well.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +25,32 @@ pub enum Activation {
     Silu,
 }
 
+/// What a non-terminal state regresses to in the Bellman loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// TD(0): the stop-gradient value of the next state (the paper's Bellman equation).
+    #[default]
+    Td0,
+    /// Monte-Carlo: the rollout's final reward (gamma = 1, no intermediate rewards).
+    Mc,
+    /// TD(lambda): the lambda-return, `(1 - lambda) V(s_{t+1}) + lambda G_{t+1}` with
+    /// `G_{T-1} = r`; lambda 0 is TD(0), 1 is Monte-Carlo.
+    Lambda(f64),
+}
+
+impl Target {
+    /// Refuses a lambda outside `[0, 1]`.
+    pub fn check(self) -> Result<Self> {
+        match self {
+            Self::Lambda(lambda) if !(0.0..=1.0).contains(&lambda) => {
+                Err(Error::LambdaOutOfRange { lambda })
+            }
+            t => Ok(t),
+        }
+    }
+}
+
 /// `config.json` of a value directory: the architecture, the reward normalisation, and where
 /// the net comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,14 +61,45 @@ pub struct ValueConfig {
     /// V in reward units = raw output * reward_std + reward_mean.
     pub reward_mean: f64,
     pub reward_std: f64,
-    /// The source LM's hidden size and identity (`sha256:...` of its config, tokenizer and
-    /// checkpoint headers).
+    /// The source LM's hidden size and identity (`recontrol_lm::model_identity`: `sha256:...`
+    /// of its config.json, tokenizer.json, and each checkpoint file's size, header and first
+    /// and last 64 KiB).
     pub lm_hidden_size: usize,
     pub lm_identity: String,
+    /// The Bellman target the net was trained with. `None` when this file does not say: value
+    /// directories written before this field keep it in `training.config.target`, hand-made
+    /// ones may have none; [`ValueConfig::trained_target`] reads both places.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+    /// The training run's record (its arguments, settings and history), as its writer made it.
     pub training: serde_json::Value,
     pub seed: u64,
     pub git_revision: String,
     pub recontrol_version: String,
+}
+
+impl ValueConfig {
+    /// The Bellman target the net was trained with: `target`, else `training.config.target`
+    /// (where value directories written before `target` existed keep it). `path` is this
+    /// config's file, named in the error when neither holds a target.
+    pub fn trained_target(&self, path: &Path) -> Result<Target> {
+        if let Some(target) = self.target {
+            return Ok(target);
+        }
+        let recorded = self
+            .training
+            .get("config")
+            .and_then(|config| config.get("target"))
+            .ok_or_else(|| Error::NoTarget {
+                path: path.to_owned(),
+            })?;
+        serde_json::from_value(recorded.clone()).map_err(|e| Error::BadValue {
+            path: path.to_owned(),
+            key: "training.config.target",
+            expected: format!("a target (\"td0\", \"mc\" or {{\"lambda\": x}}): {e}"),
+            found: recorded.to_string(),
+        })
+    }
 }
 
 /// One linear layer, float32: `y = x W^T + b`.
@@ -188,5 +249,89 @@ fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
                 .collect(),
         ),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(target: Option<Target>, training: serde_json::Value) -> ValueConfig {
+        ValueConfig {
+            input_dim: 2,
+            hidden_dims: vec![],
+            activation: Activation::Relu,
+            reward_mean: 0.0,
+            reward_std: 1.0,
+            lm_hidden_size: 2,
+            lm_identity: "sha256:x".into(),
+            target,
+            training,
+            seed: 0,
+            git_revision: String::new(),
+            recontrol_version: String::new(),
+        }
+    }
+
+    /// `target` wins; value dirs written before it have the target in the training record;
+    /// one with neither, or a bad record, is refused naming the file and the key.
+    #[test]
+    fn the_trained_target_is_read_from_either_place_or_refused() -> Result<()> {
+        let path = Path::new("v/config.json");
+        let legacy = serde_json::json!({"config": {"target": {"lambda": 0.75}}});
+        assert_eq!(
+            config(Some(Target::Mc), legacy.clone()).trained_target(path)?,
+            Target::Mc
+        );
+        assert_eq!(
+            config(None, legacy).trained_target(path)?,
+            Target::Lambda(0.75)
+        );
+        assert_eq!(
+            config(None, serde_json::json!({"config": {"target": "td0"}})).trained_target(path)?,
+            Target::Td0
+        );
+        let err = config(None, serde_json::json!({}))
+            .trained_target(path)
+            .expect_err("no target")
+            .to_string();
+        assert!(
+            err.starts_with("v/config.json: no `target` (nor `training.config.target`)"),
+            "{err}"
+        );
+        let err = config(None, serde_json::json!({"config": {"target": "td1"}}))
+            .trained_target(path)
+            .expect_err("bad target")
+            .to_string();
+        assert!(
+            err.starts_with("v/config.json: `training.config.target` is \"td1\", not a target"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    /// The file keeps its keys: `target` is written only when known, after `lm_identity`.
+    #[test]
+    fn target_is_written_only_when_known() -> serde_json::Result<()> {
+        let text = serde_json::to_string(&config(None, serde_json::json!({})))?;
+        assert!(!text.contains("target"), "{text}");
+        let text =
+            serde_json::to_string(&config(Some(Target::Lambda(0.5)), serde_json::json!({})))?;
+        assert!(
+            text.contains(r#""lm_identity":"sha256:x","target":{"lambda":0.5},"training":{}"#),
+            "{text}"
+        );
+        let back: ValueConfig = serde_json::from_str(&text)?;
+        assert_eq!(back.target, Some(Target::Lambda(0.5)));
+        Ok(())
+    }
+
+    #[test]
+    fn lambda_outside_zero_one_is_refused() {
+        assert!(Target::Lambda(1.0).check().is_ok());
+        assert_eq!(
+            Target::Lambda(1.5).check().expect_err("1.5").to_string(),
+            "lambda must be in [0, 1], got 1.5"
+        );
     }
 }

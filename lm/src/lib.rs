@@ -66,8 +66,8 @@ pub struct GenerationDefaults {
 #[derive(Debug)]
 pub struct LanguageModel {
     pub dir: PathBuf,
-    /// `sha256:<hex>` of config.json and tokenizer.json: what value nets and rollout stores
-    /// record as the model they belong to.
+    /// [`model_identity`]: `sha256:<hex>` of config.json, tokenizer.json and the checkpoint
+    /// headers and edges; what value nets and rollout stores record as the model they belong to.
     pub identity: String,
     pub model: CausalLm,
     pub tokenizer: LmTokenizer,

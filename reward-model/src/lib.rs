@@ -34,6 +34,22 @@ pub enum Error {
     Invalid { path: PathBuf, message: String },
     #[error("the reward of text {index} is {value}; rewards must be finite")]
     NonFinite { index: usize, value: f32 },
+    #[error("no texts to encode")]
+    EmptyBatch,
+    /// A text of a batch that tokenises to no tokens at all.
+    #[error("text {index} of the batch tokenises to nothing")]
+    EmptyText { index: usize },
+    #[error("{path}: a reward model has one output label, this one has {labels}")]
+    LabelCount { path: PathBuf, labels: u64 },
+    #[error("{path}: no score.weight: not a sequence-classification (reward) model")]
+    NoScoreHead { path: PathBuf },
+    /// A rules setting (`bias`, a term's `weight`) that is not a finite number.
+    #[error("{path}: {setting} must be finite, got {value}")]
+    NotFinite {
+        path: PathBuf,
+        setting: &'static str,
+        value: f64,
+    },
     #[error("training: {0}")]
     Training(String),
     #[error("{train} training and {heldout} held-out pairs; both sides need some")]

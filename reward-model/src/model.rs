@@ -45,10 +45,10 @@ impl RewardModel {
             })
             .unwrap_or(1);
         if labels != 1 {
-            return Err(Error::invalid(
-                &config_path,
-                format!("a reward model has one output label, this one has {labels}"),
-            ));
+            return Err(Error::LabelCount {
+                path: config_path,
+                labels,
+            });
         }
         let lm = LanguageModel::load_backbone(dir, device, dtype)?;
         let hidden = lm.model.config().hidden_size as i64;
@@ -206,10 +206,13 @@ pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
-    if width == 0 || ids.iter().any(Vec::is_empty) {
-        return Err(Error::Training("a text tokenises to nothing".into()));
+    if ids.is_empty() {
+        return Err(Error::EmptyBatch);
     }
+    if let Some(index) = ids.iter().position(Vec::is_empty) {
+        return Err(Error::EmptyText { index });
+    }
+    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
     let (mut flat, mut mask, mut pos) = (Vec::new(), Vec::new(), Vec::new());
     for row in &ids {
         let pad = width - row.len();
@@ -257,9 +260,8 @@ fn read_score_head(dir: &Path, hidden: i64, device: tch::Device, dtype: DType) -
     let w = Weights::open(dir, device, dtype.kind())?;
     match w.get_opt("score.weight", &[1, hidden])? {
         Some(t) => Ok(t),
-        None => Err(Error::invalid(
-            dir,
-            "no score.weight: not a sequence-classification (reward) model",
-        )),
+        None => Err(Error::NoScoreHead {
+            path: dir.to_owned(),
+        }),
     }
 }

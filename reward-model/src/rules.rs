@@ -117,14 +117,15 @@ impl RuleReward {
         if spec.term.is_empty() {
             return Err(Error::invalid(path, "no [[term]] given"));
         }
-        let finite = |w: f64, what: &str| -> Result<f64> {
-            if w.is_finite() {
-                Ok(w)
+        let finite = |value: f64, setting: &'static str| -> Result<f64> {
+            if value.is_finite() {
+                Ok(value)
             } else {
-                Err(Error::invalid(
-                    path,
-                    format!("{what} must be finite, got {w}"),
-                ))
+                Err(Error::NotFinite {
+                    path: path.to_owned(),
+                    setting,
+                    value,
+                })
             }
         };
         let bias = finite(spec.bias, "bias")?;

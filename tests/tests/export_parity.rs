@@ -32,6 +32,7 @@ fn value_dir(dir: &Path, activation: Activation, hidden: &[usize], seed: u64) ->
             reward_std: 2.5,
             lm_hidden_size: D,
             lm_identity: "sha256:test".into(),
+            target: None,
             training: serde_json::json!({}),
             seed,
             git_revision: "test".into(),

@@ -41,8 +41,6 @@ pub enum Error {
     Invalid { path: PathBuf, message: String },
     #[error("val fraction must be in [0, 1), got {0}")]
     ValFraction(f64),
-    #[error("lambda must be in [0, 1], got {0}")]
-    Lambda(f64),
     #[error("training record: {0}")]
     Json(#[from] serde_json::Error),
 }

@@ -5,36 +5,11 @@
 //! the first step (an argmax over the mask) and let gradients flow into the bootstrap target;
 //! here the terminal flag comes from the store's rollout offsets (the last row of each rollout)
 //! and the target is detached (semi-gradient TD). TD(lambda) and Monte-Carlo targets are
-//! options; every target goes through the same [`bellman_loss`].
+//! options ([`Target`], defined with the value directory's config that records it); every
+//! target goes through the same [`bellman_loss`].
 
-use serde::{Deserialize, Serialize};
+pub use recontrol_export::value_dir::Target;
 use tch::Tensor;
-
-/// What a non-terminal state regresses to.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// TD(0): the stop-gradient value of the next state (the paper's Bellman equation).
-    #[default]
-    Td0,
-    /// Monte-Carlo: the rollout's final reward (gamma = 1, no intermediate rewards).
-    Mc,
-    /// TD(lambda): the lambda-return, `(1 - lambda) V(s_{t+1}) + lambda G_{t+1}` with
-    /// `G_{T-1} = r`; lambda 0 is TD(0), 1 is Monte-Carlo.
-    Lambda(f64),
-}
-
-impl Target {
-    /// Refuses a lambda outside `[0, 1]`.
-    pub fn check(self) -> Result<Self, String> {
-        match self {
-            Self::Lambda(l) if !(0.0..=1.0).contains(&l) => {
-                Err(format!("lambda must be in [0, 1], got {l}"))
-            }
-            t => Ok(t),
-        }
-    }
-}
 
 /// `mean((V(s_t) - stop_gradient(target_t))^2)` over a minibatch: the one regression every
 /// target choice goes through. `v`, `target`: `[batch]`.

@@ -275,6 +275,7 @@ mod tests {
             reward_std: 3.0,
             lm_hidden_size: 6,
             lm_identity: "sha256:test".into(),
+            target: None,
             training: serde_json::json!({}),
             seed: 1,
             git_revision: "test".into(),

@@ -119,11 +119,7 @@ pub fn train_value_model<A: Serialize>(
     if !(0.0..1.0).contains(&settings.val_fraction) {
         return Err(Error::ValFraction(settings.val_fraction));
     }
-    if let Target::Lambda(lambda) = settings.target {
-        if !(0.0..=1.0).contains(&lambda) {
-            return Err(Error::Lambda(lambda));
-        }
-    }
+    settings.target.check()?;
     let config = settings.config();
     let trained = train_value(store, &config, device, control, on_epoch)?;
     if !trained.complete {
@@ -149,6 +145,7 @@ pub fn train_value_model<A: Serialize>(
             reward_std: trained.reward_std,
             lm_hidden_size: meta.hidden_size,
             lm_identity: meta.model_hash.clone(),
+            target: Some(config.target),
             training,
             seed: settings.seed,
             git_revision: producer.git_revision.clone(),

@@ -338,9 +338,9 @@ pub fn train_value(
             message: "--epochs, --batch-size and --lr must be positive".into(),
         });
     }
-    config.target.check().map_err(|message| Error::Invalid {
+    config.target.check().map_err(|e| Error::Invalid {
         path: run.checkpoint.to_owned(),
-        message,
+        message: e.to_string(),
     })?;
     let rewards = check_labelled(store)?;
     let n = rewards.len();
