@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{self, Rollout, Store, StoreError, StoreMeta, StoreWriter};
+use crate::store::{self, Incompatibility, Rollout, Store, StoreError, StoreMeta, StoreWriter};
 
 /// A prompt to roll out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,13 +44,56 @@ pub trait RolloutSource {
     ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
-/// Errors of a rollout job.
+/// Errors of a rollout job; `out` is the store the job writes. As in
+/// [`StoreError`], a wrapped error is part of the message, not a `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{path}: {message}")]
-    State { path: PathBuf, message: String },
+    #[error(
+        "{out}: rollouts per part ({rollouts_per_part}) must be a positive multiple of the batch size ({batch_size})"
+    )]
+    PartSize {
+        out: PathBuf,
+        rollouts_per_part: usize,
+        batch_size: usize,
+    },
+    #[error("{out}: exists; remove it or choose another --out")]
+    Exists { out: PathBuf },
+    #[error("{out}: the store is already complete; nothing to resume")]
+    AlreadyComplete { out: PathBuf },
+    #[error("{out}: an interrupted run left {parts}; pass --resume to continue it, or remove it")]
+    Interrupted { out: PathBuf, parts: PathBuf },
+    /// The interrupted run's store settings differ from this one's.
+    #[error("{out}: cannot resume: {why}")]
+    Incompatible {
+        out: PathBuf,
+        why: Box<Incompatibility>,
+    },
+    /// The interrupted run's prompts or generation settings differ from this one's.
+    #[error("{out}: cannot resume: the prompts or generation settings differ from the interrupted run's")]
+    PlanDiffers { out: PathBuf },
+    /// Reading or writing `file` (the plan, a part, the parts folder) failed.
+    #[error("{out}: {file}: {error}")]
+    Io {
+        out: PathBuf,
+        file: PathBuf,
+        error: std::io::Error,
+    },
+    /// The plan could not be written, or the interrupted run's could not be read.
+    #[error("{out}: {file}: {error}")]
+    Plan {
+        out: PathBuf,
+        file: PathBuf,
+        error: serde_json::Error,
+    },
+    /// The source returned another number of rollouts than it was given prompts.
+    #[error("{out}: the generator returned {rollouts} rollouts for {prompts} prompts")]
+    SourceCount {
+        out: PathBuf,
+        rollouts: usize,
+        prompts: usize,
+    },
     #[error("generation failed: {0}")]
     Source(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -83,52 +126,66 @@ pub fn run(
     source: &mut dyn RolloutSource,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<RolloutSummary, RolloutError> {
-    let state = |message: String| RolloutError::State {
-        path: out.to_owned(),
-        message,
+    let io = |file: &Path| {
+        let file = file.to_owned();
+        move |error| RolloutError::Io {
+            out: out.to_owned(),
+            file,
+            error,
+        }
+    };
+    let plan_error = |file: &Path| {
+        let file = file.to_owned();
+        move |error| RolloutError::Plan {
+            out: out.to_owned(),
+            file,
+            error,
+        }
     };
     if plan.batch_size == 0
         || plan.rollouts_per_part == 0
         || !plan.rollouts_per_part.is_multiple_of(plan.batch_size)
     {
-        return Err(state(format!(
-            "rollouts per part ({}) must be a positive multiple of the batch size ({})",
-            plan.rollouts_per_part, plan.batch_size
-        )));
+        return Err(RolloutError::PartSize {
+            out: out.to_owned(),
+            rollouts_per_part: plan.rollouts_per_part,
+            batch_size: plan.batch_size,
+        });
     }
     if out.exists() {
-        return Err(state(if resume {
-            "the store is already complete; nothing to resume".to_owned()
+        let out = out.to_owned();
+        return Err(if resume {
+            RolloutError::AlreadyComplete { out }
         } else {
-            "exists; remove it or choose another --out".to_owned()
-        }));
+            RolloutError::Exists { out }
+        });
     }
     let dir = parts_dir(out);
     let plan_path = dir.join("plan.json");
     if dir.exists() {
         if !resume {
-            return Err(state(format!(
-                "an interrupted run left {}; pass --resume to continue it, or remove it",
-                dir.display()
-            )));
+            return Err(RolloutError::Interrupted {
+                out: out.to_owned(),
+                parts: dir,
+            });
         }
-        let text = std::fs::read_to_string(&plan_path)
-            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
-        let previous: RolloutPlan = serde_json::from_str(&text)
-            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
+        let text = std::fs::read_to_string(&plan_path).map_err(io(&plan_path))?;
+        let previous: RolloutPlan = serde_json::from_str(&text).map_err(plan_error(&plan_path))?;
         if let Some(why) = previous.meta.incompatibility(&plan.meta) {
-            return Err(state(format!("cannot resume: {why}")));
+            return Err(RolloutError::Incompatible {
+                out: out.to_owned(),
+                why: Box::new(why),
+            });
         }
         if previous != *plan {
-            return Err(state(
-                "cannot resume: the prompts or generation settings differ from the interrupted run's".to_owned(),
-            ));
+            return Err(RolloutError::PlanDiffers {
+                out: out.to_owned(),
+            });
         }
     } else {
-        std::fs::create_dir_all(&dir).map_err(|e| state(format!("{}: {e}", dir.display())))?;
-        let json = serde_json::to_string(plan).map_err(|e| state(e.to_string()))?;
-        write_atomic(&plan_path, json.as_bytes())
-            .map_err(|e| state(format!("{}: {e}", plan_path.display())))?;
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let json = serde_json::to_string(plan).map_err(plan_error(&plan_path))?;
+        write_atomic(&plan_path, json.as_bytes()).map_err(io(&plan_path))?;
     }
 
     let total = plan.prompts.len();
@@ -145,8 +202,7 @@ pub fn run(
                     continue;
                 }
                 // A part is renamed into place only when complete; anything else is redone.
-                _ => std::fs::remove_file(&path)
-                    .map_err(|e| state(format!("{}: {e}", path.display())))?,
+                _ => std::fs::remove_file(&path).map_err(io(&path))?,
             }
         }
         let temp = dir.join(format!("part-{k:06}.h5.tmp"));
@@ -157,17 +213,17 @@ pub fn run(
                 .generate(batch, first_row)
                 .map_err(RolloutError::Source)?;
             if rollouts.len() != batch.len() {
-                return Err(state(format!(
-                    "the generator returned {} rollouts for {} prompts",
-                    rollouts.len(),
-                    batch.len()
-                )));
+                return Err(RolloutError::SourceCount {
+                    out: out.to_owned(),
+                    rollouts: rollouts.len(),
+                    prompts: batch.len(),
+                });
             }
             writer.append(&rollouts)?;
             progress(first_row as usize + batch.len(), total);
         }
         writer.finish()?;
-        std::fs::rename(&temp, &path).map_err(|e| state(format!("{}: {e}", path.display())))?;
+        std::fs::rename(&temp, &path).map_err(io(&path))?;
         written += 1;
     }
 
@@ -176,12 +232,16 @@ pub fn run(
     let rollouts = if refs.is_empty() {
         let writer = StoreWriter::create(&store::temp_path(out), &plan.meta)?;
         writer.finish()?;
-        std::fs::rename(store::temp_path(out), out).map_err(|e| state(e.to_string()))?;
+        std::fs::rename(store::temp_path(out), out).map_err(|error| StoreError::Rename {
+            path: out.to_owned(),
+            temp: store::temp_path(out),
+            error,
+        })?;
         0
     } else {
         store::merge(&refs, out)?
     };
-    std::fs::remove_dir_all(&dir).map_err(|e| state(format!("{}: {e}", dir.display())))?;
+    std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     Ok(RolloutSummary {
         rollouts,
         parts_reused: reused,

@@ -38,10 +38,10 @@ pub fn merge(inputs: &[&Path], out: &Path) -> Result<usize> {
     })();
     match result {
         Ok(n) => {
-            std::fs::rename(&temp, out).map_err(|source| StoreError::Rename {
+            std::fs::rename(&temp, out).map_err(|error| StoreError::Rename {
                 path: out.to_owned(),
                 temp: temp.clone(),
-                source,
+                error,
             })?;
             Ok(n)
         }

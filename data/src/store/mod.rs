@@ -55,7 +55,8 @@ const CHUNK_1D: usize = 4096;
 /// The error a per-row target function ([`BlockTargets`]) returns.
 pub type TargetError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Errors of the rollout store; each names the file.
+/// Errors of the rollout store; each names the file. A wrapped library error is part of the
+/// message, not a `source()`, so a chain printed with `{:#}` shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An HDF5 call failed (the library's message).
@@ -78,26 +79,23 @@ pub enum StoreError {
         store_hidden: usize,
     },
     /// A prompt or response text HDF5 cannot hold.
-    #[error("{path}: text of prompt {prompt_index} cannot be stored: {source}")]
+    #[error("{path}: text of prompt {prompt_index} cannot be stored: {error}")]
     Text {
         path: PathBuf,
         prompt_index: i64,
-        #[source]
-        source: hdf5::types::StringError,
+        error: hdf5::types::StringError,
     },
     /// A metadata attribute HDF5 cannot hold.
-    #[error("{path}: attribute {name} cannot be stored: {source}")]
+    #[error("{path}: attribute {name} cannot be stored: {error}")]
     Attribute {
         path: PathBuf,
         name: String,
-        #[source]
-        source: hdf5::types::StringError,
+        error: hdf5::types::StringError,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     MetaJson {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{path}: rollout {index} out of range (the store holds {len})")]
     OutOfRange {
@@ -113,12 +111,8 @@ pub enum StoreError {
         rollouts: usize,
     },
     /// The per-row target function failed.
-    #[error("{path}: {source}")]
-    Targets {
-        path: PathBuf,
-        #[source]
-        source: TargetError,
-    },
+    #[error("{path}: {error}")]
+    Targets { path: PathBuf, error: TargetError },
     /// The per-row target function returned the wrong number of targets.
     #[error("{path}: {targets} targets for a block of {rows} rows")]
     TargetCount {
@@ -136,12 +130,11 @@ pub enum StoreError {
         why: Box<Incompatibility>,
     },
     /// A finished file could not be renamed from its temporary name.
-    #[error("{path}: cannot rename {temp} into place: {source}")]
+    #[error("{path}: cannot rename {temp} into place: {error}")]
     Rename {
         path: PathBuf,
         temp: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

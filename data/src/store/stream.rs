@@ -230,9 +230,9 @@ impl TransitionStream<'_> {
             let rows = block.states.nrows();
             let row_targets = match targets.as_deref_mut() {
                 Some(f) => {
-                    let t = f(&block).map_err(|source| StoreError::Targets {
+                    let t = f(&block).map_err(|error| StoreError::Targets {
                         path: self.store.path().to_owned(),
-                        source,
+                        error,
                     })?;
                     if t.len() != rows {
                         return Err(StoreError::TargetCount {

@@ -168,10 +168,10 @@ impl StoreWriter {
                     // stored as U+FFFD. The token ids beside it stay exact.
                     f(r).replace('\0', "\u{FFFD}")
                         .parse::<VarLenUnicode>()
-                        .map_err(|source| StoreError::Text {
+                        .map_err(|error| StoreError::Text {
                             path: self.path.clone(),
                             prompt_index: r.prompt_index,
-                            source,
+                            error,
                         })
                 })
                 .collect()
@@ -229,10 +229,10 @@ fn write_meta(file: &hdf5::File, path: &Path, meta: &StoreMeta) -> Result<()> {
             .map_err(&err)
     };
     let text = |name: &str, v: &str| -> Result<()> {
-        let v: VarLenUnicode = v.parse().map_err(|source| StoreError::Attribute {
+        let v: VarLenUnicode = v.parse().map_err(|error| StoreError::Attribute {
             path: path.to_owned(),
             name: name.to_owned(),
-            source,
+            error,
         })?;
         file.new_attr::<VarLenUnicode>()
             .create(name)
@@ -252,9 +252,9 @@ fn write_meta(file: &hdf5::File, path: &Path, meta: &StoreMeta) -> Result<()> {
         .map_err(&err)?;
     text("recontrol_version", &meta.recontrol_version)?;
     text("dataset", &meta.dataset)?;
-    let json = serde_json::to_string(meta).map_err(|source| StoreError::MetaJson {
+    let json = serde_json::to_string(meta).map_err(|error| StoreError::MetaJson {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     text("meta", &json)
 }
