@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use recontrol_data::stats::{DatasetStats, Percentiles};
 
 use crate::args::{DatasetArgs, PromptFormatArg, SplitArgs};
-use crate::output::JsonlSink;
+use crate::output::jsonl_out;
 
 /// Look at datasets.
 #[derive(Debug, Args)]
@@ -59,7 +59,7 @@ impl PromptsArgs {
             .flatten()
             .map(|p| (p.prompt.index, p.chosen.as_str()))
             .collect();
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
         for r in &records {
             let prompt = recontrol_data::render_prompt(self.prompt_format.into(), r, None, None)
                 .map_err(|e| anyhow::anyhow!("--prompt-format: {e}"))?;
@@ -70,7 +70,8 @@ impl PromptsArgs {
             sink.write(&line)?;
         }
         eprintln!("{} prompts", records.len());
-        sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))
+        sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))?;
+        Ok(())
     }
 }
 

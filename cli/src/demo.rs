@@ -16,7 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::args::DeviceArgs;
-use crate::output::work_dir;
+use recontrol_io::work_dir;
 
 /// The bundled data, embedded so that the demo needs nothing beside the binary.
 const HH: &[u8] = include_bytes!("../../data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");

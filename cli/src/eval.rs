@@ -10,12 +10,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use recontrol_data::metrics::{bootstrap_mean_ci, bootstrap_paired_diff_ci, diversity, rep_n};
 use recontrol_data::truncate_response;
+use recontrol_io::write_json_atomic;
 use recontrol_lm::{DType, LanguageModel, Positions, StepInput};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::args::DeviceArgs;
-use crate::output::{write_json_atomic, Provenance};
+use crate::output::provenance;
 
 #[derive(Debug, Args, Serialize)]
 pub struct EvalArgs {
@@ -366,7 +367,7 @@ impl EvalArgs {
             "truncation": "responses cut at the first hallucinated turn marker (recontrol_data::truncate_response), for every method and the reward alike",
             "bootstrap": { "resamples": self.bootstrap, "seed": self.seed, "interval": "95% percentile; gains paired by prompt" },
             "args": &self,
-            "provenance": Provenance::current(),
+            "provenance": provenance(),
         });
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("--out {}", self.out.display()))?;

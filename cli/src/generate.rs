@@ -10,11 +10,12 @@ use recontrol_controller::{
     BackendKind, ControlConfig, Controller, GradientBackend, UpdateRule, ValueArtifact,
 };
 use recontrol_export::OrtRuntime;
+use recontrol_io::Provenance;
 use recontrol_lm::{generate, LanguageModel};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
-use crate::output::{JsonlSink, Provenance};
+use crate::output::{jsonl_out, provenance};
 
 /// Generate continuations of prompts with a Hugging Face model directory.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -202,7 +203,7 @@ impl GenerateArgs {
             .iter()
             .map(|p| format!("{}{p}", self.prompt_prefix.as_deref().unwrap_or("")))
             .collect();
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
 
         eprintln!("loading {}", self.model.display());
         let lm = LanguageModel::load(&self.model, self.device.device, self.device.dtype.into())
@@ -294,7 +295,8 @@ impl GenerateArgs {
             eos_token_ids: &config.eos_token_ids,
             pad_token_id: config.pad_token_id,
             controller: controller.as_ref().map(|c| format!("{c:?}")),
-            provenance: Provenance::current(),
-        })
+            provenance: provenance(),
+        })?;
+        Ok(())
     }
 }

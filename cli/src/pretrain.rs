@@ -8,16 +8,17 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::{dialogue_document, Dataset, PromptFormat, SplitSpec};
+use recontrol_io::{write_json_atomic, AtomicDir, Provenance, WorkDirs};
 use recontrol_lm::bpe::{self, EOS_ID};
-use recontrol_lm::optim::AdamWConfig;
 use recontrol_lm::pretrain::{
-    unigram_perplexity, write_safetensors, PackedCorpus, PretrainConfig, Pretrainer, TrainEvent,
+    unigram_perplexity, PackedCorpus, PretrainConfig, Pretrainer, TrainEvent,
 };
 use recontrol_lm::{generate, DType, DeviceSpec, LanguageModel, Sampling};
+use recontrol_train::{write_safetensors, AdamWConfig, RunControl};
 use serde::Serialize;
 
 use crate::args::DatasetArgs;
-use crate::output::{write_json_atomic, Provenance, WorkDirs};
+use crate::output::provenance;
 
 /// Language-model utilities.
 #[derive(Debug, Args)]
@@ -359,9 +360,11 @@ impl PretrainArgs {
             }
         };
         let trained = trainer.run(
-            &checkpoint,
-            self.resume,
-            self.max_steps_per_run,
+            RunControl {
+                checkpoint: &checkpoint,
+                resume: self.resume,
+                max_this_run: self.max_steps_per_run,
+            },
             &mut on_event,
         )?;
         tb.flush();
@@ -374,17 +377,9 @@ impl PretrainArgs {
             return Ok(());
         }
 
-        // The model directory, written under a temporary name and renamed when complete.
-        let temp = self.out.with_file_name(format!(
-            ".{}.tmp",
-            self.out.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        if temp.exists() {
-            std::fs::remove_dir_all(&temp)
-                .with_context(|| format!("cannot remove {}", temp.display()))?;
-        }
-        std::fs::create_dir_all(&temp)
-            .with_context(|| format!("cannot create {}", temp.display()))?;
+        // The model directory, which appears only when complete.
+        let dir = AtomicDir::create(&self.out)?;
+        let temp = dir.path();
         let hf_config = config.hf_config(vocab_size);
         std::fs::write(
             temp.join("config.json"),
@@ -397,10 +392,10 @@ impl PretrainArgs {
             }))?,
         )?;
         write_safetensors(&temp.join("model.safetensors"), &trained.params, None)?;
-        bpe::save_tokenizer(&tokenizer, &temp, config.max_positions)?;
+        bpe::save_tokenizer(&tokenizer, temp, config.max_positions)?;
 
         let heldout_ppl = trained.final_eval_loss.exp();
-        let samples = sample_replies(&temp, &prompts, self.seed)?;
+        let samples = sample_replies(temp, &prompts, self.seed)?;
         let tokens_per_second = trained.tokens_seen as f64 / trained.train_seconds.max(1e-9);
         write_json_atomic(
             &temp.join("training.json"),
@@ -417,7 +412,7 @@ impl PretrainArgs {
                 tokens_per_second,
                 heldout_perplexity: heldout_ppl,
                 unigram_perplexity: unigram,
-                provenance: Provenance::current(),
+                provenance: provenance(),
             },
         )?;
         let lines: Vec<String> = samples
@@ -425,9 +420,7 @@ impl PretrainArgs {
             .map(serde_json::to_string)
             .collect::<Result<_, _>>()?;
         std::fs::write(temp.join("samples.jsonl"), lines.join("\n") + "\n")?;
-        std::fs::rename(&temp, &self.out).with_context(|| {
-            format!("cannot rename {} to {}", temp.display(), self.out.display())
-        })?;
+        dir.commit()?;
         let _ = std::fs::remove_file(&checkpoint);
 
         println!(

@@ -8,7 +8,7 @@ use svg::node::element::{Line, Rectangle, Text};
 use svg::Document;
 
 use crate::eval::MethodReport;
-use crate::output::write_atomic;
+use recontrol_io::write_atomic;
 
 /// The comparison table (Markdown).
 pub fn table(methods: &[MethodReport]) -> String {
@@ -57,7 +57,8 @@ pub fn write_markdown(
         table(methods),
         report["bootstrap"]["resamples"],
     );
-    write_atomic(path, text.as_bytes())
+    write_atomic(path, text.as_bytes())?;
+    Ok(())
 }
 
 /// `chart.svg`: two panels, average reward with its interval and diversity, a bar per method.
@@ -145,5 +146,6 @@ pub fn write_chart(path: &Path, methods: &[MethodReport]) -> Result<()> {
                 );
         }
     }
-    write_atomic(path, doc.to_string().as_bytes())
+    write_atomic(path, doc.to_string().as_bytes())?;
+    Ok(())
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::{PromptFormat, Split, SplitSpec, Store};
+use recontrol_io::{Provenance, WorkDirs};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::train::{
     length_baseline_accuracy, pair_features, train_head, train_top_k, EpochMetrics, PairTexts,
@@ -17,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::args::{DatasetArgs, DeviceArgs, EpochRunArgs};
-use crate::output::{JsonlSink, Provenance, WorkDirs};
+use crate::output::{jsonl_out, provenance};
 
 /// Reward models and rewards.
 #[derive(Debug, Args)]
@@ -189,7 +190,7 @@ impl TrainArgs {
         let control = RunControl {
             checkpoint: &checkpoint,
             resume: self.run.resume,
-            max_epochs_this_run: self.run.max_epochs_per_run,
+            max_this_run: self.run.max_epochs_per_run,
         };
         let mut on_epoch = |m: &EpochMetrics| {
             tb.add_scalar("reward/train_loss", m.train_loss as f32, m.epoch);
@@ -259,7 +260,7 @@ impl TrainArgs {
             history: &trained.history,
             heldout_accuracy: accuracy,
             length_baseline_accuracy: baseline,
-            provenance: Provenance::current(),
+            provenance: provenance(),
         })?;
         let model = RewardModel::from_parts(lm, trained.score);
         model.save(&self.out, &[("reward_training.json", record)])?;
@@ -326,7 +327,7 @@ impl ScoreArgs {
         let mut reward = load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let rewards = reward.score(&pairs)?;
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
         for (mut record, r) in records.into_iter().zip(rewards) {
             record.insert("reward".into(), Value::from(r));
             sink.write(&record)?;
@@ -335,8 +336,9 @@ impl ScoreArgs {
             "command": "reward score",
             "reward": reward.describe(),
             "input": self.input,
-            "provenance": Provenance::current(),
-        }))
+            "provenance": provenance(),
+        }))?;
+        Ok(())
     }
 }
 

@@ -9,11 +9,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::Array2;
 use recontrol_data::rollout::{self as job, PlannedPrompt, RolloutPlan, RolloutSource};
 use recontrol_data::{Rollout, StateDtype, StoreMeta};
+use recontrol_io::{config_path, write_json_atomic, Provenance};
 use recontrol_lm::{generate, GenerationConfig, LanguageModel, StateRecorder};
 use serde::Serialize;
 
 use crate::args::{DatasetArgs, DeviceArgs, GenerationArgs, PromptArgs, SplitArgs};
-use crate::output::{write_json_atomic, Provenance};
+use crate::output::provenance;
 
 /// Generate from dataset prompts and store every final hidden state (HDF5), or merge stores.
 #[derive(Debug, Args)]
@@ -313,14 +314,15 @@ impl RolloutArgs {
             }
         );
         write_json_atomic(
-            &crate::output::config_path(out),
+            &config_path(out),
             &RunRecord {
                 command: "rollout",
                 args: &self,
                 prompts: plan.prompts.len(),
-                provenance: Provenance::current(),
+                provenance: provenance(),
             },
-        )
+        )?;
+        Ok(())
     }
 }
 

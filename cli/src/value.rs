@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use recontrol_data::Store;
+use recontrol_io::WorkDirs;
 use recontrol_value_net::train::{
     check_labelled, evaluate, train_value, EpochMetrics, RunControl, ValueTrainConfig,
 };
@@ -12,7 +13,7 @@ use recontrol_value_net::{Activation, Target, ValueConfig, ValueModel};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, EpochRunArgs};
-use crate::output::{Provenance, WorkDirs};
+use crate::output::provenance;
 
 /// Value functions on hidden states.
 #[derive(Debug, Args)]
@@ -167,7 +168,7 @@ impl TrainArgs {
             RunControl {
                 checkpoint: &checkpoint,
                 resume: self.run.resume,
-                max_epochs_this_run: self.run.max_epochs_per_run,
+                max_this_run: self.run.max_epochs_per_run,
             },
             &mut |m: &EpochMetrics| {
                 tb.add_scalar("value/train_loss", m.train_loss as f32, m.epoch);
@@ -191,7 +192,7 @@ impl TrainArgs {
             );
             return Ok(());
         }
-        let provenance = Provenance::current();
+        let provenance = provenance();
         let model = ValueModel {
             config: ValueConfig {
                 input_dim: store.meta().hidden_size,

@@ -24,14 +24,12 @@
 
 pub mod bpe;
 mod cache;
-pub mod checkpoint;
 pub mod config;
 mod device;
 mod error;
 mod generate;
 mod hook;
 mod model;
-pub mod optim;
 pub mod pretrain;
 mod rope;
 pub mod sampling;
