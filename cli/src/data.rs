@@ -8,7 +8,7 @@ use recontrol_data::selection::prompt_lines;
 use recontrol_data::stats::{DatasetStats, Percentiles};
 
 use crate::args::{DatasetArgs, PromptFormatArg, SplitArgs};
-use crate::output::JsonlSink;
+use crate::output::jsonl_out;
 
 /// Look at datasets.
 #[derive(Debug, Args)]
@@ -56,12 +56,13 @@ impl PromptsArgs {
         };
         let lines = prompt_lines(&dataset, &selection, self.prompt_format.into())
             .context("--prompt-format")?;
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
         for line in &lines {
             sink.write(line)?;
         }
         eprintln!("{} prompts", lines.len());
-        sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))
+        sink.finish(&serde_json::json!({ "command": "data prompts", "args": &self }))?;
+        Ok(())
     }
 }
 

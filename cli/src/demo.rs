@@ -9,7 +9,7 @@ use clap::Args;
 use recontrol_demo::{run_demo, DemoConfig, DemoRun};
 
 use crate::args::DeviceArgs;
-use crate::output::Provenance;
+use crate::output::provenance;
 
 /// The default configuration (under version control as `cli/demo.toml`).
 const DEFAULT_CONFIG: &str = include_str!("../demo.toml");
@@ -43,7 +43,7 @@ impl DemoArgs {
             DemoConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("--config {name}: {e}"))?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("--out {}", self.out.display()))?;
-        let provenance = Provenance::current();
+        let provenance = provenance();
         let run = DemoRun {
             out: &self.out,
             device: self.device.device,

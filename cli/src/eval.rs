@@ -10,10 +10,11 @@ use recontrol_eval::{
     evaluate, read_references, write_report, CoherenceEncoder, EvalSettings, Judges,
     MethodGenerations,
 };
+use recontrol_io::Provenance;
 use serde::Serialize;
 
 use crate::args::DeviceArgs;
-use crate::output::Provenance;
+use crate::output::provenance;
 
 #[derive(Debug, Args, Serialize)]
 pub struct EvalArgs {
@@ -122,7 +123,7 @@ impl EvalArgs {
         )?;
         let run = RunRecord {
             args: &self,
-            provenance: Provenance::current(),
+            provenance: provenance(),
         };
         write_report(&self.out, &report, &run)
             .with_context(|| format!("--out {}", self.out.display()))?;

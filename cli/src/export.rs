@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use recontrol_export::{inspect, write_export, ControllerSpec, Producer, ValueDir};
 
-use crate::output::Provenance;
+use crate::output::provenance;
 
 /// Export a value head as ONNX, or inspect an ONNX file.
 #[derive(Debug, Args)]
@@ -68,7 +68,7 @@ impl ExportArgs {
             }
         }
         let dir = ValueDir::read(&value).with_context(|| format!("--value {}", value.display()))?;
-        let provenance = Provenance::current();
+        let provenance = provenance();
         let spec = ControllerSpec {
             steps: self.steps,
             alpha: self.alpha,

@@ -10,11 +10,12 @@ use recontrol_controller::{
     generate_records, BackendKind, ControlConfig, Controller, GenerationPlan, GradientBackend,
     UpdateRule,
 };
+use recontrol_io::Provenance;
 use recontrol_lm::LanguageModel;
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
-use crate::output::{JsonlSink, Provenance};
+use crate::output::{jsonl_out, provenance};
 
 /// Generate continuations of prompts with a Hugging Face model directory.
 #[derive(Debug, Clone, Args, Serialize)]
@@ -158,7 +159,7 @@ impl GenerateArgs {
         if let Some(path) = &self.prompts {
             prompts.extend(recontrol_data::read_prompts(path, &self.prompt_field)?);
         }
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
 
         eprintln!("loading {}", self.model.display());
         let lm = LanguageModel::load(&self.model, self.device.device, self.device.dtype.into())
@@ -215,7 +216,8 @@ impl GenerateArgs {
             eos_token_ids: &config.eos_token_ids,
             pad_token_id: config.pad_token_id,
             controller: controller.as_ref().map(|c| format!("{c:?}")),
-            provenance: Provenance::current(),
-        })
+            provenance: provenance(),
+        })?;
+        Ok(())
     }
 }

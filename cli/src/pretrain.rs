@@ -6,16 +6,18 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use recontrol_lm::optim::AdamWConfig;
+use recontrol_io::WorkDirs;
 use recontrol_lm::pretrain::stage::{
-    corpus_documents, event_scalars, pretrain_model, CorpusFormat, PretrainOutcome, PretrainRun, PretrainSettings,
+    corpus_documents, event_scalars, pretrain_model, CorpusFormat, PretrainOutcome, PretrainRun,
+    PretrainSettings,
 };
 use recontrol_lm::pretrain::{PretrainConfig, TrainEvent};
 use recontrol_lm::DeviceSpec;
+use recontrol_train::AdamWConfig;
 use serde::Serialize;
 
 use crate::args::DatasetArgs;
-use crate::output::{Provenance, WorkDirs};
+use crate::output::provenance;
 
 /// Language-model utilities.
 #[derive(Debug, Args)]
@@ -241,7 +243,7 @@ impl PretrainArgs {
             &docs,
             &self.out,
             run,
-            (self, &Provenance::current()),
+            (self, &provenance()),
             &mut on_event,
         )?;
         tb.flush();

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::{read_generations, Store};
+use recontrol_io::{Provenance, WorkDirs};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::stage::{
     epoch_scalars, label_start, label_store, prepare_pairs, train_reward, LabelMode, RewardOutcome,
@@ -16,7 +17,7 @@ use recontrol_reward_model::{load_reward, RewardModel};
 use serde::Serialize;
 
 use crate::args::{DatasetArgs, DeviceArgs, EpochRunArgs};
-use crate::output::{JsonlSink, Provenance, WorkDirs};
+use crate::output::{jsonl_out, provenance};
 
 /// Reward models and rewards.
 #[derive(Debug, Args)]
@@ -161,7 +162,7 @@ impl TrainArgs {
         let control = RunControl {
             checkpoint: &checkpoint,
             resume: self.run.resume,
-            max_epochs_this_run: self.run.max_epochs_per_run,
+            max_this_run: self.run.max_epochs_per_run,
         };
         let mut on_epoch = |m: &EpochMetrics| {
             for (tag, value) in epoch_scalars(m) {
@@ -190,7 +191,7 @@ impl TrainArgs {
         let record = serde_json::to_value(TrainingRecord {
             args: self,
             summary: &summary,
-            provenance: Provenance::current(),
+            provenance: provenance(),
         })?;
         let model = RewardModel::from_parts(lm, score);
         model.save(&self.out, &[("reward_training.json", record)])?;
@@ -232,7 +233,7 @@ impl ScoreArgs {
         let mut reward = load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let rewards = reward.score(&pairs)?;
-        let mut sink = JsonlSink::create(self.out.as_deref())?;
+        let mut sink = jsonl_out(self.out.as_deref())?;
         for (record, r) in records.iter_mut().zip(rewards) {
             record.reward = Some(f64::from(r));
             sink.write(record)?;
@@ -241,8 +242,9 @@ impl ScoreArgs {
             "command": "reward score",
             "reward": reward.describe(),
             "input": self.input,
-            "provenance": Provenance::current(),
-        }))
+            "provenance": provenance(),
+        }))?;
+        Ok(())
     }
 }
 

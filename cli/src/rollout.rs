@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_data::StateDtype;
+use recontrol_io::{config_path, write_json_atomic, Provenance};
 use recontrol_lm::LanguageModel;
 use recontrol_rollout::{
     collect_rollouts, select_prompts, PromptSelection, RolloutSettings, Shard,
@@ -13,7 +14,7 @@ use recontrol_rollout::{
 use serde::Serialize;
 
 use crate::args::{DatasetArgs, DeviceArgs, GenerationArgs, PromptArgs, SplitArgs};
-use crate::output::{write_json_atomic, Provenance};
+use crate::output::provenance;
 
 /// Generate from dataset prompts and store every final hidden state (HDF5), or merge stores.
 #[derive(Debug, Args)]
@@ -210,14 +211,15 @@ impl RolloutArgs {
             }
         );
         write_json_atomic(
-            &crate::output::config_path(out),
+            &config_path(out),
             &RunRecord {
                 command: "rollout",
                 args: &self,
                 prompts: total,
-                provenance: Provenance::current(),
+                provenance: provenance(),
             },
-        )
+        )?;
+        Ok(())
     }
 }
 

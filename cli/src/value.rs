@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use recontrol_data::Store;
 use recontrol_export::Producer;
+use recontrol_io::WorkDirs;
 use recontrol_value_net::stage::{epoch_scalars, train_value_model, ValueOutcome, ValueSettings};
 use recontrol_value_net::train::{
     check_labelled, evaluate, EpochMetrics, RunControl, ValueTrainConfig,
@@ -14,7 +15,7 @@ use recontrol_value_net::{Activation, Target, ValueModel};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, EpochRunArgs};
-use crate::output::{Provenance, WorkDirs};
+use crate::output::provenance;
 
 /// Value functions on hidden states.
 #[derive(Debug, Args)]
@@ -160,7 +161,7 @@ impl TrainArgs {
         let store = Store::open(&self.rollouts)
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;
-        let provenance = Provenance::current();
+        let provenance = provenance();
         let producer = Producer {
             recontrol_version: provenance.recontrol_version.to_owned(),
             git_revision: provenance.git_revision.to_owned(),
@@ -175,7 +176,7 @@ impl TrainArgs {
             RunControl {
                 checkpoint: &checkpoint,
                 resume: self.run.resume,
-                max_epochs_this_run: self.run.max_epochs_per_run,
+                max_this_run: self.run.max_epochs_per_run,
             },
             &producer,
             &mut |m: &EpochMetrics| {

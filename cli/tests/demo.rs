@@ -115,10 +115,7 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     // A new alpha reruns the RE-Control generations and the reports, nothing upstream.
     std::fs::write(
         &config,
-        TINY.replace(
-            "alpha = 0.5\nsteps = 3",
-            "alpha = 0.25\nsteps = 3",
-        ),
+        TINY.replace("alpha = 0.5\nsteps = 3", "alpha = 0.25\nsteps = 3"),
     )
     .expect("write");
     let third = demo(&out, &config);

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use recontrol_io::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{self, Incompatibility, Rollout, Store, StoreError, StoreMeta, StoreWriter};
@@ -94,6 +95,8 @@ pub enum RolloutError {
         rollouts: usize,
         prompts: usize,
     },
+    #[error(transparent)]
+    Write(#[from] recontrol_io::Error),
     #[error("generation failed: {0}")]
     Source(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -109,9 +112,7 @@ pub struct RolloutSummary {
 
 /// `OUT.parts`.
 pub fn parts_dir(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".parts");
-    out.with_file_name(name)
+    recontrol_io::sibling(out, ".parts")
 }
 
 fn part_path(dir: &Path, k: usize) -> PathBuf {
@@ -185,7 +186,7 @@ pub fn run(
     } else {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let json = serde_json::to_string(plan).map_err(plan_error(&plan_path))?;
-        write_atomic(&plan_path, json.as_bytes()).map_err(io(&plan_path))?;
+        write_atomic(&plan_path, json.as_bytes())?;
     }
 
     let total = plan.prompts.len();
@@ -247,13 +248,6 @@ pub fn run(
         parts_reused: reused,
         parts_written: written,
     })
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temp = store::temp_path(path);
-    std::fs::write(&temp, bytes)?;
-    std::fs::rename(&temp, path)
 }
 
 #[cfg(test)]

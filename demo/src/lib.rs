@@ -274,8 +274,9 @@ mod tests {
 
     #[test]
     fn the_configuration_refuses_unknown_keys_and_fills_defaults() {
-        let config = DemoConfig::from_toml("[rollout]\nlimit = 5\n[rollout.decoding]\ntemperature = 1.0\n")
-            .expect("parse");
+        let config =
+            DemoConfig::from_toml("[rollout]\nlimit = 5\n[rollout.decoding]\ntemperature = 1.0\n")
+                .expect("parse");
         assert_eq!(config.rollout.limit, Some(5));
         assert_eq!(config.rollout.decoding.temperature, 1.0);
         assert_eq!(config.export, ExportStage::default());

@@ -24,9 +24,7 @@ use recontrol_reward_model::stage::{
 };
 use recontrol_reward_model::{load_reward, RewardModel};
 use recontrol_rollout::{collect_rollouts, select_prompts};
-use recontrol_value_net::stage::{
-    epoch_scalars as value_scalars, train_value_model, ValueOutcome,
-};
+use recontrol_value_net::stage::{epoch_scalars as value_scalars, train_value_model, ValueOutcome};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tensorboard_rs::summary_writer::SummaryWriter;
@@ -330,7 +328,7 @@ impl Pipeline<'_> {
         let control = recontrol_train::RunControl {
             checkpoint: &dirs.checkpoint,
             resume,
-            max_epochs_this_run: None,
+            max_this_run: None,
         };
         let outcome = train_reward(&lm, &prepared, settings, control, &mut |m| {
             for (tag, value) in reward_scalars(m) {
@@ -398,7 +396,7 @@ impl Pipeline<'_> {
             recontrol_train::RunControl {
                 checkpoint: &dirs.checkpoint,
                 resume,
-                max_epochs_this_run: None,
+                max_this_run: None,
             },
             &self.producer(),
             &mut |m| {
@@ -453,11 +451,7 @@ impl Pipeline<'_> {
                 allow_foreign: false,
                 onnxruntime: self.run.onnxruntime.clone(),
             };
-            Some(open_value_backend(
-                &self.out(Stage::Export),
-                &lm,
-                &options,
-            )?)
+            Some(open_value_backend(&self.out(Stage::Export), &lm, &options)?)
         } else {
             None
         };

@@ -36,6 +36,8 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error("report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Output(#[from] recontrol_io::Error),
 }
 
 /// The crate's result type.

@@ -2,8 +2,9 @@
 //! Markdown table and what the numbers mean) and `chart.svg` (reward with its 95% interval and
 //! diversity per method).
 
-use std::io::Write;
 use std::path::Path;
+
+use recontrol_io::write_atomic;
 
 use serde::Serialize;
 use svg::node::element::{Line, Rectangle, Text};
@@ -166,22 +167,7 @@ pub fn write_report<R: Serialize>(out: &Path, report: &Report, run: &R) -> Resul
     json.push(b'\n');
     write_atomic(&out.join("report.json"), &json)?;
     write_atomic(&out.join("report.md"), markdown(report).as_bytes())?;
-    write_atomic(&out.join("chart.svg"), chart(&report.methods).as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut temp = tempfile::Builder::new()
-        .prefix(".recontrol-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    temp.write_all(bytes).map_err(io)?;
-    temp.persist(path).map_err(|e| io(e.error))?;
+    write_atomic(&out.join("chart.svg"), chart(&report.methods).as_bytes())?;
     Ok(())
 }
 

@@ -110,6 +110,9 @@ pub enum Error {
     #[error("hidden-state hook returned shape {found:?}, expected {expected:?}")]
     HookShape { expected: Vec<i64>, found: Vec<i64> },
 
+    #[error(transparent)]
+    Train(#[from] recontrol_train::Error),
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 
@@ -118,6 +121,9 @@ pub enum Error {
 
     #[error(transparent)]
     Data(#[from] recontrol_data::Error),
+
+    #[error(transparent)]
+    Output(#[from] recontrol_io::Error),
 }
 
 /// The crate's result type.

@@ -24,7 +24,6 @@
 
 pub mod bpe;
 mod cache;
-pub mod checkpoint;
 pub mod config;
 mod decoding;
 mod device;
@@ -32,7 +31,6 @@ mod error;
 mod generate;
 mod hook;
 mod model;
-pub mod optim;
 pub mod pretrain;
 mod rope;
 pub mod sampling;

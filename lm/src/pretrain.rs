@@ -21,8 +21,8 @@ use crate::config::{HfConfig, ModelConfig};
 use crate::device::DType;
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
-use crate::optim::{cosine_lr, AdamW, AdamWConfig};
 use crate::weights::ParamSource;
+use recontrol_train::{cosine_lr, AdamW, AdamWConfig, RunControl};
 
 /// Every setting of a pretraining run (recorded in checkpoints; a resume must match it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,7 +293,7 @@ pub struct Trained {
     /// Parameters by HF name.
     pub params: Vec<(String, Tensor)>,
     pub steps_done: usize,
-    /// Whether all `config.steps` are done (false when stopped early by `stop_after`).
+    /// Whether all `config.steps` are done (false when stopped early by the run's cap).
     pub complete: bool,
     pub final_eval_loss: f64,
     pub tokens_seen: u64,
@@ -357,14 +357,12 @@ impl Pretrainer<'_> {
         Ok(total / count)
     }
 
-    /// Trains, from a checkpoint at `checkpoint` if `resume` and one exists, saving one there
-    /// every `checkpoint_every` steps. `stop_after` ends the run early (as if interrupted)
-    /// after that many steps of this invocation.
+    /// Trains, continuing the interrupted run in `run.checkpoint` if `run.resume` and it
+    /// exists, saving a checkpoint there every `checkpoint_every` steps. `run.max_this_run`
+    /// ends the run early (as if interrupted) after that many steps of this call.
     pub fn run(
         &self,
-        checkpoint: &Path,
-        resume: bool,
-        stop_after: Option<usize>,
+        run: RunControl<'_>,
         on_event: &mut dyn FnMut(TrainEvent),
     ) -> Result<Trained> {
         let c = self.config;
@@ -378,14 +376,10 @@ impl Pretrainer<'_> {
             )));
         }
         let model_config = self.model_config()?;
-        let (model, mut opt, mut step, mut tokens_seen) = if resume && checkpoint.is_file() {
-            let (state, tensors): (CheckpointState, _) = crate::checkpoint::load(checkpoint)?;
-            if state.config != *c || state.vocab_size != self.vocab_size {
-                return Err(Error::Checkpoint(format!(
-                    "{} was made with other settings; resume with the same flags, or remove it",
-                    checkpoint.display()
-                )));
-            }
+        let resumed = run.resume_point(|state: &CheckpointState| {
+            state.config == *c && state.vocab_size == self.vocab_size
+        })?;
+        let (model, mut opt, mut step, mut tokens_seen) = if let Some((state, tensors)) = resumed {
             let source = RestoreSource {
                 tensors,
                 params: RefCell::new(Vec::new()),
@@ -411,12 +405,9 @@ impl Pretrainer<'_> {
 
         let mut perm = (usize::MAX, Vec::new());
         let started = Instant::now();
-        let start_step = step;
+        let end = run.end(step, c.steps);
         let mut window = (Instant::now(), 0u64);
-        while step < c.steps {
-            if stop_after.is_some_and(|n| step - start_step >= n) {
-                break;
-            }
+        while step < end {
             let indices = self.batch_indices(step, &mut perm);
             let batch = self.train.batch(&indices, self.device)?;
             let (loss, tokens) = sequence_loss(&model, &batch, tch::Reduction::Mean)?;
@@ -454,12 +445,12 @@ impl Pretrainer<'_> {
                 });
             }
             if step % c.checkpoint_every == 0 && step < c.steps {
-                save_checkpoint(checkpoint, step, c, self.vocab_size, tokens_seen, &opt)?;
+                save_checkpoint(run, step, c, self.vocab_size, tokens_seen, &opt)?;
             }
         }
         let complete = step >= c.steps;
         if !complete {
-            save_checkpoint(checkpoint, step, c, self.vocab_size, tokens_seen, &opt)?;
+            save_checkpoint(run, step, c, self.vocab_size, tokens_seen, &opt)?;
         }
         let final_eval_loss = self.eval_loss(&model)?;
         Ok(Trained {
@@ -526,46 +517,8 @@ fn named_clones(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Tensors as little-endian f32 safetensors entries.
-fn to_f32_bytes(t: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
-    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-    let values = Vec::<f32>::try_from(
-        t.f_detach()?
-            .f_to_kind(Kind::Float)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?
-            .f_flatten(0, -1)?,
-    )?;
-    Ok((shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-}
-
-/// Writes named tensors as an f32 safetensors file (under a temporary name, then renamed),
-/// with `metadata`.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
-    let data = tensors
-        .iter()
-        .map(|(n, t)| to_f32_bytes(t).map(|(s, b)| (n.clone(), s, b)))
-        .collect::<Result<Vec<_>>>()?;
-    let views = data
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::Checkpoint(e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let temp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &temp)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", temp.display())))?;
-    std::fs::rename(&temp, path).map_err(|e| Error::io(path, e))
-}
-
 fn save_checkpoint(
-    path: &Path,
+    run: RunControl<'_>,
     step: usize,
     config: &PretrainConfig,
     vocab_size: usize,
@@ -578,7 +531,7 @@ fn save_checkpoint(
         vocab_size,
         tokens_seen,
     };
-    crate::checkpoint::save(path, &state, opt, &[])
+    Ok(run.save(&state, opt, &[])?)
 }
 
 #[cfg(test)]
@@ -634,11 +587,23 @@ mod tests {
         }
     }
 
-    fn flat(params: &[(String, Tensor)]) -> Vec<f32> {
-        params
-            .iter()
-            .flat_map(|(_, t)| Vec::<f32>::try_from(t.detach().flatten(0, -1)).unwrap_or_default())
-            .collect()
+    fn control(checkpoint: &Path, resume: bool, cap: Option<usize>) -> RunControl<'_> {
+        RunControl {
+            checkpoint,
+            resume,
+            max_this_run: cap,
+        }
+    }
+
+    /// Every parameter's values, in order; an error (not an empty list) if one cannot be read.
+    fn flat(params: &[(String, Tensor)]) -> Result<Vec<f32>> {
+        assert!(!params.is_empty(), "no parameters to compare");
+        let mut values = Vec::new();
+        for (_, t) in params {
+            values.extend(Vec::<f32>::try_from(t.f_detach()?.f_flatten(0, -1)?)?);
+        }
+        assert!(!values.is_empty(), "parameters without values");
+        Ok(values)
     }
 
     #[test]
@@ -648,9 +613,7 @@ mod tests {
         let eval = PackedCorpus::new(&corpus(16, 2), c.seq_len);
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let out = trainer(&c, &train, &eval).run(
-            &dir.path().join("ckpt.safetensors"),
-            false,
-            None,
+            control(&dir.path().join("ckpt.safetensors"), false, None),
             &mut |_| {},
         )?;
         let ppl = out.final_eval_loss.exp();
@@ -667,16 +630,22 @@ mod tests {
         let eval = PackedCorpus::new(&corpus(16, 2), c.seq_len);
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let t = trainer(&c, &train, &eval);
-        let a = t.run(&dir.path().join("a.safetensors"), false, None, &mut |_| {})?;
-        let b = t.run(&dir.path().join("b.safetensors"), false, None, &mut |_| {})?;
-        assert_eq!(flat(&a.params), flat(&b.params), "same seed, same weights");
+        let a_path = dir.path().join("a.safetensors");
+        let b_path = dir.path().join("b.safetensors");
+        let a = t.run(control(&a_path, false, None), &mut |_| {})?;
+        let b = t.run(control(&b_path, false, None), &mut |_| {})?;
+        assert_eq!(
+            flat(&a.params)?,
+            flat(&b.params)?,
+            "same seed, same weights"
+        );
 
         // Interrupted after 13 steps (checkpoint written on stopping), then resumed.
         let ckpt = dir.path().join("c.safetensors");
-        let part = t.run(&ckpt, true, Some(13), &mut |_| {})?;
+        let part = t.run(control(&ckpt, true, Some(13)), &mut |_| {})?;
         assert!(!part.complete && part.steps_done == 13);
         let mut steps = Vec::new();
-        let rest = t.run(&ckpt, true, None, &mut |e| {
+        let rest = t.run(control(&ckpt, true, None), &mut |e| {
             if let TrainEvent::Step { step, .. } = e {
                 steps.push(step)
             }
@@ -684,8 +653,8 @@ mod tests {
         assert_eq!(steps.first(), Some(&14));
         assert!(rest.complete);
         assert_eq!(
-            flat(&rest.params),
-            flat(&a.params),
+            flat(&rest.params)?,
+            flat(&a.params)?,
             "resumed run equals the uninterrupted one"
         );
 
@@ -694,15 +663,13 @@ mod tests {
             ..c.clone()
         };
         let d = trainer(&other, &train, &eval).run(
-            &dir.path().join("d.safetensors"),
-            false,
-            None,
+            control(&dir.path().join("d.safetensors"), false, None),
             &mut |_| {},
         )?;
-        assert_ne!(flat(&d.params), flat(&a.params));
+        assert_ne!(flat(&d.params)?, flat(&a.params)?);
         // The last periodic checkpoint (step 30) is still there: other settings cannot resume it.
         let err = trainer(&other, &train, &eval)
-            .run(&ckpt, true, None, &mut |_| {})
+            .run(control(&ckpt, true, None), &mut |_| {})
             .expect_err("other settings");
         assert!(
             err.to_string().contains("was made with other settings"),

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
+    #[error(transparent)]
+    Train(#[from] recontrol_train::Error),
+    #[error(transparent)]
+    Output(#[from] recontrol_io::Error),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("{path}: {source}")]

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use recontrol_io::AtomicDir;
 use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions, StepInput};
+use recontrol_train::write_safetensors;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
@@ -72,19 +74,15 @@ impl RewardModel {
     }
 
     /// Writes an HF `LlamaForSequenceClassification` directory (config, float32 safetensors with
-    /// the backbone and `score.weight`, tokenizer files), under a temporary name renamed when
-    /// complete. `extra` files (name, JSON) are written beside them.
+    /// the backbone and `score.weight`, tokenizer files) into the new folder `out`, which appears
+    /// only when complete. `extra` files (name, JSON) are written beside them.
     pub fn save(&self, out: &Path, extra: &[(&str, Value)]) -> Result<()> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::Io { path, source }
         };
-        let name = out.file_name().unwrap_or_default().to_string_lossy();
-        let temp = out.with_file_name(format!(".{name}.tmp"));
-        if temp.exists() {
-            std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
-        }
-        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let dir = AtomicDir::create(out)?;
+        let temp = dir.path();
         let base_config = self.lm.dir.join("config.json");
         let text = std::fs::read_to_string(&base_config).map_err(io(&base_config))?;
         let mut config: Value = serde_json::from_str(&text)
@@ -112,7 +110,7 @@ impl RewardModel {
         }
         let mut tensors = self.lm.model.named_params();
         tensors.push(("score.weight".to_owned(), self.score.shallow_clone()));
-        recontrol_lm::pretrain::write_safetensors(&temp.join("model.safetensors"), &tensors, None)?;
+        write_safetensors(&temp.join("model.safetensors"), &tensors, None)?;
         for file in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -124,7 +122,7 @@ impl RewardModel {
                 std::fs::copy(&src, temp.join(file)).map_err(io(&src))?;
             }
         }
-        std::fs::rename(&temp, out).map_err(io(out))
+        Ok(dir.commit()?)
     }
 
     /// Final post-norm hidden states `[n, hidden]` (float32, host) of the last token of each

@@ -3,13 +3,11 @@
 //! AdamW with warmup and cosine decay, seeded, with held-out accuracy and margin per epoch and a
 //! checkpoint per epoch for exact `--resume`.
 
-use std::path::Path;
-
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use recontrol_lm::optim::{cosine_lr, AdamW, AdamWConfig};
 use recontrol_lm::LanguageModel;
+use recontrol_train::{cosine_lr, AdamW, AdamWConfig, EpochLoop, Finished, Flow};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -51,7 +49,7 @@ pub struct PairTexts {
 }
 
 /// Metrics of one epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: f64,
@@ -67,18 +65,23 @@ pub struct TrainedHead {
     /// `[1, hidden]`, float32.
     pub score: Tensor,
     pub history: Vec<EpochMetrics>,
-    /// Whether every epoch is done (false when capped by `max_epochs_this_run`).
+    /// Whether every epoch is done (false when capped by the run's `max_this_run`).
     pub complete: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct CheckpointState {
-    epochs_done: usize,
+/// What a checkpoint must have been made with to be resumed.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Settings {
     config: RewardTrainConfig,
     hidden: usize,
     /// Backbone layers trained (0: the head alone).
     unfrozen: usize,
-    history_json: String,
+}
+
+/// What training records as it goes (saved in checkpoints).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    history: Vec<EpochMetrics>,
 }
 
 /// Last-token features of pair texts: `(chosen, rejected)`, each `[n, hidden]`.
@@ -93,14 +96,7 @@ pub fn pair_features(
     ))
 }
 
-/// How a training call runs: where its checkpoint lives, whether to resume from it, and an
-/// optional cap on the epochs of this call (time-boxed jobs; resume later).
-#[derive(Debug, Clone, Copy)]
-pub struct RunControl<'a> {
-    pub checkpoint: &'a Path,
-    pub resume: bool,
-    pub max_epochs_this_run: Option<usize>,
-}
+pub use recontrol_train::RunControl;
 
 /// Trains the head. `train` and `heldout` are `(chosen, rejected)` feature pairs.
 /// `on_epoch` sees each epoch's metrics; a checkpoint is written after each epoch.
@@ -123,7 +119,7 @@ pub fn train_head(
         adamw(config),
     )?;
     let w = || score.f_transpose(0, 1);
-    let history = fit(
+    let finished = fit(
         Fit {
             pairs: n,
             hidden: hidden as usize,
@@ -143,8 +139,8 @@ pub fn train_head(
     )?;
     Ok(TrainedHead {
         score: score.f_detach()?,
-        complete: history.len() == config.epochs,
-        history,
+        complete: finished.complete,
+        history: finished.record.history,
     })
 }
 
@@ -187,7 +183,7 @@ pub fn train_top_k(
         .collect();
     params.push(("score.weight".to_owned(), score.shallow_clone()));
     let mut opt = AdamW::new(params, adamw(config))?;
-    let history = fit(
+    let finished = fit(
         Fit {
             pairs: train.chosen.len(),
             hidden,
@@ -223,8 +219,8 @@ pub fn train_top_k(
     )?;
     Ok(TrainedHead {
         score: score.f_detach()?,
-        complete: history.len() == config.epochs,
-        history,
+        complete: finished.complete,
+        history: finished.record.history,
     })
 }
 
@@ -245,18 +241,18 @@ struct Fit<'a> {
     run: RunControl<'a>,
 }
 
-/// The epoch loop shared by both trainers: resumes from the checkpoint (checking that it was
-/// made with the same settings, restoring every optimised tensor by name and the moments),
-/// then per epoch shuffles the pairs with the seed, runs `step` (the batch's loss) and an
-/// AdamW update with the warmup + cosine rate, evaluates with `eval` (held-out loss, accuracy,
-/// margin), reports and checkpoints. Returns the history of every epoch so far.
+/// The epoch loop shared by both trainers (on the resumable [`EpochLoop`]): continues an
+/// interrupted run from the checkpoint (made with the same settings), then per epoch shuffles
+/// the pairs with the seed, runs `step` (the batch's loss) and an AdamW update with the
+/// warmup and cosine rate, evaluates with `eval` (held-out loss, accuracy, margin), reports
+/// and checkpoints.
 fn fit(
     fit: Fit<'_>,
     opt: &mut AdamW,
     step: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
     eval: &mut dyn FnMut() -> Result<(f64, f64, f64)>,
     on_epoch: &mut dyn FnMut(&EpochMetrics),
-) -> Result<Vec<EpochMetrics>> {
+) -> Result<Finished<Record>> {
     let Fit {
         pairs: n,
         hidden,
@@ -273,86 +269,51 @@ fn fit(
         ));
     }
     let per_epoch = steps_per_epoch(n, config);
-    let mut history: Vec<EpochMetrics> = Vec::new();
-    let mut start_epoch = 0;
-    if run.resume && run.checkpoint.is_file() {
-        let (state, tensors): (CheckpointState, _) =
-            recontrol_lm::checkpoint::load(run.checkpoint)?;
-        if state.config != *config || state.hidden != hidden || state.unfrozen != unfrozen {
-            return Err(Error::Training(format!(
-                "{} was made with other settings; resume with the same flags, or remove it",
-                run.checkpoint.display()
-            )));
-        }
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in opt.params() {
-                let saved = tensors
-                    .get(name)
-                    .ok_or_else(|| Error::Training(format!("checkpoint lacks {name}")))?;
-                p.shallow_clone().f_copy_(saved)?;
-            }
-            Ok(())
-        })?;
-        opt.load_state(&tensors, (state.epochs_done * per_epoch) as i64)?;
-        history = stored_history(&state)?;
-        start_epoch = state.epochs_done;
-    }
     let total = per_epoch * config.epochs;
-    let end_epoch = run
-        .max_epochs_this_run
-        .map_or(config.epochs, |m| (start_epoch + m).min(config.epochs));
-    for epoch in start_epoch..end_epoch {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(
-            config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        ));
-        let (mut loss_sum, mut batches, mut lr) = (0.0, 0, config.lr);
-        for (b, chunk) in order.chunks(config.batch_size).enumerate() {
-            let loss = step(chunk)?;
-            opt.zero_grad();
-            loss.f_backward()?;
-            lr = cosine_lr(
-                epoch * per_epoch + b,
-                total,
-                config.warmup_steps,
-                config.lr,
-                config.min_lr,
-            );
-            opt.step(lr)?;
-            loss_sum += loss.f_double_value(&[])?;
-            batches += 1;
-        }
-        let (heldout_loss, heldout_accuracy, heldout_margin) = eval()?;
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / f64::from(batches.max(1)),
-            heldout_loss,
-            heldout_accuracy,
-            heldout_margin,
-            lr,
-        };
-        on_epoch(&metrics);
-        history.push(metrics);
-        save_checkpoint(
-            run.checkpoint,
-            epoch + 1,
-            config,
-            hidden,
-            unfrozen,
-            &history,
-            opt,
-        )?;
-    }
-    Ok(history)
-}
-
-fn stored_history(state: &CheckpointState) -> Result<Vec<EpochMetrics>> {
-    Ok(
-        serde_json::from_str::<Vec<StoredMetrics>>(&state.history_json)
-            .map_err(|e| Error::Training(e.to_string()))?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+    let settings = Settings {
+        config: config.clone(),
+        hidden,
+        unfrozen,
+    };
+    let (epochs, _) =
+        EpochLoop::resume_or_start(run, config.epochs, settings, Record::default(), opt)?;
+    epochs.run::<Error>(
+        opt,
+        &mut |epoch, opt, record| {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut StdRng::seed_from_u64(
+                config.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+            let (mut loss_sum, mut batches, mut lr) = (0.0, 0, config.lr);
+            for (b, chunk) in order.chunks(config.batch_size).enumerate() {
+                let loss = step(chunk)?;
+                opt.zero_grad();
+                loss.f_backward()?;
+                lr = cosine_lr(
+                    epoch * per_epoch + b,
+                    total,
+                    config.warmup_steps,
+                    config.lr,
+                    config.min_lr,
+                );
+                opt.step(lr)?;
+                loss_sum += loss.f_double_value(&[])?;
+                batches += 1;
+            }
+            let (heldout_loss, heldout_accuracy, heldout_margin) = eval()?;
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: loss_sum / f64::from(batches.max(1)),
+                heldout_loss,
+                heldout_accuracy,
+                heldout_margin,
+                lr,
+            };
+            on_epoch(&metrics);
+            record.history.push(metrics);
+            Ok(Flow::Continue)
+        },
+        &|_| Vec::new(),
     )
 }
 
@@ -393,61 +354,10 @@ pub fn length_baseline_accuracy(
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredMetrics {
-    epoch: usize,
-    train_loss: f64,
-    heldout_loss: f64,
-    heldout_accuracy: f64,
-    heldout_margin: f64,
-    lr: f64,
-}
-
-impl From<StoredMetrics> for EpochMetrics {
-    fn from(m: StoredMetrics) -> Self {
-        Self {
-            epoch: m.epoch,
-            train_loss: m.train_loss,
-            heldout_loss: m.heldout_loss,
-            heldout_accuracy: m.heldout_accuracy,
-            heldout_margin: m.heldout_margin,
-            lr: m.lr,
-        }
-    }
-}
-
-fn save_checkpoint(
-    path: &Path,
-    epochs_done: usize,
-    config: &RewardTrainConfig,
-    hidden: usize,
-    unfrozen: usize,
-    history: &[EpochMetrics],
-    opt: &AdamW,
-) -> Result<()> {
-    let stored: Vec<StoredMetrics> = history
-        .iter()
-        .map(|m| StoredMetrics {
-            epoch: m.epoch,
-            train_loss: m.train_loss,
-            heldout_loss: m.heldout_loss,
-            heldout_accuracy: m.heldout_accuracy,
-            heldout_margin: m.heldout_margin,
-            lr: m.lr,
-        })
-        .collect();
-    let state = CheckpointState {
-        epochs_done,
-        config: config.clone(),
-        hidden,
-        unfrozen,
-        history_json: serde_json::to_string(&stored).map_err(|e| Error::Training(e.to_string()))?,
-    };
-    Ok(recontrol_lm::checkpoint::save(path, &state, opt, &[])?)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use rand::Rng;
 
@@ -481,7 +391,7 @@ mod tests {
         RunControl {
             checkpoint,
             resume,
-            max_epochs_this_run: cap,
+            max_this_run: cap,
         }
     }
 

@@ -108,8 +108,7 @@ pub fn collect_rollouts(
             r,
             settings.instruction.as_deref(),
             Some(&lm.tokenizer),
-        )
-        ?;
+        )?;
         for _ in 0..settings.samples_per_prompt {
             prompts.push(PlannedPrompt {
                 prompt_index: r.index as i64,

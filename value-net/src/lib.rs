@@ -26,7 +26,9 @@ pub enum Error {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
-    Lm(#[from] recontrol_lm::Error),
+    Train(#[from] recontrol_train::Error),
+    #[error(transparent)]
+    Output(#[from] recontrol_io::Error),
     #[error(transparent)]
     Store(#[from] recontrol_data::StoreError),
     #[error(transparent)]

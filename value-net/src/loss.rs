@@ -126,13 +126,13 @@ mod tests {
     fn adamw_steps_match_pytorch() -> Result<(), tch::TchError> {
         let g = golden();
         let mlp = ValueMlp::from_named(&g, Activation::Relu, true).expect("mlp");
-        let config = recontrol_lm::optim::AdamWConfig {
+        let config = recontrol_train::AdamWConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = recontrol_lm::optim::AdamW::new(mlp.named_params(), config).expect("adamw");
+        let mut opt = recontrol_train::AdamW::new(mlp.named_params(), config).expect("adamw");
         let terminal = g["terminal"].f_to_kind(Kind::Bool)?;
         for _ in 0..3 {
             opt.zero_grad();

@@ -9,6 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 pub use recontrol_export::value_dir::{Activation, ValueConfig};
 use recontrol_export::ValueDir;
+use recontrol_io::AtomicDir;
+use recontrol_train::write_safetensors;
 use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
@@ -172,30 +174,25 @@ impl ValueModel {
             .f_add_scalar(self.config.reward_mean)?)
     }
 
-    /// Writes `config.json` and `model.safetensors` (float32) into `dir`, under a temporary
-    /// name renamed when complete.
+    /// Writes `config.json` and `model.safetensors` (float32) into the new folder `dir`, which
+    /// appears only when complete.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| Error::Io { path, source }
-        };
-        let name = dir.file_name().unwrap_or_default().to_string_lossy();
-        let temp = dir.with_file_name(format!(".{name}.tmp"));
-        if temp.exists() {
-            std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
-        }
-        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let out = AtomicDir::create(dir)?;
+        let config_path = out.path().join("config.json");
         let config = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Invalid {
-            path: temp.join("config.json"),
+            path: config_path.clone(),
             message: e.to_string(),
         })?;
-        std::fs::write(temp.join("config.json"), config).map_err(io(&temp))?;
-        recontrol_lm::pretrain::write_safetensors(
-            &temp.join("model.safetensors"),
+        std::fs::write(&config_path, config).map_err(|source| Error::Io {
+            path: config_path,
+            source,
+        })?;
+        write_safetensors(
+            &out.path().join("model.safetensors"),
             &self.mlp.named_params(),
             None,
         )?;
-        std::fs::rename(&temp, dir).map_err(io(dir))
+        Ok(out.commit()?)
     }
 
     /// Reads a value directory, checked by [`ValueDir::read`] (the format's one reader):

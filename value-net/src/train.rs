@@ -5,14 +5,13 @@
 //! epoch for exact `--resume`.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use recontrol_data::store::{RolloutBlock, StreamOptions, TargetError, TransitionBatch};
 use recontrol_data::Store;
-use recontrol_lm::optim::{AdamW, AdamWConfig};
+use recontrol_train::{AdamW, AdamWConfig, EpochLoop, Flow};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -72,13 +71,7 @@ pub struct EpochMetrics {
     pub transitions_per_s: f64,
 }
 
-/// How a training call runs.
-#[derive(Debug, Clone, Copy)]
-pub struct RunControl<'a> {
-    pub checkpoint: &'a Path,
-    pub resume: bool,
-    pub max_epochs_this_run: Option<usize>,
-}
+pub use recontrol_train::RunControl;
 
 /// The trained net (the best validation epoch's weights) and how it got there.
 #[derive(Debug)]
@@ -92,17 +85,23 @@ pub struct TrainedValue {
     pub complete: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct CheckpointState {
-    epochs_done: usize,
+/// What a checkpoint must have been made with to be resumed: the settings and the store's
+/// hidden size.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Settings {
     config: ValueTrainConfig,
     input_dim: usize,
+}
+
+/// What training records as it goes (saved in checkpoints; the best weights as `best.*`
+/// tensors beside the optimizer's).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
     history: Vec<EpochMetrics>,
     best_epoch: usize,
     best_val: f64,
-    stopped: bool,
-    /// Optimizer updates taken (AdamW's bias correction depends on it).
-    adam_steps: i64,
+    #[serde(skip)]
+    best: Vec<(String, Tensor)>,
 }
 
 /// Refuses a store with unlabelled (NaN) or non-finite rewards, counting them.
@@ -375,115 +374,89 @@ pub fn train_value(
         weight_decay: 0.0,
     };
     let mut opt = AdamW::new(mlp.named_params(), adamw)?;
-    let mut history = Vec::new();
-    let (mut best_epoch, mut best_val, mut stopped) = (0, f64::INFINITY, false);
-    let mut best: Vec<(String, Tensor)> = copy_params(&mlp)?;
-    let mut start = 0;
-    if run.resume && run.checkpoint.is_file() {
-        let (state, tensors): (CheckpointState, _) =
-            recontrol_lm::checkpoint::load(run.checkpoint)?;
-        if state.config != *config || state.input_dim != input_dim {
-            return Err(Error::Invalid {
-                path: run.checkpoint.to_owned(),
-                message: "made with other settings or another store; resume with the same flags, or remove it".into(),
-            });
-        }
-        tch::no_grad(|| -> Result<()> {
-            for (name, p) in opt.params() {
-                let saved = tensors.get(name).ok_or_else(|| Error::Invalid {
-                    path: run.checkpoint.to_owned(),
-                    message: format!("lacks {name}"),
-                })?;
-                p.shallow_clone().f_copy_(saved)?;
-            }
-            Ok(())
-        })?;
-        best = opt
+    let settings = Settings {
+        config: config.clone(),
+        input_dim,
+    };
+    let record = Record {
+        history: Vec::new(),
+        best_epoch: 0,
+        best_val: f64::INFINITY,
+        best: copy_params(&mlp)?,
+    };
+    let (mut epochs, saved) =
+        EpochLoop::resume_or_start(run, config.epochs, settings, record, &mut opt)?;
+    if let Some(tensors) = saved {
+        epochs.record_mut().best = opt
             .params()
             .iter()
             .map(|(name, _)| {
-                tensors
-                    .get(&format!("best.{name}"))
-                    .map(|t| (name.clone(), t.shallow_clone()))
-                    .ok_or_else(|| Error::Invalid {
-                        path: run.checkpoint.to_owned(),
-                        message: format!("lacks best.{name}"),
-                    })
+                let best = run.tensor(&tensors, &format!("best.{name}"))?;
+                Ok((name.clone(), best.shallow_clone()))
             })
             .collect::<Result<_>>()?;
-        opt.load_state(&tensors, state.adam_steps)?;
-        history = state.history;
-        best_epoch = state.best_epoch;
-        best_val = state.best_val;
-        stopped = state.stopped;
-        start = state.epochs_done;
     }
-    let end = run
-        .max_epochs_this_run
-        .map_or(config.epochs, |m| (start + m).min(config.epochs));
     let data = Data {
         store,
         config,
         norm: (mean, std),
         device,
     };
-    let mut epoch = start;
-    while epoch < end && !stopped {
-        let started = std::time::Instant::now();
-        let (mut loss_sum, mut count) = (0.0, 0.0);
-        let seed = config.seed.wrapping_add(epoch as u64 + 1);
-        data.for_each_batch(seed, &train, &mlp, &mut |b, _, loss| {
-            opt.zero_grad();
-            loss.f_backward()?;
-            opt.step(config.lr)?;
-            let k = b.reward.len() as f64;
-            loss_sum += loss.f_double_value(&[])? * k;
-            count += k;
-            Ok(())
-        })?;
-        let train_seconds = started.elapsed().as_secs_f64();
-        let (val_loss, terminal_mse, rho) =
-            evaluate(store, &mlp, &val, (mean, std), config, device)?;
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / count.max(1.0),
-            val_loss,
-            terminal_mse,
-            spearman: rho,
-            transitions_per_s: count / train_seconds.max(1e-9),
-        };
-        on_epoch(&metrics);
-        history.push(metrics);
-        if val_loss < best_val {
-            best_val = val_loss;
-            best_epoch = epoch + 1;
-            best = copy_params(&mlp)?;
-        } else if epoch + 1 - best_epoch >= config.patience {
-            stopped = true;
-        }
-        epoch += 1;
-        let state = CheckpointState {
-            epochs_done: epoch,
-            config: config.clone(),
-            input_dim,
-            history: history.clone(),
-            best_epoch,
-            best_val,
-            stopped,
-            adam_steps: opt.steps(),
-        };
-        save_checkpoint(run.checkpoint, &state, &opt, &best)?;
-    }
-    let complete = stopped || epoch >= config.epochs;
-    let named: HashMap<String, Tensor> = best.into_iter().collect();
+    let finished = epochs.run::<Error>(
+        &mut opt,
+        &mut |epoch, opt, record| {
+            let started = std::time::Instant::now();
+            let (mut loss_sum, mut count) = (0.0, 0.0);
+            let seed = config.seed.wrapping_add(epoch as u64 + 1);
+            data.for_each_batch(seed, &train, &mlp, &mut |b, _, loss| {
+                opt.zero_grad();
+                loss.f_backward()?;
+                opt.step(config.lr)?;
+                let k = b.reward.len() as f64;
+                loss_sum += loss.f_double_value(&[])? * k;
+                count += k;
+                Ok(())
+            })?;
+            let train_seconds = started.elapsed().as_secs_f64();
+            let (val_loss, terminal_mse, rho) =
+                evaluate(store, &mlp, &val, (mean, std), config, device)?;
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                train_loss: loss_sum / count.max(1.0),
+                val_loss,
+                terminal_mse,
+                spearman: rho,
+                transitions_per_s: count / train_seconds.max(1e-9),
+            };
+            on_epoch(&metrics);
+            record.history.push(metrics);
+            if val_loss < record.best_val {
+                record.best_val = val_loss;
+                record.best_epoch = epoch + 1;
+                record.best = copy_params(&mlp)?;
+            } else if epoch + 1 - record.best_epoch >= config.patience {
+                return Ok(Flow::Stop);
+            }
+            Ok(Flow::Continue)
+        },
+        &|record| {
+            record
+                .best
+                .iter()
+                .map(|(n, t)| (format!("best.{n}"), t.shallow_clone()))
+                .collect()
+        },
+    )?;
+    let record = finished.record;
+    let named: HashMap<String, Tensor> = record.best.into_iter().collect();
     mlp = ValueMlp::from_named(&named, config.activation, false)?;
     Ok(TrainedValue {
         mlp,
         reward_mean: mean,
         reward_std: std,
-        history,
-        best_epoch,
-        complete,
+        history: record.history,
+        best_epoch: record.best_epoch,
+        complete: finished.complete,
     })
 }
 
@@ -494,21 +467,10 @@ fn copy_params(mlp: &ValueMlp) -> Result<Vec<(String, Tensor)>> {
         .collect()
 }
 
-fn save_checkpoint(
-    path: &Path,
-    state: &CheckpointState,
-    opt: &AdamW,
-    best: &[(String, Tensor)],
-) -> Result<()> {
-    let best: Vec<(String, Tensor)> = best
-        .iter()
-        .map(|(n, t)| (format!("best.{n}"), t.shallow_clone()))
-        .collect();
-    Ok(recontrol_lm::checkpoint::save(path, state, opt, &best)?)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use rand::Rng;
     use recontrol_data::{Rollout, StateDtype, StoreMeta, StoreWriter};
@@ -581,7 +543,7 @@ mod tests {
             let run = RunControl {
                 checkpoint: &dir.path().join("ckpt.safetensors"),
                 resume: false,
-                max_epochs_this_run: None,
+                max_this_run: None,
             };
             let c = ValueTrainConfig { target, ..config() };
             let trained = train_value(&store, &c, Device::Cpu, run, &mut |_| {})?;
@@ -612,11 +574,14 @@ mod tests {
             epochs: 4,
             ..config()
         };
-        let flat = |m: &ValueMlp| -> Vec<f32> {
-            m.named_params()
-                .iter()
-                .flat_map(|(_, t)| Vec::<f32>::try_from(t.flatten(0, -1)).unwrap_or_default())
-                .collect()
+        // Every weight, in order; an error (not an empty list) if one cannot be read.
+        let flat = |m: &ValueMlp| -> Result<Vec<f32>> {
+            let mut values = Vec::new();
+            for (_, t) in m.named_params() {
+                values.extend(Vec::<f32>::try_from(t.f_flatten(0, -1)?)?);
+            }
+            assert!(!values.is_empty(), "a net without weights");
+            Ok(values)
         };
         let a_path = dir.path().join("a.safetensors");
         let a = train_value(
@@ -626,7 +591,7 @@ mod tests {
             RunControl {
                 checkpoint: &a_path,
                 resume: false,
-                max_epochs_this_run: None,
+                max_this_run: None,
             },
             &mut |_| {},
         )?;
@@ -638,7 +603,7 @@ mod tests {
             RunControl {
                 checkpoint: &b_path,
                 resume: true,
-                max_epochs_this_run: Some(2),
+                max_this_run: Some(2),
             },
             &mut |_| {},
         )?;
@@ -650,15 +615,33 @@ mod tests {
             RunControl {
                 checkpoint: &b_path,
                 resume: true,
-                max_epochs_this_run: None,
+                max_this_run: None,
             },
             &mut |_| {},
         )?;
-        assert_eq!(flat(&b.mlp), flat(&a.mlp));
+        assert_eq!(flat(&b.mlp)?, flat(&a.mlp)?);
         let losses = |h: &[EpochMetrics]| -> Vec<(f64, f64)> {
             h.iter().map(|m| (m.train_loss, m.val_loss)).collect()
         };
         assert_eq!(losses(&b.history), losses(&a.history));
+        // Other settings cannot resume that checkpoint.
+        let err = train_value(
+            &store,
+            &ValueTrainConfig {
+                seed: 9,
+                ..c.clone()
+            },
+            Device::Cpu,
+            RunControl {
+                checkpoint: &b_path,
+                resume: true,
+                max_this_run: None,
+            },
+            &mut |_| {},
+        )
+        .expect_err("other settings")
+        .to_string();
+        assert!(err.contains("was made with other settings"), "{err}");
 
         let unlabelled = dir.path().join("u.h5");
         synthetic_store(&unlabelled, 10, false);
@@ -670,7 +653,7 @@ mod tests {
             RunControl {
                 checkpoint: &dir.path().join("u.ckpt"),
                 resume: false,
-                max_epochs_this_run: None,
+                max_this_run: None,
             },
             &mut |_| {},
         )

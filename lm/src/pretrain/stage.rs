@@ -9,11 +9,11 @@ use recontrol_data::{dialogue_document, Dataset, PromptFormat, ReadOptions, Spli
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::{
-    unigram_perplexity, write_safetensors, PackedCorpus, PretrainConfig, Pretrainer, TrainEvent,
-};
+use recontrol_io::{write_json_atomic, AtomicDir};
+use recontrol_train::{write_safetensors, AdamWConfig, RunControl};
+
+use super::{unigram_perplexity, PackedCorpus, PretrainConfig, Pretrainer, TrainEvent};
 use crate::bpe::{self, EOS_ID};
-use crate::optim::AdamWConfig;
 use crate::{generate, DType, DeviceSpec, Error, LanguageModel, Result, Sampling};
 
 /// How a corpus file is read.
@@ -389,7 +389,12 @@ pub fn pretrain_model<A: Serialize, P: Serialize>(
         eval: &heldout,
         device: run.device,
     };
-    let trained = trainer.run(run.checkpoint, run.resume, run.max_steps_this_run, on_event)?;
+    let control = RunControl {
+        checkpoint: run.checkpoint,
+        resume: run.resume,
+        max_this_run: run.max_steps_this_run,
+    };
+    let trained = trainer.run(control, on_event)?;
     if !trained.complete {
         return Ok(PretrainOutcome::Stopped {
             steps_done: trained.steps_done,
@@ -397,31 +402,19 @@ pub fn pretrain_model<A: Serialize, P: Serialize>(
     }
 
     // The model directory, written under a temporary name and renamed when complete.
-    let temp = out.with_file_name(format!(
-        ".{}.tmp",
-        out.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
-    }
-    std::fs::create_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
-    let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
-        let path = temp.join(name);
-        let text =
-            serde_json::to_string_pretty(value).map_err(|e| Error::Training(e.to_string()))?;
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
-    };
-    write_json("config.json", &config.hf_config(vocab_size))?;
-    write_json(
-        "generation_config.json",
+    let dir = AtomicDir::create(out)?;
+    let temp = dir.path();
+    write_json_atomic(&temp.join("config.json"), &config.hf_config(vocab_size))?;
+    write_json_atomic(
+        &temp.join("generation_config.json"),
         &serde_json::json!({
             "bos_token_id": bpe::BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": bpe::PAD_ID,
         }),
     )?;
     write_safetensors(&temp.join("model.safetensors"), &trained.params, None)?;
-    bpe::save_tokenizer(&tokenizer, &temp, config.max_positions)?;
+    bpe::save_tokenizer(&tokenizer, temp, config.max_positions)?;
 
-    let samples = sample_replies(&temp, &docs.prompts, settings.seed)?;
+    let samples = sample_replies(temp, &docs.prompts, settings.seed)?;
     let summary = PretrainSummary {
         config: config.clone(),
         vocab_size,
@@ -435,26 +428,21 @@ pub fn pretrain_model<A: Serialize, P: Serialize>(
         heldout_perplexity: trained.final_eval_loss.exp(),
         unigram_perplexity: unigram,
     };
-    let record = serde_json::to_value(TrainingRecord {
-        args,
-        summary: &summary,
-        provenance,
-    })
-    .map_err(|e| Error::Training(e.to_string()))?;
-    let mut record_text =
-        serde_json::to_vec_pretty(&record).map_err(|e| Error::Training(e.to_string()))?;
-    record_text.push(b'\n');
-    let record_path = temp.join("training.json");
-    std::fs::write(&record_path, record_text).map_err(|e| Error::io(&record_path, e))?;
-    let lines: Vec<String> = samples
-        .iter()
-        .map(serde_json::to_string)
-        .collect::<Result<_, _>>()
-        .map_err(|e| Error::Training(e.to_string()))?;
-    let samples_path = temp.join("samples.jsonl");
-    std::fs::write(&samples_path, lines.join("\n") + "\n")
-        .map_err(|e| Error::io(&samples_path, e))?;
-    std::fs::rename(&temp, out).map_err(|e| Error::io(out, e))?;
+    write_json_atomic(
+        &temp.join("training.json"),
+        &TrainingRecord {
+            args,
+            summary: &summary,
+            provenance,
+        },
+    )?;
+    let mut lines = String::new();
+    for sample in &samples {
+        lines.push_str(&serde_json::to_string(sample).map_err(|e| Error::Training(e.to_string()))?);
+        lines.push('\n');
+    }
+    recontrol_io::write_atomic(&temp.join("samples.jsonl"), lines.as_bytes())?;
+    dir.commit()?;
     let _ = std::fs::remove_file(run.checkpoint);
     Ok(PretrainOutcome::Complete {
         summary: Box::new(summary),

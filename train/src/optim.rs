@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -151,13 +151,13 @@ impl AdamW {
                 let key = format!("adamw.{kind}.{name}");
                 let t = tensors
                     .get(&key)
-                    .ok_or_else(|| Error::Checkpoint(format!("lacks optimizer state {key:?}")))?;
+                    .ok_or_else(|| Error::MissingOptimizerState { name: key.clone() })?;
                 if t.size() != p.size() {
-                    return Err(Error::Checkpoint(format!(
-                        "optimizer state {key:?} has shape {:?}, expected {:?}",
-                        t.size(),
-                        p.size()
-                    )));
+                    return Err(Error::OptimizerStateShape {
+                        name: key,
+                        expected: p.size(),
+                        found: t.size(),
+                    });
                 }
                 slot.f_copy_(t)?;
             }
