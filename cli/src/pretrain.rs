@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_io::WorkDirs;
 use recontrol_lm::pretrain::stage::{
     corpus_documents, event_scalars, pretrain_model, CorpusFormat, PretrainOutcome, PretrainRun,
-    PretrainSettings,
+    PretrainSettings, PretrainSummary, Sample,
 };
 use recontrol_lm::pretrain::{PretrainConfig, TrainEvent};
 use recontrol_lm::DeviceSpec;
@@ -202,35 +202,8 @@ impl PretrainArgs {
             docs.train.len(),
             docs.heldout.len()
         );
-        let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
-        let progress = ProgressBar::new(settings.steps as u64).with_style(
-            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {elapsed} (eta {eta})  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        let mut last_eval = f64::NAN;
-        let mut on_event = |e: TrainEvent| {
-            let (step, scalars) = event_scalars(&e);
-            for (tag, value) in scalars {
-                tb.add_scalar(tag, value as f32, step);
-            }
-            match e {
-                TrainEvent::Step {
-                    step,
-                    loss,
-                    tokens_per_s,
-                    ..
-                } => {
-                    progress.set_position(step as u64);
-                    progress.set_message(format!(
-                        "loss {loss:.3}  held-out ppl {last_eval:.1}  {tokens_per_s:.0} tok/s"
-                    ));
-                }
-                TrainEvent::Eval { perplexity, .. } => {
-                    tb.flush();
-                    last_eval = perplexity;
-                }
-            }
-        };
+        let mut progress = Progress::new(&logdir, settings.steps);
+        let mut on_event = |e: TrainEvent| progress.event(e);
         let run = PretrainRun {
             work: &work,
             checkpoint: &checkpoint,
@@ -246,8 +219,7 @@ impl PretrainArgs {
             (self, &provenance()),
             &mut on_event,
         )?;
-        tb.flush();
-        progress.finish_and_clear();
+        progress.finish();
         let (summary, samples) = match outcome {
             PretrainOutcome::Stopped { steps_done } => {
                 eprintln!(
@@ -258,27 +230,82 @@ impl PretrainArgs {
             }
             PretrainOutcome::Complete { summary, samples } => (summary, samples),
         };
-        println!(
-            "held-out perplexity {:.2} (unigram {:.2}); {} tokens in {:.0} s ({:.0} tokens/s); {:.0} s in all",
-            summary.heldout_perplexity,
-            summary.unigram_perplexity,
-            summary.tokens_seen,
-            summary.train_seconds,
-            summary.tokens_per_second,
-            started.elapsed().as_secs_f64()
-        );
-        for s in &samples {
-            println!(
-                "---\n{}{}{}",
-                s.prompt,
-                s.response,
-                if s.ends_with_eos {
-                    " </s>"
-                } else {
-                    " [no eos]"
-                }
-            );
-        }
+        print_summary(&summary, &samples, started.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+/// TensorBoard scalars and a progress bar of a pretraining run.
+struct Progress {
+    tb: tensorboard_rs::summary_writer::SummaryWriter,
+    bar: ProgressBar,
+    last_eval: f64,
+}
+
+impl Progress {
+    fn new(logdir: &std::path::Path, steps: usize) -> Self {
+        let bar = ProgressBar::new(steps as u64).with_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len}  {elapsed} (eta {eta})  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Self {
+            tb: tensorboard_rs::summary_writer::SummaryWriter::new(logdir),
+            bar,
+            last_eval: f64::NAN,
+        }
+    }
+
+    fn event(&mut self, e: TrainEvent) {
+        let (step, scalars) = event_scalars(&e);
+        for (tag, value) in scalars {
+            self.tb.add_scalar(tag, value as f32, step);
+        }
+        match e {
+            TrainEvent::Step {
+                step,
+                loss,
+                tokens_per_s,
+                ..
+            } => {
+                self.bar.set_position(step as u64);
+                self.bar.set_message(format!(
+                    "loss {loss:.3}  held-out ppl {:.1}  {tokens_per_s:.0} tok/s",
+                    self.last_eval
+                ));
+            }
+            TrainEvent::Eval { perplexity, .. } => {
+                self.tb.flush();
+                self.last_eval = perplexity;
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.tb.flush();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The run's figures and the sample replies, on standard output.
+fn print_summary(summary: &PretrainSummary, samples: &[Sample], seconds: f64) {
+    println!(
+        "held-out perplexity {:.2} (unigram {:.2}); {} tokens in {:.0} s ({:.0} tokens/s); {seconds:.0} s in all",
+        summary.heldout_perplexity,
+        summary.unigram_perplexity,
+        summary.tokens_seen,
+        summary.train_seconds,
+        summary.tokens_per_second,
+    );
+    for s in samples {
+        println!(
+            "---\n{}{}{}",
+            s.prompt,
+            s.response,
+            if s.ends_with_eos {
+                " </s>"
+            } else {
+                " [no eos]"
+            }
+        );
     }
 }

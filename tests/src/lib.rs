@@ -95,9 +95,15 @@ pub mod cli {
     use std::process::{Command, Output};
 
     /// Runs the binary with `args`.
+    ///
+    /// HDF5 file locking is off in the child: HDF5 opens files without close-on-exec, so a
+    /// child spawned by one test while another test of the same process holds a store open
+    /// inherits that file and its lock, and a third process then finds the store locked although
+    /// nothing uses it (seen as a flaky "unable to lock file" in parallel test runs).
     pub fn run(binary: &str, args: &[&str]) -> Output {
         Command::new(binary)
             .args(args)
+            .env("HDF5_USE_FILE_LOCKING", "FALSE")
             .output()
             .unwrap_or_else(|e| panic!("cannot run {binary}: {e}"))
     }
