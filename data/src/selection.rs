@@ -198,15 +198,7 @@ mod tests {
         let path = dir.join("hh.jsonl");
         std::fs::write(
             &path,
-            r#"{"chosen": "
-
-Human: hi
-
-Assistant: hello", "rejected": "
-
-Human: hi
-
-Assistant: go away"}"#,
+            r#"{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}"#,
         )
         .expect("write");
         let dataset = Dataset::read(&path, &crate::ReadOptions::default()).expect("read");

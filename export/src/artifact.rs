@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use recontrol_io::AtomicDir;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -200,12 +201,8 @@ pub fn write_export(
         let path = path.to_owned();
         move |source| Error::Io { path, source }
     };
-    let name = out.file_name().unwrap_or_default().to_string_lossy();
-    let temp = out.with_file_name(format!(".{name}.tmp"));
-    if temp.exists() {
-        std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
-    }
-    std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+    let dir = AtomicDir::create(out)?;
+    let temp = dir.path();
     let write = |graph: GraphKind, model: &ModelProto| -> Result<FileEntry> {
         let file = temp.join(graph.file_name());
         let bytes = model.encode_to_vec();
@@ -233,8 +230,8 @@ pub fn write_export(
         path: temp.join("manifest.json"),
         message: e.to_string(),
     })?;
-    std::fs::write(temp.join("manifest.json"), text).map_err(io(&temp))?;
-    std::fs::rename(&temp, out).map_err(io(out))?;
+    std::fs::write(temp.join("manifest.json"), text).map_err(io(temp))?;
+    dir.commit()?;
     Ok(manifest)
 }
 

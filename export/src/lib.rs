@@ -54,6 +54,9 @@ pub enum Error {
     #[error("{path}: exists; remove it or choose another name")]
     Exists { path: PathBuf },
 
+    #[error(transparent)]
+    Output(#[from] recontrol_io::Error),
+
     /// A graph without one of the metadata keys recontrol writes.
     #[error("{path}: no `{key}` metadata: not exported by recontrol")]
     MissingMetadata { path: PathBuf, key: &'static str },

@@ -171,7 +171,8 @@ pub struct StoreMeta {
     pub hidden_size: usize,
     /// The model directory the states come from.
     pub model: String,
-    /// Hash of the model's config.json and tokenizer.json: its identity.
+    /// The model's identity (`recontrol_lm::model_identity`: config.json, tokenizer.json and
+    /// the checkpoint files' headers and edges).
     pub model_hash: String,
     pub state_dtype: StateDtype,
     /// Stored as [`PromptFormat::as_str`] (e.g. `"chat-template"`).
