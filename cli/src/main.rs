@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a parsed command line (also used by `recontrol demo` for its stages).
+/// Runs a parsed command line.
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => args.run(),
