@@ -74,10 +74,7 @@ impl ExportArgs {
             alpha: self.alpha,
             max_edit_norm: self.max_edit_norm,
         };
-        let producer = Producer {
-            recontrol_version: provenance.recontrol_version.to_owned(),
-            git_revision: provenance.git_revision.to_owned(),
-        };
+        let producer = Producer::from(&provenance);
         let manifest = write_export(&dir, &out, &spec, &producer)
             .with_context(|| format!("--out {}", out.display()))?;
         let files = manifest

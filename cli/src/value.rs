@@ -162,10 +162,7 @@ impl TrainArgs {
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;
         let provenance = provenance();
-        let producer = Producer {
-            recontrol_version: provenance.recontrol_version.to_owned(),
-            git_revision: provenance.git_revision.to_owned(),
-        };
+        let producer = Producer::from(&provenance);
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
         let outcome = train_value_model(
             &store,

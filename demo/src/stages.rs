@@ -185,10 +185,7 @@ impl Pipeline<'_> {
     }
 
     fn producer(&self) -> Producer {
-        Producer {
-            recontrol_version: self.run.provenance.recontrol_version.clone(),
-            git_revision: self.run.provenance.git_revision.clone(),
-        }
+        Producer::from(self.run.provenance)
     }
 
     /// A stage's own settings, as its key and its record see them.

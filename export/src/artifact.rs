@@ -25,6 +25,16 @@ pub struct Producer {
     pub git_revision: String,
 }
 
+impl From<&recontrol_io::Provenance> for Producer {
+    /// The version and revision of a run's provenance.
+    fn from(p: &recontrol_io::Provenance) -> Self {
+        Self {
+            recontrol_version: p.recontrol_version.clone(),
+            git_revision: p.git_revision.clone(),
+        }
+    }
+}
+
 /// The interface of one ONNX model file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSummary {
