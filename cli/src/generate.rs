@@ -11,7 +11,7 @@ use recontrol_controller::{
     UpdateRule,
 };
 use recontrol_io::Provenance;
-use recontrol_lm::LanguageModel;
+use recontrol_lm::{ChatMessage, LanguageModel};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
@@ -37,9 +37,13 @@ pub struct GenerateArgs {
     #[serde(flatten)]
     pub generation: GenerationArgs,
     /// Text put before every prompt (e.g. a helpful-assistant instruction: the paper's
-    /// "prompting" variant).
+    /// "prompting" variant); with --chat, the system message.
     #[arg(long)]
     pub prompt_prefix: Option<String>,
+    /// Render each prompt as a user message with the model's chat template (an instruct
+    /// model's format); records keep the rendering.
+    #[arg(long)]
+    pub chat: bool,
     /// Output JSONL file (written atomically, with FILE.config.json beside it); stdout if absent.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -140,6 +144,19 @@ impl ControlArgs {
     }
 }
 
+/// `prompt` as a user message (after `system`, if any) in `lm`'s chat template.
+fn chat_prompt(lm: &LanguageModel, system: Option<&str>, prompt: &str) -> Result<String> {
+    let message = |role: &str, content: &str| ChatMessage {
+        role: role.to_owned(),
+        content: content.to_owned(),
+    };
+    let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
+    messages.push(message("user", prompt));
+    lm.tokenizer
+        .apply_chat_template(&messages, true)
+        .context("--chat")
+}
+
 /// What FILE.config.json records.
 #[derive(Debug, Serialize)]
 struct RunRecord<'a> {
@@ -173,9 +190,27 @@ impl GenerateArgs {
         if let Some(c) = &controller {
             eprintln!("controlling with {c:?}");
         }
+        let (prompts, model_prompts) = if self.chat {
+            let render = |system: Option<&str>| {
+                prompts
+                    .iter()
+                    .map(|p| chat_prompt(&lm, system, p))
+                    .collect::<Result<Vec<_>>>()
+            };
+            let seen = self
+                .prompt_prefix
+                .as_deref()
+                .map(|s| render(Some(s)))
+                .transpose()?;
+            (render(None)?, seen)
+        } else {
+            (prompts, None)
+        };
         let plan = GenerationPlan {
             prompts: &prompts,
-            prompt_prefix: self.prompt_prefix.as_deref(),
+            prompt_prefix: self.prompt_prefix.as_deref().filter(|_| !self.chat),
+            model_prompts: model_prompts.as_deref(),
+            add_special_tokens: !self.chat,
             config: config.clone(),
             batch_size: self.generation.batch_size,
         };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use recontrol_data::{read_generations, Store};
+use recontrol_data::{read_generations, PromptFormat, Store};
 use recontrol_io::{Provenance, WorkDirs};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::stage::{
@@ -78,6 +78,19 @@ pub struct TrainArgs {
     pub warmup_steps: usize,
     #[arg(long, default_value_t = RewardTrainConfig::default().weight_decay)]
     pub weight_decay: f64,
+    /// L2 penalty on the head, added to the loss (`l2 * ||w||^2`).
+    #[arg(long, default_value_t = 0.0)]
+    pub l2: f64,
+    /// Choose --l2 among these (comma-separated) on a validation fifth of the training pairs.
+    #[arg(long, value_delimiter = ',')]
+    pub l2_candidates: Vec<f64>,
+    /// Train the head on standardised features (the training pairs' mean and spread).
+    #[arg(long)]
+    pub standardize: bool,
+    /// Render the pairs' prompts with the model's chat template (an instruct model), as
+    /// `rollout --prompt-format chat-template` does.
+    #[arg(long)]
+    pub chat: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also train the top K decoder layers and the final norm (0: the head alone, on cached
@@ -87,6 +100,9 @@ pub struct TrainArgs {
     /// Texts run through the backbone together when computing features.
     #[arg(long, default_value_t = 16)]
     pub feature_batch_size: usize,
+    /// Train on at most this many pairs of the train side.
+    #[arg(long)]
+    pub max_train_pairs: Option<usize>,
     #[command(flatten)]
     #[serde(flatten)]
     pub run: EpochRunArgs,
@@ -113,9 +129,13 @@ impl TrainArgs {
             min_lr: self.min_lr,
             warmup_steps: self.warmup_steps,
             weight_decay: self.weight_decay,
+            l2: self.l2,
+            l2_candidates: self.l2_candidates.clone(),
+            standardize: self.standardize,
             seed: self.seed,
             unfreeze_top_k: self.unfreeze_top_k,
             feature_batch_size: self.feature_batch_size,
+            max_train_pairs: self.max_train_pairs,
             split_seed: self.split_seed,
             test_fraction: self.test_fraction,
         }
@@ -140,19 +160,30 @@ impl TrainArgs {
                 self.pairs.display()
             )
         })?;
-        let prepared = prepare_pairs(pairs, &settings.split())
-            .with_context(|| format!("--pairs {}", self.pairs.display()))?;
+        eprintln!("loading {}", self.model.display());
+        let lm =
+            LanguageModel::load_backbone(&self.model, self.device.device, self.device.dtype.into())
+                .with_context(|| format!("--model {}", self.model.display()))?;
+        let mut prepared = prepare_pairs(
+            pairs,
+            &settings.split(),
+            if self.chat {
+                PromptFormat::ChatTemplate
+            } else {
+                PromptFormat::Raw
+            },
+            Some(&lm.tokenizer),
+        )
+        .with_context(|| format!("--pairs {}", self.pairs.display()))?;
+        if let Some(n) = settings.max_train_pairs {
+            prepared.keep_train(n);
+        }
         if prepared.skipped_empty > 0 {
             eprintln!(
                 "skipped {} pairs with an empty reply",
                 prepared.skipped_empty
             );
         }
-
-        eprintln!("loading {}", self.model.display());
-        let lm =
-            LanguageModel::load_backbone(&self.model, self.device.device, self.device.dtype.into())
-                .with_context(|| format!("--model {}", self.model.display()))?;
 
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
         let progress = ProgressBar::new(settings.epochs as u64).with_style(

@@ -12,17 +12,12 @@ fn recontrol(args: &[&str]) -> Output {
     cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
 }
 
+/// The demo's stages on the tiny chat-template fixture model (`MODEL` is replaced by its
+/// directory).
 const TINY: &str = r#"
-[pretrain]
-vocab_size = 300
-layers = 1
-hidden = 32
-heads = 2
-kv_heads = 2
-intermediate = 64
-seq_len = 64
-steps = 10
-batch_size = 4
+[model]
+dir = "MODEL"
+prompt_format = "chat-template"
 [rollout]
 limit = 24
 [rollout.decoding]
@@ -31,6 +26,8 @@ batch_size = 8
 temperature = 1.0
 [reward]
 epochs = 1
+standardize = true
+l2 = 0.01
 [value]
 hidden = 16
 epochs = 2
@@ -53,6 +50,12 @@ test_fraction = 0.1
 limit = 4
 "#;
 
+/// The tiny configuration on the fixture model with a chat template.
+fn tiny() -> String {
+    let model = recontrol_tests::lm_fixture("llama3-gqa");
+    TINY.replace("MODEL", &model.display().to_string())
+}
+
 fn demo(out: &Path, config: &Path) -> String {
     let run = recontrol(&["demo", "--out", s(out), "--config", s(config)]);
     assert!(run.status.success(), "{}", stderr(&run));
@@ -67,7 +70,7 @@ fn report(path: &Path) -> Value {
 fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("demo.toml");
-    std::fs::write(&config, TINY).expect("write");
+    std::fs::write(&config, tiny()).expect("write");
     let out = dir.path().join("demo");
     let first = demo(&out, &config);
     assert_eq!(first.matches(": done in").count(), 16, "{first}");
@@ -101,7 +104,21 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     let ood = report(&out.join("report-ood/report.json"));
     assert_eq!(ood["methods"].as_array().map(Vec::len), Some(2));
     assert!(out.join("report/chart.svg").is_file());
-    for stage in ["pretrain", "reward", "value"] {
+    let generation: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("generations/hh/prompting.jsonl"))
+            .expect("generations")
+            .lines()
+            .next()
+            .expect("a line"),
+    )
+    .expect("json");
+    let seen = generation["model_prompt"].as_str().expect("model_prompt");
+    assert!(seen.contains("<|system|>\nBe helpful."), "{seen}");
+    assert!(!generation["prompt"]
+        .as_str()
+        .expect("prompt")
+        .contains("Be helpful."));
+    for stage in ["reward", "value"] {
         let logs: Vec<_> = std::fs::read_dir(out.join("logs").join(stage))
             .expect("logs")
             .collect();
@@ -115,12 +132,12 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     // A new alpha reruns the RE-Control generations and the reports, nothing upstream.
     std::fs::write(
         &config,
-        TINY.replace("alpha = 0.5\nsteps = 3", "alpha = 0.25\nsteps = 3"),
+        tiny().replace("alpha = 0.5\nsteps = 3", "alpha = 0.25\nsteps = 3"),
     )
     .expect("write");
     let third = demo(&out, &config);
     for skipped in [
-        "pretrain",
+        "model",
         "rollout",
         "reward",
         "value",
@@ -144,7 +161,12 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     }
 
     // A bad configuration is one clear error.
-    std::fs::write(&config, "[pretrain]\nargs = 3\n").expect("write");
+    std::fs::write(&config, "[model]\nargs = 3\n").expect("write");
     let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
     cli::assert_fails_with(&run, "--config");
+
+    // A missing model directory is named, with the set-up that makes it.
+    std::fs::write(&config, "[model]\ndir = \"no/such/model\"\n").expect("write");
+    let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
+    cli::assert_fails_with(&run, "no/such/model");
 }

@@ -16,6 +16,12 @@ pub struct GenerationPlan<'a> {
     pub prompts: &'a [String],
     /// Text the model sees before every prompt (the paper's "+prompting" variant).
     pub prompt_prefix: Option<&'a str>,
+    /// What the model decodes from instead of `prompt_prefix + prompt`, one per prompt (e.g.
+    /// chat renderings with an instruction as the system message); records keep both.
+    pub model_prompts: Option<&'a [String]>,
+    /// Whether the tokenizer adds its special tokens (BOS); false for chat-template text,
+    /// which carries its own.
+    pub add_special_tokens: bool,
     /// Decoding settings (`first_row` is set per batch).
     pub config: GenerationConfig,
     /// Prompts decoded together.
@@ -49,14 +55,23 @@ pub fn generate_records(
         return Err(Error::ZeroBatch);
     }
     let prefix = plan.prompt_prefix.unwrap_or("");
+    if let Some(seen) = plan.model_prompts {
+        if seen.len() != plan.prompts.len() {
+            return Err(Error::ModelPrompts {
+                prompts: plan.prompts.len(),
+                model_prompts: seen.len(),
+            });
+        }
+    }
     let mut truncated_prompts = 0;
     let mut token_ids = Vec::with_capacity(plan.prompts.len());
     for (index, prompt) in plan.prompts.iter().enumerate() {
-        let (ids, cut) = lm.encode_prompt(
-            &format!("{prefix}{prompt}"),
-            plan.config.max_new_tokens,
-            true,
-        )?;
+        let text = match plan.model_prompts {
+            Some(seen) => seen[index].clone(),
+            None => format!("{prefix}{prompt}"),
+        };
+        let (ids, cut) =
+            lm.encode_prompt(&text, plan.config.max_new_tokens, plan.add_special_tokens)?;
         if ids.is_empty() {
             return Err(Error::EmptyPrompt { index });
         }
@@ -93,6 +108,7 @@ pub fn generate_records(
             });
             records.push(GenerationRecord {
                 prompt_prefix: plan.prompt_prefix.map(str::to_owned),
+                model_prompt: plan.model_prompts.map(|seen| seen[first + offset].clone()),
                 batch: Some(batch),
                 tokens: Some(out.tokens.clone()),
                 num_tokens: Some(out.tokens.len()),

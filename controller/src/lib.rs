@@ -80,6 +80,11 @@ pub enum Error {
     EmptyPrompt { index: usize },
     #[error("the batch size must be at least 1")]
     ZeroBatch,
+    #[error("{model_prompts} model prompts given for {prompts} prompts: one per prompt expected")]
+    ModelPrompts {
+        prompts: usize,
+        model_prompts: usize,
+    },
     /// The caller's sink refused a batch of records.
     #[error("{0}")]
     Sink(generation::SinkError),

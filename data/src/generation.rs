@@ -20,6 +20,10 @@ pub struct GenerationRecord {
     /// Text the model saw before the prompt (the "+prompting" variant), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_prefix: Option<String>,
+    /// The text the model decoded from, when it is not `prompt_prefix + prompt` (e.g. a chat
+    /// rendering with an instruction as the system message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_prompt: Option<String>,
     /// The generation call (batch) the response came from; `seconds` is that call's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<usize>,
@@ -61,6 +65,7 @@ impl GenerationRecord {
         Self {
             prompt: prompt.into(),
             prompt_prefix: None,
+            model_prompt: None,
             batch: None,
             response: response.into(),
             tokens: None,

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::{Dataset, PromptRecord};
-use crate::format::{render_prompt, PromptFormat};
+use crate::format::{render_prompt, ChatRenderer, PromptFormat};
 use crate::split::{Split, SplitSpec};
 use crate::{Error, Result};
 
@@ -97,14 +97,49 @@ pub struct PromptLine {
     pub index: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The same prompt rendered with an instruction (a chat template's system message, or
+    /// text before the prompt): what the "+prompting" variant decodes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructed: Option<String>,
 }
 
-/// The prompts file of `dataset`: the selected records rendered in `format` (no chat
-/// templates: they need a model), each with its reference response when the data has one.
+/// How the prompts of a prompts file are rendered.
+#[derive(Clone, Copy)]
+pub struct LineRendering<'a> {
+    pub format: PromptFormat,
+    /// Also render each prompt with this instruction ([`PromptLine::instructed`]).
+    pub instruction: Option<&'a str>,
+    /// The model's chat template, for [`PromptFormat::ChatTemplate`].
+    pub chat: Option<&'a dyn ChatRenderer>,
+}
+
+impl std::fmt::Debug for LineRendering<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineRendering")
+            .field("format", &self.format)
+            .field("instruction", &self.instruction)
+            .field("chat", &self.chat.is_some())
+            .finish()
+    }
+}
+
+impl<'a> LineRendering<'a> {
+    /// Rendering in `format` without instruction or chat template.
+    pub fn plain(format: PromptFormat) -> Self {
+        Self {
+            format,
+            instruction: None,
+            chat: None,
+        }
+    }
+}
+
+/// The prompts file of `dataset`: the selected records rendered as `rendering` says, each
+/// with its reference response when the data has one.
 pub fn prompt_lines(
     dataset: &Dataset,
     selection: &PromptSelection,
-    format: PromptFormat,
+    rendering: &LineRendering<'_>,
 ) -> Result<Vec<PromptLine>> {
     let chosen: std::collections::HashMap<usize, &str> = dataset
         .pairs
@@ -115,10 +150,13 @@ pub fn prompt_lines(
     select_prompts(dataset, selection)?
         .into_iter()
         .map(|r| {
+            let render =
+                |instruction| render_prompt(rendering.format, r, instruction, rendering.chat);
             Ok(PromptLine {
-                prompt: render_prompt(format, r, None, None)?,
+                prompt: render(None)?,
                 index: r.index,
                 reference: chosen.get(&r.index).map(|c| (*c).to_owned()),
+                instructed: rendering.instruction.map(|i| render(Some(i))).transpose()?,
             })
         })
         .collect()
@@ -206,14 +244,25 @@ mod tests {
             split: Split::All,
             ..PromptSelection::default()
         };
-        let lines = prompt_lines(&dataset, &all, PromptFormat::Hh).expect("lines");
+        let lines =
+            prompt_lines(&dataset, &all, &LineRendering::plain(PromptFormat::Hh)).expect("lines");
         assert_eq!(
             lines,
             [PromptLine {
                 prompt: "\n\nHuman: hi\n\nAssistant:".into(),
                 index: 0,
                 reference: Some("hello".into()),
+                instructed: None,
             }]
+        );
+        let rendering = LineRendering {
+            instruction: Some("Be kind."),
+            ..LineRendering::plain(PromptFormat::Hh)
+        };
+        let instructed = prompt_lines(&dataset, &all, &rendering).expect("lines");
+        assert_eq!(
+            instructed[0].instructed.as_deref(),
+            Some("Be kind.\n\nHuman: hi\n\nAssistant:")
         );
         assert_eq!(
             serde_json::to_string(&lines[0]).expect("json"),

@@ -2,12 +2,13 @@
 //! library settings (or a small demo-side view of them). A missing key takes the stage's
 //! default; an unknown key is an error.
 
+use std::path::PathBuf;
+
 use recontrol_controller::{BackendKind, ControlConfig, UpdateRule};
 use recontrol_data::selection::PromptSelection;
-use recontrol_data::{Split, StateDtype, HELPFUL_INSTRUCTION};
+use recontrol_data::{PromptFormat, Split, StateDtype, HELPFUL_INSTRUCTION};
 use recontrol_eval::EvalSettings;
 use recontrol_export::ControllerSpec;
-use recontrol_lm::pretrain::stage::PretrainSettings;
 use recontrol_lm::DecodingSettings;
 use recontrol_reward_model::stage::RewardSettings;
 use recontrol_rollout::RolloutSettings;
@@ -18,8 +19,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
-    /// The small default model, pretrained on the train dialogues.
-    pub pretrain: PretrainSettings,
+    /// The model every stage uses: the policy, the reward model's backbone, the value net's
+    /// states.
+    pub model: ModelStage,
     /// Rollouts of the default model on train prompts.
     pub rollout: RolloutStage,
     /// The reward model on the default model's backbone, train pairs.
@@ -46,6 +48,30 @@ impl DemoConfig {
     /// Parses a TOML configuration; the error is one line.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))
+    }
+}
+
+/// The model, and how prompts are put to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelStage {
+    /// A Hugging Face model directory (relative paths from the working directory).
+    pub dir: PathBuf,
+    /// How every stage renders a dialogue for the model: `chat-template` (an instruct
+    /// model's own template; the "+prompting" instruction becomes the system message) or
+    /// `hh` ("Human: ... Assistant:" text; the instruction goes before it).
+    pub prompt_format: PromptFormat,
+}
+
+/// Where `scripts/setup.sh` imports SmolLM2-135M-Instruct.
+pub const DEFAULT_MODEL_DIR: &str = "models/smollm2-135m-instruct";
+
+impl Default for ModelStage {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_MODEL_DIR),
+            prompt_format: PromptFormat::ChatTemplate,
+        }
     }
 }
 
@@ -84,12 +110,13 @@ impl RolloutStage {
         }
     }
 
-    /// The rollout settings: the HH prompt format, no instruction.
-    pub fn settings(&self) -> RolloutSettings {
+    /// The rollout settings: prompts in `format`, no instruction.
+    pub fn settings(&self, format: PromptFormat) -> RolloutSettings {
         RolloutSettings {
             samples_per_prompt: self.samples_per_prompt,
             state_dtype: self.state_dtype,
             rollouts_per_part: self.rollouts_per_part,
+            prompt_format: format,
             decoding: self.decoding.clone(),
             ..RolloutSettings::default()
         }
@@ -203,7 +230,7 @@ impl ControlStage {
     }
 }
 
-/// The "+prompting" variant's instruction.
+/// The "+prompting" variant's instruction (the system message of a chat template).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PromptingStage {

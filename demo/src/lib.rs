@@ -1,10 +1,11 @@
 //! `recontrol demo`: the whole RE-Control pipeline on the embedded default, one typed chain of
 //! library calls.
 //!
-//! [`Stage::chain`] lists the stages in order: pretrain the small default model -> rollouts on
-//! train prompts -> reward model from train pairs -> label -> value net -> export -> held-out
-//! prompts -> generate with every [`Method`] -> eval report; then the same value net on
-//! HarmfulQA questions (out of distribution). Each stage's settings come from its section of
+//! [`Stage::chain`] lists the stages in order: the model (SmolLM2-135M-Instruct, imported by
+//! the set-up) -> rollouts on train prompts -> reward model from train pairs on the model's
+//! backbone -> label -> value net -> export -> held-out prompts -> generate with every
+//! [`Method`] -> eval report; then the same value net on HarmfulQA questions (out of
+//! distribution). Every stage renders dialogues the same way (the model's chat template). Each stage's settings come from its section of
 //! the [`DemoConfig`] (`cli/demo.toml`). A stage's key is a digest of its serialised settings,
 //! the device and the keys of the stages it reads; a stage whose output exists with a stamp of
 //! the same key is skipped, and an interrupted training stage with the same key resumes.
@@ -15,7 +16,8 @@ mod stages;
 use std::path::{Path, PathBuf};
 
 pub use config::{
-    ControlStage, DemoConfig, ExportStage, PromptingStage, PromptsStage, RolloutStage,
+    ControlStage, DemoConfig, ExportStage, ModelStage, PromptingStage, PromptsStage, RolloutStage,
+    DEFAULT_MODEL_DIR,
 };
 pub use stages::{run_demo, DemoOutcome, DemoRun};
 
@@ -118,7 +120,8 @@ impl Method {
 /// One stage of the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
-    Pretrain,
+    /// Checks the model directory and records which model the run uses.
+    Model,
     Rollout,
     Reward,
     Label,
@@ -134,7 +137,7 @@ impl Stage {
     pub fn chain() -> Vec<Stage> {
         let sets = [PromptSet::Hh, PromptSet::HarmfulQa];
         let mut chain = vec![
-            Self::Pretrain,
+            Self::Model,
             Self::Rollout,
             Self::Reward,
             Self::Label,
@@ -152,7 +155,7 @@ impl Stage {
     /// The stage's name (stamps and progress lines).
     pub fn name(self) -> String {
         match self {
-            Self::Pretrain => "pretrain".into(),
+            Self::Model => "model".into(),
             Self::Rollout => "rollout".into(),
             Self::Reward => "reward".into(),
             Self::Label => "label".into(),
@@ -166,10 +169,11 @@ impl Stage {
         }
     }
 
-    /// The `recontrol` subcommand that does the same work on its own.
-    pub fn command(self) -> &'static str {
-        match self {
-            Self::Pretrain => "lm pretrain",
+    /// The `recontrol` subcommand that does the same work on its own (none for the model
+    /// check: `scripts/setup.sh` imports the model with `recontrol lm import-gguf`).
+    pub fn command(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Model => return None,
             Self::Rollout => "rollout",
             Self::Reward => "reward train",
             Self::Label => "reward label",
@@ -178,25 +182,25 @@ impl Stage {
             Self::Prompts(_) => "data prompts",
             Self::Generate(..) => "generate",
             Self::Eval(_) => "eval",
-        }
+        })
     }
 
     /// The stages whose outputs this one reads.
     pub fn inputs(self) -> Vec<Stage> {
         match self {
-            Self::Pretrain | Self::Prompts(_) => vec![],
-            Self::Rollout | Self::Reward => vec![Self::Pretrain],
+            Self::Model => vec![],
+            Self::Rollout | Self::Reward | Self::Prompts(_) => vec![Self::Model],
             Self::Label => vec![Self::Rollout, Self::Reward],
             Self::Value => vec![Self::Label],
             Self::Export => vec![Self::Value],
-            Self::Generate(set, _) => vec![Self::Pretrain, Self::Export, Self::Prompts(set)],
+            Self::Generate(set, _) => vec![Self::Model, Self::Export, Self::Prompts(set)],
             Self::Eval(set) => {
                 let mut inputs: Vec<Stage> = set
                     .methods()
                     .iter()
                     .map(|&m| Self::Generate(set, m))
                     .collect();
-                inputs.push(Self::Reward);
+                inputs.extend([Self::Reward, Self::Model]);
                 inputs
             }
         }
@@ -204,16 +208,13 @@ impl Stage {
 
     /// Whether an interrupted run continues from its checkpoint (or finished parts).
     pub fn resumable(self) -> bool {
-        matches!(
-            self,
-            Self::Pretrain | Self::Rollout | Self::Reward | Self::Value
-        )
+        matches!(self, Self::Rollout | Self::Reward | Self::Value)
     }
 
     /// Where the stage writes, inside the demo's folder.
     pub fn output(self, out: &Path) -> PathBuf {
         match self {
-            Self::Pretrain => out.join("model"),
+            Self::Model => out.join("model.json"),
             Self::Rollout => out.join("rollouts.h5"),
             Self::Reward => out.join("reward"),
             Self::Label => out.join("labelled.h5"),
@@ -280,7 +281,7 @@ mod tests {
         assert_eq!(config.rollout.limit, Some(5));
         assert_eq!(config.rollout.decoding.temperature, 1.0);
         assert_eq!(config.export, ExportStage::default());
-        let err = DemoConfig::from_toml("[pretrain]\nargs = 3\n").expect_err("unknown key");
+        let err = DemoConfig::from_toml("[model]\nargs = 3\n").expect_err("unknown key");
         assert!(err.contains("args"), "{err}");
         assert!(!err.contains('\n'));
     }

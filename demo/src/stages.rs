@@ -7,17 +7,14 @@ use std::time::Instant;
 
 use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{generate_records, Controller, GenerationPlan};
-use recontrol_data::selection::prompt_lines;
+use recontrol_data::selection::{prompt_lines, LineRendering};
 use recontrol_data::{Dataset, PromptFormat, ReadOptions, Store};
 use recontrol_eval::{
     evaluate, read_references, write_report, CoherenceEncoder, Judges, MethodGenerations, Report,
 };
 use recontrol_export::{write_export, Producer, ValueDir};
 use recontrol_io::{JsonlSink, Provenance, WorkDirs};
-use recontrol_lm::pretrain::stage::{
-    corpus_documents, event_scalars, pretrain_model, PretrainOutcome, PretrainRun,
-};
-use recontrol_lm::{DType, DeviceSpec, LanguageModel};
+use recontrol_lm::{model_identity, DType, DeviceSpec, LanguageModel};
 use recontrol_reward_model::stage::{
     epoch_scalars as reward_scalars, label_start, label_store, prepare_pairs, train_reward,
     LabelMode, RewardOutcome, RewardSummary,
@@ -64,11 +61,22 @@ pub fn run_demo(config: &DemoConfig, run: &DemoRun<'_>) -> Result<DemoOutcome> {
             std::fs::write(path, bytes).map_err(Error::io(path))?;
         }
     }
+    let model = &config.model.dir;
+    let identity = model_identity(model).map_err(|e| Error::Stage {
+        stage: Stage::Model.name(),
+        source: format!(
+            "[model] dir {}: {e} (scripts/setup.sh imports SmolLM2-135M-Instruct into {})",
+            model.display(),
+            crate::DEFAULT_MODEL_DIR
+        )
+        .into(),
+    })?;
     let pipeline = Pipeline {
         config,
         run,
         hh,
         harmfulqa,
+        identity,
     };
     let chain = Stage::chain();
     let started = Instant::now();
@@ -113,8 +121,10 @@ pub fn run_demo(config: &DemoConfig, run: &DemoRun<'_>) -> Result<DemoOutcome> {
         std::fs::write(&pending, &key).map_err(Error::io(&pending))?;
         let _ = std::fs::remove_file(&stamp);
         eprintln!(
-            "{prefix}: recontrol {} {settings}{}  ({:.0} s so far)",
-            stage.command(),
+            "{prefix}: {} {settings}{}  ({:.0} s so far)",
+            stage
+                .command()
+                .map_or_else(|| "checking".to_owned(), |c| format!("recontrol {c}")),
             if resume { " (resuming)" } else { "" },
             started.elapsed().as_secs_f64()
         );
@@ -173,6 +183,8 @@ struct Pipeline<'a> {
     run: &'a DemoRun<'a>,
     hh: PathBuf,
     harmfulqa: PathBuf,
+    /// The model directory's identity (its files' digest): part of the model stage's key.
+    identity: String,
 }
 
 impl Pipeline<'_> {
@@ -192,18 +204,29 @@ impl Pipeline<'_> {
     fn settings(&self, stage: Stage) -> serde_json::Value {
         let c = self.config;
         match stage {
-            Stage::Pretrain => to_json(&c.pretrain),
+            Stage::Model => serde_json::json!({
+                "dir": c.model.dir,
+                "prompt_format": c.model.prompt_format,
+                "identity": self.identity,
+            }),
             Stage::Rollout => to_json(&c.rollout),
-            Stage::Reward => to_json(&c.reward),
+            Stage::Reward => serde_json::json!({
+                "settings": c.reward,
+                "prompt_format": self.pair_format(),
+            }),
             Stage::Label => serde_json::json!({ "mode": LabelMode::Overwrite }),
             Stage::Value => to_json(&c.value),
             Stage::Export => to_json(&c.export),
-            Stage::Prompts(PromptSet::Hh) => to_json(&c.prompts),
-            Stage::Prompts(PromptSet::HarmfulQa) => to_json(&c.ood),
+            Stage::Prompts(PromptSet::Hh) => {
+                serde_json::json!({ "selection": c.prompts, "instruction": c.prompting.prefix })
+            }
+            Stage::Prompts(PromptSet::HarmfulQa) => {
+                serde_json::json!({ "selection": c.ood, "instruction": c.prompting.prefix })
+            }
             Stage::Generate(_, m) => serde_json::json!({
                 "decoding": c.generate,
                 "control": m.controlled().then_some(c.control),
-                "prompt_prefix": m.prompted().then_some(&c.prompting.prefix),
+                "prompted": m.prompted(),
             }),
             Stage::Eval(_) => to_json(&c.eval),
         }
@@ -217,7 +240,7 @@ impl Pipeline<'_> {
         resume: bool,
     ) -> StageResult<Option<(PromptSet, Report)>> {
         match stage {
-            Stage::Pretrain => self.pretrain(output, resume)?,
+            Stage::Model => self.model(output)?,
             Stage::Rollout => self.rollout(output, resume)?,
             Stage::Reward => self.reward(output, resume)?,
             Stage::Label => self.label(output)?,
@@ -233,67 +256,58 @@ impl Pipeline<'_> {
         Ok(None)
     }
 
-    fn pretrain(&self, output: &Path, resume: bool) -> StageResult<()> {
-        let settings = &self.config.pretrain;
-        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("pretrain")))?;
-        let docs = corpus_documents(
-            &self.hh,
-            settings.corpus_format,
-            &ReadOptions::default(),
-            &settings.split(),
-        )?;
-        let mut tb = SummaryWriter::new(&dirs.logdir);
-        let mut on_event = |e| {
-            let (step, scalars) = event_scalars(&e);
-            for (tag, value) in scalars {
-                tb.add_scalar(tag, value as f32, step);
-            }
-            if let recontrol_lm::pretrain::TrainEvent::Eval { perplexity, .. } = e {
-                tb.flush();
-                eprintln!("  step {step}: held-out perplexity {perplexity:.2}");
-            }
-        };
-        let run = PretrainRun {
-            work: &dirs.work,
-            checkpoint: &dirs.checkpoint,
-            resume,
-            max_steps_this_run: None,
-            device: self.run.device.resolve()?,
-        };
-        let outcome = pretrain_model(
-            settings,
-            &docs,
-            output,
-            run,
-            (settings, self.run.provenance),
-            &mut on_event,
-        )?;
-        tb.flush();
-        match outcome {
-            PretrainOutcome::Complete { summary, .. } => {
-                eprintln!(
-                    "  held-out perplexity {:.2} (unigram {:.2})",
-                    summary.heldout_perplexity, summary.unigram_perplexity
-                );
-                Ok(())
-            }
-            PretrainOutcome::Stopped { steps_done } => {
-                Err(format!("stopped after step {steps_done}").into())
-            }
+    /// Loads the model once (so that a broken directory fails here, named) and records it.
+    fn model(&self, output: &Path) -> StageResult<()> {
+        let lm = self.lm()?;
+        let config = lm.model.config();
+        if self.config.model.prompt_format == PromptFormat::ChatTemplate
+            && !lm.tokenizer.has_chat_template()
+        {
+            return Err(format!(
+                "[model] prompt_format = \"chat-template\": {} has no chat template",
+                self.config.model.dir.display()
+            )
+            .into());
         }
+        eprintln!(
+            "  {}: {} layers, hidden {}, vocab {}",
+            self.config.model.dir.display(),
+            config.num_layers,
+            config.hidden_size,
+            config.vocab_size
+        );
+        recontrol_io::write_json_atomic(
+            output,
+            &StageRecord {
+                stage: Stage::Model.name(),
+                settings: &self.settings(Stage::Model),
+                provenance: self.run.provenance,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn lm(&self) -> StageResult<LanguageModel> {
+        Ok(LanguageModel::load(
+            &self.config.model.dir,
+            self.run.device,
+            DType::F32,
+        )?)
     }
 
     fn rollout(&self, output: &Path, resume: bool) -> StageResult<()> {
         let stage = &self.config.rollout;
         let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
-        let records = select_prompts(&dataset, &stage.selection())?;
-        let lm = LanguageModel::load(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let mut records = select_prompts(&dataset, &stage.selection())?;
+        // Prompts of similar length decode together: a batch pads to its longest prompt.
+        records.sort_by_key(|r| r.raw.len());
+        let lm = self.lm()?;
         let mut last = 0;
         let report = collect_rollouts(
             &lm,
             &records,
             &self.hh,
-            &stage.settings(),
+            &stage.settings(self.config.model.prompt_format),
             output,
             resume,
             &mut |done, total| {
@@ -318,9 +332,16 @@ impl Pipeline<'_> {
             .pairs
             .as_ref()
             .ok_or("the bundled HH-RLHF file has no pairs")?;
-        let prepared = prepare_pairs(pairs, &settings.split())?;
-        let lm =
-            LanguageModel::load_backbone(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let lm = LanguageModel::load_backbone(&self.config.model.dir, self.run.device, DType::F32)?;
+        let mut prepared = prepare_pairs(
+            pairs,
+            &settings.split(),
+            self.pair_format(),
+            Some(&lm.tokenizer),
+        )?;
+        if let Some(n) = settings.max_train_pairs {
+            prepared.keep_train(n);
+        }
         let mut tb = SummaryWriter::new(&dirs.logdir);
         let control = recontrol_train::RunControl {
             checkpoint: &dirs.checkpoint,
@@ -425,7 +446,16 @@ impl Pipeline<'_> {
             PromptSet::HarmfulQa => (&self.harmfulqa, &self.config.ood),
         };
         let dataset = Dataset::read(path, &ReadOptions::default())?;
-        let lines = prompt_lines(&dataset, &stage.selection(), PromptFormat::Hh)?;
+        let lm = self.lm()?;
+        let rendering = LineRendering {
+            format: self.config.model.prompt_format,
+            instruction: Some(&self.config.prompting.prefix),
+            chat: Some(&lm.tokenizer),
+        };
+        let mut lines = prompt_lines(&dataset, &stage.selection(), &rendering)?;
+        // Shortest first: every method decodes in this order, and a batch pads to its
+        // longest prompt.
+        lines.sort_by_key(|l| l.prompt.len());
         let mut sink = JsonlSink::create(Some(output))?;
         for line in &lines {
             sink.write(line)?;
@@ -440,8 +470,14 @@ impl Pipeline<'_> {
 
     fn generate(&self, set: PromptSet, method: Method, output: &Path) -> StageResult<()> {
         let c = self.config;
-        let prompts = recontrol_data::read_prompts(&self.out(Stage::Prompts(set)), "prompt")?;
-        let lm = LanguageModel::load(&self.out(Stage::Pretrain), self.run.device, DType::F32)?;
+        let prompts_file = self.out(Stage::Prompts(set));
+        let prompts = recontrol_data::read_prompts(&prompts_file, "prompt")?;
+        let instructed = if method.prompted() {
+            Some(recontrol_data::read_prompts(&prompts_file, "instructed")?)
+        } else {
+            None
+        };
+        let lm = self.lm()?;
         let mut backend = if method.controlled() {
             let options = ValueOptions {
                 backend: c.control.backend,
@@ -458,7 +494,9 @@ impl Pipeline<'_> {
             .transpose()?;
         let plan = GenerationPlan {
             prompts: &prompts,
-            prompt_prefix: method.prompted().then_some(c.prompting.prefix.as_str()),
+            prompt_prefix: None,
+            model_prompts: instructed.as_deref(),
+            add_special_tokens: self.config.model.prompt_format != PromptFormat::ChatTemplate,
             config: c.generate.config(&lm)?,
             batch_size: c.generate.batch_size,
         };
@@ -495,7 +533,7 @@ impl Pipeline<'_> {
             PromptSet::HarmfulQa => None,
         };
         let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
-        let encoder = CoherenceEncoder::load(&self.out(Stage::Pretrain), self.run.device)?;
+        let encoder = CoherenceEncoder::load(&self.config.model.dir, self.run.device)?;
         let judges = Judges {
             reward: reward.as_mut(),
             coherence: &encoder,
@@ -511,6 +549,17 @@ impl Pipeline<'_> {
             },
         )?;
         Ok(report)
+    }
+}
+
+impl Pipeline<'_> {
+    /// How reward pairs are rendered: like every prompt of the run, except that the HH text
+    /// keeps its raw form ("Human: ... Assistant:", as the dataset has it).
+    fn pair_format(&self) -> PromptFormat {
+        match self.config.model.prompt_format {
+            PromptFormat::ChatTemplate => PromptFormat::ChatTemplate,
+            _ => PromptFormat::Raw,
+        }
     }
 }
 

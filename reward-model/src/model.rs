@@ -233,12 +233,16 @@ pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch
     })
 }
 
-/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches.
+/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches of
+/// texts of similar length (less padding), returned in the order of `texts`.
 pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
     let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(batch_size.max(1)) {
-        let batch = encode_batch(lm, chunk)?;
+    for chunk in order.chunks(batch_size.max(1)) {
+        let chunk: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+        let batch = encode_batch(lm, &chunk)?;
         let mut cache = lm.model.new_cache(batch.input_ids.size()[1] as usize);
         let hidden = lm
             .model
@@ -249,7 +253,12 @@ pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Resu
                 .f_to_device(tch::Device::Cpu)?,
         );
     }
-    Ok(Tensor::f_cat(&out, 0)?)
+    let sorted = Tensor::f_cat(&out, 0)?;
+    let mut inverse = vec![0i64; order.len()];
+    for (at, &i) in order.iter().enumerate() {
+        inverse[i] = at as i64;
+    }
+    Ok(sorted.f_index_select(0, &Tensor::from_slice(&inverse))?)
 }
 
 /// `score.weight` `[1, hidden]` from a sequence-classification checkpoint.

@@ -2,7 +2,9 @@
 //! split, the texts a reward scores), training a Bradley-Terry reward model on them, and
 //! labelling a rollout store with a reward (resumable).
 
-use recontrol_data::{render_prompt, PreferencePair, PromptFormat, Split, SplitSpec, Store};
+use recontrol_data::{
+    render_prompt, ChatRenderer, PreferencePair, PromptFormat, Split, SplitSpec, Store,
+};
 use recontrol_lm::LanguageModel;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -25,25 +27,51 @@ pub struct PreparedPairs {
     pub skipped_empty: usize,
 }
 
+impl PreparedPairs {
+    /// Keeps the first `n` training pairs (in file order; the split is a seeded hash, so
+    /// these are a seeded sample of the train side).
+    pub fn keep_train(&mut self, n: usize) {
+        for texts in [&mut self.train, &mut self.train_replies] {
+            texts.chosen.truncate(n);
+            texts.rejected.truncate(n);
+        }
+    }
+}
+
 /// Splits `pairs` by their prompt with `split` (the same split as every other stage) and
-/// renders the texts a reward scores; both sides must keep some pairs.
-pub fn prepare_pairs(pairs: &[PreferencePair], split: &SplitSpec) -> Result<PreparedPairs> {
+/// renders the texts a reward scores: the prompt in `format` and the reply after it (after a
+/// space for the raw HH text, whose prompt ends with "Assistant:"). [`PromptFormat::ChatTemplate`]
+/// needs the model's template in `chat`, the way rollouts and generations render prompts.
+/// Both sides must keep some pairs.
+pub fn prepare_pairs(
+    pairs: &[PreferencePair],
+    split: &SplitSpec,
+    format: PromptFormat,
+    chat: Option<&dyn ChatRenderer>,
+) -> Result<PreparedPairs> {
     let mut prepared = PreparedPairs::default();
+    let separator = if format == PromptFormat::ChatTemplate {
+        ""
+    } else {
+        " "
+    };
     for pair in pairs {
         if pair.chosen.is_empty() || pair.rejected.is_empty() {
             prepared.skipped_empty += 1;
             continue;
         }
-        let prompt = render_prompt(PromptFormat::Raw, &pair.prompt, None, None)?;
+        let prompt = render_prompt(format, &pair.prompt, None, chat)?;
         let (side, replies) = if split.side_of(&pair.prompt.raw) == Split::Test {
             (&mut prepared.heldout, &mut prepared.heldout_replies)
         } else {
             (&mut prepared.train, &mut prepared.train_replies)
         };
         side.chosen
-            .push(scored_text(&prompt, &format!(" {}", pair.chosen)));
-        side.rejected
-            .push(scored_text(&prompt, &format!(" {}", pair.rejected)));
+            .push(scored_text(&prompt, &format!("{separator}{}", pair.chosen)));
+        side.rejected.push(scored_text(
+            &prompt,
+            &format!("{separator}{}", pair.rejected),
+        ));
         replies.chosen.push(pair.chosen.clone());
         replies.rejected.push(pair.rejected.clone());
     }
@@ -66,12 +94,25 @@ pub struct RewardSettings {
     pub min_lr: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
+    /// L2 penalty on the head, added to the loss: `l2 * ||w||^2` (on standardised features
+    /// with `standardize`).
+    pub l2: f64,
+    /// Choose `l2` among these instead (head-only training): each is fitted on 4/5 of the
+    /// training pairs and scored on the other fifth; the best validation loss wins and the
+    /// head is then trained on every training pair. The held-out pairs play no part.
+    pub l2_candidates: Vec<f64>,
+    /// Train the head on features standardised with the training pairs' mean and spread (the
+    /// saved head folds the scale back in).
+    pub standardize: bool,
     pub seed: u64,
     /// Also train the top K decoder layers and the final norm (0: the head alone, on cached
     /// features of the frozen backbone).
     pub unfreeze_top_k: usize,
     /// Texts run through the backbone together when computing features.
     pub feature_batch_size: usize,
+    /// Train on at most this many pairs of the train side (features of a large backbone
+    /// cost a forward pass per text).
+    pub max_train_pairs: Option<usize>,
     /// Seed of the train/held-out split of the pairs.
     pub split_seed: u64,
     /// Share of pairs held out for accuracy.
@@ -88,9 +129,13 @@ impl Default for RewardSettings {
             min_lr: c.min_lr,
             warmup_steps: c.warmup_steps,
             weight_decay: c.weight_decay,
+            l2: c.l2,
+            l2_candidates: Vec::new(),
+            standardize: c.standardize,
             seed: 0,
             unfreeze_top_k: 0,
             feature_batch_size: 16,
+            max_train_pairs: None,
             split_seed: 0,
             test_fraction: 0.1,
         }
@@ -107,6 +152,8 @@ impl RewardSettings {
             min_lr: self.min_lr,
             warmup_steps: self.warmup_steps,
             weight_decay: self.weight_decay,
+            l2: self.l2,
+            standardize: self.standardize,
             seed: self.seed,
         }
     }
@@ -141,6 +188,18 @@ pub struct RewardSummary {
     pub history: Vec<EpochMetrics>,
     pub heldout_accuracy: f64,
     pub length_baseline_accuracy: f64,
+    /// How `l2` was chosen, when it was tuned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2_tuning: Option<L2Tuning>,
+}
+
+/// The choice of the head's L2 penalty on a validation part of the training pairs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct L2Tuning {
+    pub chosen: f64,
+    pub validation_pairs: usize,
+    /// `(l2, validation loss, validation accuracy)` per candidate.
+    pub candidates: Vec<(f64, f64, f64)>,
 }
 
 /// A training call's outcome: a head trained through every epoch, or a run stopped at its
@@ -166,7 +225,8 @@ pub fn train_reward(
     control: RunControl<'_>,
     on_epoch: &mut dyn FnMut(&EpochMetrics),
 ) -> Result<RewardOutcome> {
-    let config = settings.config();
+    let mut config = settings.config();
+    let mut l2_tuning = None;
     let trained = if settings.unfreeze_top_k == 0 {
         eprintln!(
             "features of {} training and {} held-out pairs",
@@ -175,6 +235,16 @@ pub fn train_reward(
         );
         let train_features = pair_features(lm, &pairs.train, settings.feature_batch_size)?;
         let heldout_features = pair_features(lm, &pairs.heldout, settings.feature_batch_size)?;
+        if !settings.l2_candidates.is_empty() {
+            let tuning = tune_l2(
+                &train_features,
+                &config,
+                &settings.l2_candidates,
+                control.checkpoint,
+            )?;
+            config.l2 = tuning.chosen;
+            l2_tuning = Some(tuning);
+        }
         train_head(
             &train_features,
             &heldout_features,
@@ -216,7 +286,66 @@ pub fn train_reward(
             history: trained.history,
             heldout_accuracy,
             length_baseline_accuracy: baseline,
+            l2_tuning,
         },
+    })
+}
+
+/// Fits a head per candidate L2 penalty on 4/5 of the training pairs and picks the one with
+/// the lowest loss on the remaining fifth (every fifth pair).
+fn tune_l2(
+    train: &(Tensor, Tensor),
+    config: &RewardTrainConfig,
+    candidates: &[f64],
+    checkpoint: &std::path::Path,
+) -> Result<L2Tuning> {
+    let n = train.0.size()[0];
+    let (fit_rows, validation_rows): (Vec<i64>, Vec<i64>) = (0..n).partition(|i| i % 5 != 0);
+    if fit_rows.is_empty() || validation_rows.is_empty() {
+        return Err(Error::Training(format!(
+            "{n} training pairs are too few to tune the L2 penalty"
+        )));
+    }
+    let take = |rows: &[i64]| -> Result<(Tensor, Tensor)> {
+        let index = Tensor::from_slice(rows);
+        Ok((
+            train.0.f_index_select(0, &index)?,
+            train.1.f_index_select(0, &index)?,
+        ))
+    };
+    let (fit, validation) = (take(&fit_rows)?, take(&validation_rows)?);
+    let scratch = checkpoint.with_extension("l2-tuning");
+    let mut results = Vec::with_capacity(candidates.len());
+    for &l2 in candidates {
+        let trial = RewardTrainConfig {
+            l2,
+            ..config.clone()
+        };
+        let control = RunControl {
+            checkpoint: &scratch,
+            resume: false,
+            max_this_run: None,
+        };
+        let head = train_head(&fit, &validation, &trial, control, &mut |_| {})?;
+        let _ = std::fs::remove_file(&scratch);
+        let last = head
+            .history
+            .last()
+            .ok_or_else(|| Error::Training("the L2 tuning run finished without an epoch".into()))?;
+        eprintln!(
+            "l2 {l2}: validation loss {:.4}, accuracy {:.3}",
+            last.heldout_loss, last.heldout_accuracy
+        );
+        results.push((l2, last.heldout_loss, last.heldout_accuracy));
+    }
+    let chosen = results
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(config.l2, |r| r.0);
+    Ok(L2Tuning {
+        chosen,
+        validation_pairs: validation_rows.len(),
+        candidates: results,
     })
 }
 

@@ -24,6 +24,12 @@ pub struct RewardTrainConfig {
     pub min_lr: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
+    /// L2 penalty on the head: `l2 * ||w||^2` is added to every batch's loss.
+    #[serde(default)]
+    pub l2: f64,
+    /// Train the head on standardised features (head-only training).
+    #[serde(default)]
+    pub standardize: bool,
     pub seed: u64,
 }
 
@@ -36,6 +42,8 @@ impl Default for RewardTrainConfig {
             min_lr: 1e-3,
             warmup_steps: 10,
             weight_decay: 0.01,
+            l2: 0.0,
+            standardize: false,
             seed: 0,
         }
     }
@@ -99,7 +107,10 @@ pub fn pair_features(
 pub use recontrol_train::RunControl;
 
 /// Trains the head. `train` and `heldout` are `(chosen, rejected)` feature pairs.
-/// `on_epoch` sees each epoch's metrics; a checkpoint is written after each epoch.
+/// `on_epoch` sees each epoch's metrics; a checkpoint is written after each epoch. With
+/// `config.standardize` the head is trained on features standardised with the training
+/// pairs' mean and spread and the returned head folds the spread back in (`w / sigma`; the
+/// mean only shifts every score by the same constant, which a Bradley-Terry reward ignores).
 pub fn train_head(
     train: &(Tensor, Tensor),
     heldout: &(Tensor, Tensor),
@@ -112,6 +123,24 @@ pub fn train_head(
     if heldout.0.size()[0] == 0 {
         return Err(Error::Training("no held-out pairs".into()));
     }
+    if !config.l2.is_finite() || config.l2 < 0.0 {
+        return Err(Error::Training(format!(
+            "--l2 {} must be a finite number >= 0",
+            config.l2
+        )));
+    }
+    let scale = if config.standardize {
+        Some(Standardizer::fit(train)?)
+    } else {
+        None
+    };
+    let prepare = |pairs: &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+        Ok(match &scale {
+            Some(s) => (s.apply(&pairs.0)?, s.apply(&pairs.1)?),
+            None => (pairs.0.shallow_clone(), pairs.1.shallow_clone()),
+        })
+    };
+    let (train, heldout) = (prepare(train)?, prepare(heldout)?);
     let score =
         Tensor::f_zeros([1, hidden], (Kind::Float, tch::Device::Cpu))?.set_requires_grad(true);
     let mut opt = AdamW::new(
@@ -132,16 +161,56 @@ pub fn train_head(
             let index = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>());
             let c = train.0.f_index_select(0, &index)?.f_matmul(&w()?)?;
             let r = train.1.f_index_select(0, &index)?.f_matmul(&w()?)?;
-            Ok(bradley_terry_loss(&c, &r)?)
+            let loss = bradley_terry_loss(&c, &r)?;
+            if config.l2 > 0.0 {
+                Ok(loss.f_add(
+                    &score
+                        .f_square()?
+                        .f_sum(Kind::Float)?
+                        .f_mul_scalar(config.l2)?,
+                )?)
+            } else {
+                Ok(loss)
+            }
         },
-        &mut || evaluate(&score, heldout),
+        &mut || evaluate(&score, &heldout),
         on_epoch,
     )?;
+    let score = score.f_detach()?;
     Ok(TrainedHead {
-        score: score.f_detach()?,
+        score: match &scale {
+            Some(s) => s.fold(&score)?,
+            None => score,
+        },
         complete: finished.complete,
         history: finished.record.history,
     })
+}
+
+/// Per-feature mean and spread of the training pairs' features (both sides together).
+struct Standardizer {
+    mean: Tensor,
+    /// Standard deviation, floored so that a constant feature does not divide by zero.
+    std: Tensor,
+}
+
+impl Standardizer {
+    fn fit(train: &(Tensor, Tensor)) -> Result<Self> {
+        let all = Tensor::f_cat(&[&train.0, &train.1], 0)?;
+        let mean = all.f_mean_dim(0, true, Kind::Float)?;
+        let std = all.f_std_dim(0, false, true)?.f_clamp_min(1e-6)?;
+        Ok(Self { mean, std })
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_sub(&self.mean)?.f_div(&self.std)?)
+    }
+
+    /// The head on raw features that scores like `score` on standardised ones, up to a
+    /// constant.
+    fn fold(&self, score: &Tensor) -> Result<Tensor> {
+        Ok(score.f_div(&self.std)?)
+    }
 }
 
 /// Trains the head together with the top `k` decoder layers and the final norm of `lm`'s
