@@ -16,6 +16,9 @@ pub enum FormatError {
     #[error("GGUF version {version} is not supported (versions 2 and 3 are)")]
     Version { version: u32 },
 
+    #[error("big-endian GGUF files are not supported")]
+    BigEndian,
+
     #[error("truncated: {what} at byte {offset} needs {needed} bytes, {left} are left")]
     Truncated {
         what: &'static str,
@@ -24,7 +27,7 @@ pub enum FormatError {
         left: u64,
     },
 
-    #[error("{what} count {count} at byte {offset} cannot fit in the {left} bytes left")]
+    #[error("{count} {what} starting at byte {offset} cannot fit in the {left} bytes left")]
     Count {
         what: &'static str,
         count: u64,
@@ -51,7 +54,7 @@ pub enum FormatError {
     #[error("general.alignment must be a u32 power of two, found {found}")]
     Alignment { found: String },
 
-    #[error("tensor {tensor}: {n_dims} dimensions (at most 4 are supported)")]
+    #[error("tensor {tensor}: {n_dims} dimensions (1 to 4 are supported)")]
     Dims { tensor: String, n_dims: u32 },
 
     #[error("tensor {tensor}: a dimension is 0 in {dims:?}")]
@@ -135,6 +138,27 @@ pub enum Error {
         tensor: String,
         ggml_type: GgmlType,
         supported: String,
+    },
+
+    #[error("{ggml_type} cannot be dequantized (supported: {supported})")]
+    NotDequantizable {
+        ggml_type: GgmlType,
+        supported: String,
+    },
+
+    #[error("{ggml_type} data of {len} bytes is not a whole number of {type_size}-byte blocks")]
+    PartialBlock {
+        ggml_type: GgmlType,
+        len: usize,
+        type_size: usize,
+    },
+
+    #[error("tensor {tensor}: rows {first}..+{count} are out of range (it has {rows})")]
+    NoSuchRows {
+        tensor: String,
+        first: u64,
+        count: u64,
+        rows: u64,
     },
 
     #[error("no tensor named {tensor}")]
