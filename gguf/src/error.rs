@@ -35,6 +35,14 @@ pub enum FormatError {
         left: u64,
     },
 
+    #[error("metadata {key}: {count} array elements starting at byte {offset} cannot fit in the {left} bytes left")]
+    ArrayCount {
+        key: String,
+        count: u64,
+        offset: u64,
+        left: u64,
+    },
+
     #[error("metadata {key}: unknown value type {id} at byte {offset}")]
     ValueType { key: String, id: u32, offset: u64 },
 

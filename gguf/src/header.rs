@@ -195,7 +195,13 @@ fn read_array(r: &mut Reader<'_>, key: &str, depth: usize) -> Result<Array, Form
         ValueType::Array => 12,
         fixed => fixed.fixed_size().unwrap_or(1) as u64,
     };
-    r.check_count(count, min_size, "array elements")?;
+    r.check_count(count, min_size, "array elements")
+        .map_err(|_| FormatError::ArrayCount {
+            key: key.to_owned(),
+            count,
+            offset: r.pos as u64,
+            left: r.left(),
+        })?;
     // Checked above: `count` elements fit in the bytes left, so `count` fits in usize.
     let n = usize::try_from(count).unwrap_or(0);
     Ok(match ty {
@@ -638,7 +644,7 @@ mod tests {
         assert_eq!(
             problem(&file(3, 0, 1, &kv("tokens", 9, &array), &[], &[])),
             format!(
-                "{} array elements starting at byte 54 cannot fit in the 10 bytes left",
+                "metadata tokens: {} array elements starting at byte 54 cannot fit in the 10 bytes left",
                 1u64 << 61
             )
         );
