@@ -169,9 +169,6 @@ pub enum Error {
         rows: u64,
     },
 
-    #[error("no tensor named {tensor}")]
-    NoSuchTensor { tensor: String },
-
     #[error("architecture {architecture} is not supported (supported: {supported})")]
     UnsupportedArchitecture {
         architecture: String,
@@ -193,9 +190,6 @@ pub enum Error {
 
     #[error("tensor {tensor}: {elements} elements do not fit in memory on this machine")]
     TooLarge { tensor: String, elements: u64 },
-
-    #[error("{out}: exists; remove it, or pass overwrite to replace it")]
-    OutputExists { out: PathBuf },
 
     #[error(transparent)]
     Output(#[from] recontrol_io::Error),

@@ -12,7 +12,6 @@ use crate::{Error, FormatError, Result};
 
 /// A GGUF file, opened and checked: its metadata and tensor infos are parsed, and every
 /// tensor's bytes lie inside the file. Tensor data is read from a memory map on demand.
-#[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
     map: Mmap,
@@ -132,6 +131,18 @@ impl GgufFile {
     }
 }
 
+impl std::fmt::Debug for GgufFile {
+    /// A summary: the metadata can hold a vocabulary of many thousand tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.header.version)
+            .field("metadata_keys", &self.header.metadata.len())
+            .field("tensors", &self.header.tensors.len())
+            .finish()
+    }
+}
+
 /// Refuses a tensor whose type [`crate::quant`] does not handle, naming it.
 pub(crate) fn check_dequantizable(info: &TensorInfo) -> Result<()> {
     if info.ggml_type.is_dequantizable() {
@@ -142,5 +153,32 @@ pub(crate) fn check_dequantizable(info: &TensorInfo) -> Result<()> {
             ggml_type: info.ggml_type,
             supported: supported_list(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_missing_and_directory_paths_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").expect("write");
+        let err = GgufFile::open(&empty).expect_err("empty");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: truncated: magic at byte 0 needs 4 bytes, 0 are left",
+                empty.display()
+            )
+        );
+        let missing = dir.path().join("missing.gguf");
+        let err = GgufFile::open(&missing).expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            format!("{}: cannot read", missing.display())
+        );
+        assert!(GgufFile::open(dir.path()).is_err());
     }
 }

@@ -45,8 +45,10 @@ impl TensorPlan<'_> {
     /// The GGUF row that HF row `row` is stored in.
     pub fn source_row(&self, row: u64) -> u64 {
         match self.unpermute_heads {
-            Some(heads) => interleaved_row(row, self.rows() / heads),
-            None => row,
+            Some(heads) if heads > 0 && self.rows() / heads >= 2 => {
+                interleaved_row(row, self.rows() / heads)
+            }
+            _ => row,
         }
     }
 }

@@ -329,3 +329,32 @@ fn the_tokenizer_step_writes_into_the_output_or_stops_it() -> recontrol_gguf::Re
     );
     Ok(())
 }
+
+#[test]
+fn corrupted_headers_never_panic_or_leave_a_half_written_output() {
+    let good = std::fs::read(model("llama-gqa").join("model.gguf")).expect("read");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("corrupt.gguf");
+    let out = tmp.path().join("out");
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let header_len = 16 * 1024; // the metadata and tensor infos lie in the first 16 KiB
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % header_len) as usize;
+            bytes[at] = next() as u8;
+        }
+        std::fs::write(&src, &bytes).expect("write");
+        match import_gguf(&src, &out, &options(OutDtype::F32)) {
+            Ok(_) => std::fs::remove_dir_all(&out).expect("rm"),
+            Err(e) => assert!(!e.to_string().contains('\n'), "{e}"),
+        }
+        assert_eq!(entries(tmp.path()), ["corrupt.gguf"]);
+    }
+}
