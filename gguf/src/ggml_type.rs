@@ -3,7 +3,7 @@
 //!
 //! Every type ggml defines is known here, so that a file's tensor byte ranges can be checked
 //! even for types this crate does not dequantize; [`GgmlType::is_dequantizable`] says which
-//! ones [`crate::dequantize`] handles.
+//! ones [`crate::quant::dequantize_into`] handles.
 
 use std::fmt;
 
@@ -91,7 +91,7 @@ const TABLE: [(GgmlType, u32, usize, usize); 34] = {
     ]
 };
 
-/// The types [`crate::dequantize`] handles.
+/// The types [`crate::quant::dequantize_into`] handles.
 pub const DEQUANTIZABLE: [GgmlType; 11] = {
     use GgmlType::*;
     [
@@ -129,7 +129,7 @@ impl GgmlType {
         self.row().3
     }
 
-    /// Whether [`crate::dequantize`] handles it.
+    /// Whether [`crate::quant::dequantize_into`] handles it.
     pub fn is_dequantizable(self) -> bool {
         DEQUANTIZABLE.contains(&self)
     }
