@@ -22,3 +22,4 @@ make_fixture tests/fixtures/lm/make_fixtures.py tests/fixtures/generated/lm
 make_fixture tests/fixtures/reward/make_reward_fixtures.py tests/fixtures/generated/reward \
     tests/fixtures/lm/make_fixtures.py
 make_fixture tests/fixtures/value/make_value_fixtures.py tests/fixtures/generated/value
+make_fixture tests/fixtures/gguf/make_tokenizer_fixtures.py tests/fixtures/generated/gguf-tokenizer
