@@ -22,4 +22,9 @@ make_fixture tests/fixtures/lm/make_fixtures.py tests/fixtures/generated/lm
 make_fixture tests/fixtures/reward/make_reward_fixtures.py tests/fixtures/generated/reward \
     tests/fixtures/lm/make_fixtures.py
 make_fixture tests/fixtures/value/make_value_fixtures.py tests/fixtures/generated/value
-make_fixture tests/fixtures/gguf/make_gguf_fixtures.py tests/fixtures/generated/gguf
+# The GGUF fixtures include SmolLM2-135M-Instruct's references once the set-up has its file.
+smollm2=()
+[ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ] && smollm2=(models/SmolLM2-135M-Instruct.Q4_1.gguf)
+make_fixture tests/fixtures/gguf/make_gguf_fixtures.py tests/fixtures/generated/gguf "${smollm2[@]}"
+make_fixture tests/fixtures/gguf/make_tokenizer_fixtures.py tests/fixtures/generated/gguf-tokenizer \
+    "${smollm2[@]}"

@@ -1,4 +1,5 @@
-//! `recontrol lm pretrain`: train the project's small default dialogue model from scratch.
+//! `recontrol lm`: import a llama.cpp GGUF model as a Hugging Face model directory
+//! (`import-gguf`), or train the project's small dialogue model from scratch (`pretrain`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,6 +29,9 @@ pub struct LmCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum LmSubcommand {
+    /// Import a llama.cpp GGUF model (llama, mistral, qwen2; F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as a Hugging Face model directory.
+    ImportGguf(ImportGgufArgs),
     /// Train a small Llama-architecture dialogue model (and its tokenizer) from scratch.
     Pretrain(Box<PretrainArgs>),
 }
@@ -35,8 +39,83 @@ pub enum LmSubcommand {
 impl LmCommand {
     pub fn run(self) -> Result<()> {
         match self.command {
+            LmSubcommand::ImportGguf(args) => args.run(),
             LmSubcommand::Pretrain(args) => args.run(),
         }
+    }
+}
+
+/// `--dtype` choices of an import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportDtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportGgufArgs {
+    /// The GGUF file (v2 or v3).
+    pub file: PathBuf,
+    /// Output model directory: config.json, model.safetensors, tokenizer.json,
+    /// tokenizer_config.json (chat template), generation_config.json, gguf_import.json. It
+    /// must not exist, unless it holds an import of the same file in the same dtype (then
+    /// nothing is done).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype of the output.
+    #[arg(long, value_enum, default_value_t = ImportDtypeArg::F32)]
+    pub dtype: ImportDtypeArg,
+}
+
+impl ImportGgufArgs {
+    fn run(&self) -> Result<()> {
+        use recontrol_gguf::{import_gguf, ImportOptions, ImportRecord, OutDtype};
+        let dtype = match self.dtype {
+            ImportDtypeArg::F32 => OutDtype::F32,
+            ImportDtypeArg::Bf16 => OutDtype::BF16,
+            ImportDtypeArg::F16 => OutDtype::F16,
+        };
+        if self.out.exists() {
+            let record = ImportRecord::of(&self.file, dtype)
+                .with_context(|| format!("{}", self.file.display()))?;
+            if record.same_import(&self.out) {
+                eprintln!(
+                    "{}: already imported from {} ({} bytes, sha256 {}), nothing to do",
+                    self.out.display(),
+                    record.source,
+                    record.bytes,
+                    record.sha256
+                );
+                return Ok(());
+            }
+            let empty = std::fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_none());
+            if !empty {
+                anyhow::bail!(
+                    "--out {}: exists and is not an import of this file in {}; remove it or choose another name",
+                    self.out.display(),
+                    dtype.torch_name()
+                );
+            }
+        }
+        let start = Instant::now();
+        let options = ImportOptions {
+            dtype,
+            ..ImportOptions::default()
+        };
+        let summary = import_gguf(&self.file, &self.out, &options)?;
+        eprintln!(
+            "{}: {} ({} layers, hidden {}), {} tensors, {} parameters, {} in {:.1} s",
+            summary.out.display(),
+            summary.architecture.model_type(),
+            summary.config.num_layers,
+            summary.config.hidden_size,
+            summary.tensors,
+            summary.parameters,
+            dtype.torch_name(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 }
 

@@ -1,6 +1,8 @@
 //! The coherence encoder: mean-pooled final (post-norm) hidden states of a model directory, and
 //! the cosine similarity of a prompt's and a response's embeddings.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
 
 use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions, StepInput};
@@ -14,6 +16,8 @@ pub struct CoherenceEncoder {
     lm: LanguageModel,
     /// Texts are cut to the model's positions.
     max_tokens: usize,
+    /// Prompt embeddings already computed: every method answers the same prompts.
+    prompts: RefCell<HashMap<String, Option<Tensor>>>,
 }
 
 impl CoherenceEncoder {
@@ -21,7 +25,11 @@ impl CoherenceEncoder {
     pub fn load(dir: &Path, device: DeviceSpec) -> Result<Self> {
         let lm = LanguageModel::load_backbone(dir, device, DType::F32)?;
         let max_tokens = lm.model.config().max_position_embeddings.unwrap_or(2048);
-        Ok(Self { lm, max_tokens })
+        Ok(Self {
+            lm,
+            max_tokens,
+            prompts: RefCell::new(HashMap::new()),
+        })
     }
 
     /// What the report records as the encoder.
@@ -64,9 +72,20 @@ impl CoherenceEncoder {
         )?))
     }
 
+    /// The prompt's embedding, computed once per prompt.
+    fn embed_prompt(&self, prompt: &str) -> Result<Option<Tensor>> {
+        if let Some(e) = self.prompts.borrow().get(prompt) {
+            return Ok(e.as_ref().map(Tensor::shallow_clone));
+        }
+        let e = self.embed(prompt)?;
+        let copy = e.as_ref().map(Tensor::shallow_clone);
+        self.prompts.borrow_mut().insert(prompt.to_owned(), e);
+        Ok(copy)
+    }
+
     /// Cosine similarity of the prompt's and the response's embeddings (0 for an empty one).
     pub fn coherence(&self, prompt: &str, response: &str) -> Result<f64> {
-        let (Some(a), Some(b)) = (self.embed(prompt)?, self.embed(response)?) else {
+        let (Some(a), Some(b)) = (self.embed_prompt(prompt)?, self.embed(response)?) else {
             return Ok(0.0);
         };
         Ok(Tensor::f_cosine_similarity(&a, &b, 1, 1e-8)?.f_double_value(&[0])?)

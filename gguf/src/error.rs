@@ -206,6 +206,13 @@ pub enum Error {
 
     #[error("{what} is not supported yet")]
     Unsupported { what: String },
+
+    #[error("{path}: tokenizer: {source}")]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: crate::tokenizer::TokenizerError,
+    },
 }
 
 /// The crate's result type.

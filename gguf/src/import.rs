@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use recontrol_io::{write_json_atomic, AtomicDir};
 use safetensors::{Dtype, View};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Architecture, ModelConfig};
@@ -95,11 +96,11 @@ pub struct ImportOptions {
 }
 
 impl Default for ImportOptions {
-    /// f32 weights and `tokenizer.json` from [`crate::tokenizer::write_tokenizer_json`].
+    /// f32 weights and `tokenizer.json` from [`crate::tokenizer::write_gguf_tokenizer`].
     fn default() -> Self {
         Self {
             dtype: OutDtype::F32,
-            tokenizer: Some(crate::tokenizer::write_tokenizer_json),
+            tokenizer: Some(crate::tokenizer::write_gguf_tokenizer),
         }
     }
 }
@@ -118,13 +119,69 @@ pub struct ImportSummary {
 }
 
 /// The files an import writes, in the order it writes them.
-pub const OUTPUT_FILES: [&str; 5] = [
+pub const OUTPUT_FILES: [&str; 6] = [
     "config.json",
     "generation_config.json",
     "tokenizer_config.json",
     "tokenizer.json",
     "model.safetensors",
+    IMPORT_RECORD,
 ];
+
+/// The file in an imported directory that records where it came from ([`ImportRecord`]).
+pub const IMPORT_RECORD: &str = "gguf_import.json";
+
+/// Where an imported directory came from: the GGUF file (name, size, sha256) and the dtype,
+/// so that a set-up can tell an import it already made from one to redo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    /// The GGUF file's name.
+    pub source: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// `float32`, `float16` or `bfloat16`.
+    pub dtype: String,
+    /// The recontrol version that imported it.
+    pub importer: String,
+}
+
+impl ImportRecord {
+    /// The record an import of `src` in `dtype` writes (reads the whole file for its digest).
+    pub fn of(src: &Path, dtype: OutDtype) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let read = |source| Error::Io {
+            path: src.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(src).map_err(read)?;
+        let mut hasher = Sha256::new();
+        let bytes = std::io::copy(&mut file, &mut hasher).map_err(read)?;
+        Ok(Self {
+            source: src
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes,
+            sha256: format!("{:x}", hasher.finalize()),
+            dtype: dtype.torch_name().to_owned(),
+            importer: format!("recontrol {}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
+    /// The record of the imported directory `dir`, if it has a readable one.
+    pub fn read(dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(dir.join(IMPORT_RECORD)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Whether `dir` holds an import of the same file in the same dtype (whatever the
+    /// importer's version).
+    pub fn same_import(&self, dir: &Path) -> bool {
+        Self::read(dir).is_some_and(|r| {
+            (r.bytes, &r.sha256, &r.dtype) == (self.bytes, &self.sha256, &self.dtype)
+        })
+    }
+}
 
 /// Imports the GGUF model `src` into the new directory `out`. `out` must not exist, or be an
 /// empty directory (which is replaced); its parent must exist.
@@ -137,6 +194,7 @@ pub fn import_gguf(src: &Path, out: &Path, options: &ImportOptions) -> Result<Im
         .map(|p| Weight::new(&file, p, options.dtype))
         .collect::<Result<Vec<_>>>()?;
     let tokenizer_config = tokenizer_config(file.metadata())?;
+    let record = ImportRecord::of(src, options.dtype)?;
 
     replace_empty_dir(out)?;
     let dir = AtomicDir::create(out)?;
@@ -152,6 +210,7 @@ pub fn import_gguf(src: &Path, out: &Path, options: &ImportOptions) -> Result<Im
     }
     let parameters = weights.iter().map(|w| w.n_elements).sum();
     write_safetensors(weights, &at("model.safetensors"))?;
+    write_json_atomic(&at(IMPORT_RECORD), &record)?;
     dir.commit()?;
     Ok(ImportSummary {
         out: out.to_owned(),

@@ -40,7 +40,7 @@ pub use file::GgufFile;
 pub use ggml_type::GgmlType;
 pub use header::{Header, TensorInfo};
 pub use import::{
-    import_gguf, tokenizer_config, ImportOptions, ImportSummary, OutDtype, TokenizerWriter,
-    OUTPUT_FILES,
+    import_gguf, tokenizer_config, ImportOptions, ImportRecord, ImportSummary, OutDtype,
+    TokenizerWriter, IMPORT_RECORD, OUTPUT_FILES,
 };
 pub use metadata::{Array, Metadata, Value, ValueType};

@@ -69,6 +69,7 @@ fn f32_weights_equal_transformers_bit_for_bit() -> recontrol_gguf::Result<()> {
             [
                 "config.json",
                 "generation_config.json",
+                "gguf_import.json",
                 "model.safetensors",
                 "tokenizer_config.json"
             ]

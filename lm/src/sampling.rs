@@ -96,19 +96,70 @@ impl Sampler {
                 top_p,
                 ..
             } => {
+                if top_k.is_none() && top_p.is_none() {
+                    return self.draw_unfiltered(logits, temperature);
+                }
                 let candidates = filtered_probabilities(logits, temperature, top_k, top_p);
                 let total: f64 = candidates.iter().map(|&(_, p)| p).sum();
-                let mut u = self.rng.random::<f64>() * total;
-                for &(token, p) in &candidates {
-                    if u < p {
-                        return token;
-                    }
-                    u -= p;
-                }
-                candidates.last().map_or(0, |&(t, _)| t)
+                let u = self.rng.random::<f64>() * total;
+                walk(&candidates, u)
             }
         }
     }
+}
+
+impl Sampler {
+    /// The draw of [`Sampler::choose`] without top-k or top-p, the same token for the same
+    /// random number, without sorting the whole vocabulary: the candidates are walked most
+    /// likely first, and the walk almost always ends among the first few, so only the
+    /// [`HEAD`] most likely are ordered (with the same order as a full sort); the rest is
+    /// sorted only when the walk gets past them.
+    fn draw_unfiltered(&mut self, logits: &[f32], temperature: f64) -> usize {
+        /// Candidates ordered before the first walk.
+        const HEAD: usize = 64;
+        let mut probs = unnormalised(logits, temperature);
+        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
+        let u = self.rng.random::<f64>() * total;
+        if probs.len() > HEAD {
+            probs.select_nth_unstable_by(HEAD, most_likely_first);
+            let (head, _) = probs.split_at_mut(HEAD);
+            head.sort_by(most_likely_first);
+            let mass: f64 = head.iter().map(|&(_, p)| p).sum();
+            if u < mass {
+                return walk(head, u);
+            }
+        }
+        probs.sort_by(most_likely_first);
+        walk(&probs, u)
+    }
+}
+
+/// The token at which `u` falls in the cumulative probabilities of `candidates` (in their
+/// order); the last one if `u` is past them all (round-off).
+fn walk(candidates: &[(usize, f64)], mut u: f64) -> usize {
+    for &(token, p) in candidates {
+        if u < p {
+            return token;
+        }
+        u -= p;
+    }
+    candidates.last().map_or(0, |&(t, _)| t)
+}
+
+/// Most likely first; ties keep token order.
+fn most_likely_first(a: &(usize, f64), b: &(usize, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// `(token, exp((logit - max) / temperature))` of the finite logits, in token order.
+fn unnormalised(logits: &[f32], temperature: f64) -> Vec<(usize, f64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i, ((l as f64 - max) / temperature).exp()))
+        .collect()
 }
 
 /// Index of the largest value; the first on ties; NaN never wins.
@@ -130,15 +181,8 @@ pub fn filtered_probabilities(
     top_k: Option<usize>,
     top_p: Option<f64>,
 ) -> Vec<(usize, f64)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| (i, ((l as f64 - max) / temperature).exp()))
-        .collect();
-    // Most likely first; ties keep token order.
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut probs = unnormalised(logits, temperature);
+    probs.sort_by(most_likely_first);
     if let Some(k) = top_k {
         probs.truncate(k.max(1));
     }
@@ -207,6 +251,29 @@ mod tests {
         assert_eq!(a, draw(20_000));
         let share = a.iter().filter(|&&t| t == 0).count() as f64 / a.len() as f64;
         assert!((share - 0.6).abs() < 0.02, "share of token 0: {share}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_fast_unfiltered_draw_picks_what_a_full_sort_picks() -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(5);
+        for (case, temperature) in [(0u64, 1.0), (1, 0.7), (2, 3.0)] {
+            // Peaked logits (the walk ends in the head) and flat ones (it goes past it).
+            let scale = if case == 1 { 8.0 } else { 0.05 };
+            let logits: Vec<f32> = (0..3000)
+                .map(|_| rng.random::<f32>() * scale)
+                .chain([f32::NEG_INFINITY])
+                .collect();
+            let s = Sampling::new(temperature, None, None, case)?;
+            let mut fast = Sampler::new(s.clone(), 9);
+            let mut sorted = Sampler::new(s, 9);
+            for _ in 0..500 {
+                let candidates = filtered_probabilities(&logits, temperature, None, None);
+                let total: f64 = candidates.iter().map(|&(_, p)| p).sum();
+                let want = walk(&candidates, sorted.rng.random::<f64>() * total);
+                assert_eq!(fast.choose(&logits), want, "case {case}");
+            }
+        }
         Ok(())
     }
 
