@@ -193,7 +193,10 @@ impl Stage {
             Self::Label => vec![Self::Rollout, Self::Reward],
             Self::Value => vec![Self::Label],
             Self::Export => vec![Self::Value],
-            Self::Generate(set, _) => vec![Self::Model, Self::Export, Self::Prompts(set)],
+            Self::Generate(set, m) if m.controlled() => {
+                vec![Self::Model, Self::Export, Self::Prompts(set)]
+            }
+            Self::Generate(set, _) => vec![Self::Model, Self::Prompts(set)],
             Self::Eval(set) => {
                 let mut inputs: Vec<Stage> = set
                     .methods()
