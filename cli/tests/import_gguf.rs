@@ -2,24 +2,14 @@
 //! GGUF file itself, a second import of the same file that does nothing, and bad files that
 //! each give one error line and leave nothing at `--out`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
-use recontrol_tests::{python_json, repo_root};
+use recontrol_tests::{gguf_fixtures_root, python_json};
 
 fn recontrol(args: &[&str]) -> Output {
     cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
-}
-
-fn fixtures() -> PathBuf {
-    let dir = repo_root().join("tests/fixtures/generated/gguf");
-    assert!(
-        dir.join("bad").is_dir(),
-        "GGUF fixtures missing at {}: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
 }
 
 fn import(file: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -31,7 +21,7 @@ fn import(file: &Path, out: &Path, extra: &[&str]) -> Output {
 #[test]
 fn an_import_loads_in_transformers_and_a_second_import_does_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let model = fixtures().join("models/qwen2");
+    let model = gguf_fixtures_root().join("models/qwen2");
     let out = dir.path().join("qwen2");
     let first = import(&model.join("model.gguf"), &out, &[]);
     assert!(first.status.success(), "{}", stderr(&first));
@@ -80,7 +70,7 @@ fn bad_files_give_one_error_and_leave_nothing() {
         ("wrong-shape.gguf", "blk.0.attn_k.weight"),
     ] {
         let out = dir.path().join(file);
-        let run = import(&fixtures().join("bad").join(file), &out, &[]);
+        let run = import(&gguf_fixtures_root().join("bad").join(file), &out, &[]);
         assert_fails_with(&run, needle);
         assert!(!out.exists(), "{file}: something was left at --out");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())

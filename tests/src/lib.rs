@@ -35,6 +35,17 @@ pub fn lm_fixtures_root() -> PathBuf {
     dir
 }
 
+/// Where the generated GGUF fixtures live (`tests/fixtures/gguf/make_gguf_fixtures.py`).
+pub fn gguf_fixtures_root() -> PathBuf {
+    let dir = repo_root().join("tests/fixtures/generated/gguf");
+    assert!(
+        dir.join("models").is_dir() && dir.join("bad").is_dir(),
+        "GGUF fixtures missing at {}: run scripts/fixtures.sh",
+        dir.display()
+    );
+    dir
+}
+
 /// The model directory of one LM fixture.
 pub fn lm_fixture(name: &str) -> PathBuf {
     lm_fixtures_root().join(name)

@@ -6,28 +6,18 @@
 //! tokenizer kinds, a GQA llama, a qwen2 with biases; SmolLM2-135M-Instruct when the set-up
 //! has fetched it). The weights themselves are checked in `gguf/tests/import.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use recontrol_gguf::{import_gguf, ImportOptions};
 use recontrol_lm::{
     generate, ChatMessage, DType, DeviceSpec, LanguageModel, Positions, Sampling, StepInput,
 };
-use recontrol_tests::repo_root;
+use recontrol_tests::{gguf_fixtures_root, repo_root};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
 /// The tiny models of the fixtures.
 const MODELS: [&str; 4] = ["llama-gqa", "mistral", "qwen2", "llama-spm"];
-
-fn gguf_fixtures() -> PathBuf {
-    let dir = repo_root().join("tests/fixtures/generated/gguf");
-    assert!(
-        dir.join("models").is_dir(),
-        "GGUF fixtures missing at {}: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
-}
 
 /// Imports `file` (f32) into a temporary directory and loads it.
 fn import_and_load(file: &Path) -> (tempfile::TempDir, LanguageModel) {
@@ -103,7 +93,7 @@ fn check_against_reference(name: &str, lm: &LanguageModel, reference: &Path) -> 
 
 #[test]
 fn tiny_imports_match_transformers_gguf_loader() {
-    let root = gguf_fixtures();
+    let root = gguf_fixtures_root();
     for name in MODELS {
         let dir = root.join("models").join(name);
         let (_tmp, lm) = import_and_load(&dir.join("model.gguf"));
@@ -114,7 +104,7 @@ fn tiny_imports_match_transformers_gguf_loader() {
 
 #[test]
 fn smollm2_import_matches_transformers_gguf_loader_when_present() {
-    let reference = gguf_fixtures().join("smollm2");
+    let reference = gguf_fixtures_root().join("smollm2");
     let file = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !reference.is_dir() || !file.is_file() {
         println!(
