@@ -70,16 +70,20 @@ pub struct ImportGgufArgs {
 
 impl ImportGgufArgs {
     fn run(&self) -> Result<()> {
-        use recontrol_gguf::{import_gguf, ImportOptions, ImportRecord, OutDtype};
+        use recontrol_gguf::{import_gguf_once, Error, ImportOptions, ImportOutcome, OutDtype};
         let dtype = match self.dtype {
             ImportDtypeArg::F32 => OutDtype::F32,
             ImportDtypeArg::Bf16 => OutDtype::BF16,
             ImportDtypeArg::F16 => OutDtype::F16,
         };
-        if self.out.exists() {
-            let record = ImportRecord::of(&self.file, dtype)
-                .with_context(|| format!("{}", self.file.display()))?;
-            if record.same_import(&self.out) {
+        let start = Instant::now();
+        let options = ImportOptions {
+            dtype,
+            ..ImportOptions::default()
+        };
+        let summary = match import_gguf_once(&self.file, &self.out, &options) {
+            Ok(ImportOutcome::Imported(summary)) => summary,
+            Ok(ImportOutcome::AlreadyImported(record)) => {
                 eprintln!(
                     "{}: already imported from {} ({} bytes, sha256 {}), nothing to do",
                     self.out.display(),
@@ -89,21 +93,9 @@ impl ImportGgufArgs {
                 );
                 return Ok(());
             }
-            let empty = std::fs::read_dir(&self.out).is_ok_and(|mut d| d.next().is_none());
-            if !empty {
-                anyhow::bail!(
-                    "--out {}: exists and is not an import of this file in {}; remove it or choose another name",
-                    self.out.display(),
-                    dtype.torch_name()
-                );
-            }
-        }
-        let start = Instant::now();
-        let options = ImportOptions {
-            dtype,
-            ..ImportOptions::default()
+            Err(e @ Error::OutputOccupied { .. }) => anyhow::bail!("--out {e}"),
+            Err(e) => return Err(e.into()),
         };
-        let summary = import_gguf(&self.file, &self.out, &options)?;
         eprintln!(
             "{}: {} ({} layers, hidden {}), {} tensors, {} parameters, {} in {:.1} s",
             summary.out.display(),

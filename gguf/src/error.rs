@@ -207,6 +207,9 @@ pub enum Error {
     #[error("{what} is not supported yet")]
     Unsupported { what: String },
 
+    #[error("{}: exists and is not an import of this file in {dtype}; remove it or choose another name", out.display())]
+    OutputOccupied { out: PathBuf, dtype: &'static str },
+
     #[error("{path}: tokenizer: {source}")]
     Tokenizer {
         path: PathBuf,

@@ -223,6 +223,34 @@ pub fn import_gguf(src: &Path, out: &Path, options: &ImportOptions) -> Result<Im
     })
 }
 
+/// What [`import_gguf_once`] did.
+#[derive(Debug)]
+pub enum ImportOutcome {
+    Imported(ImportSummary),
+    /// `out` already held an import of the same file in the same dtype: nothing was done.
+    AlreadyImported(ImportRecord),
+}
+
+/// [`import_gguf`], unless `out` already holds an import of the same file (size and sha256)
+/// in the same dtype: what a set-up runs every time. Any other `out` that exists and is not
+/// an empty directory is refused ([`Error::OutputOccupied`]).
+pub fn import_gguf_once(src: &Path, out: &Path, options: &ImportOptions) -> Result<ImportOutcome> {
+    if out.exists() {
+        let record = ImportRecord::of(src, options.dtype)?;
+        if record.same_import(out) {
+            return Ok(ImportOutcome::AlreadyImported(record));
+        }
+        let empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
+        if !empty {
+            return Err(Error::OutputOccupied {
+                out: out.to_owned(),
+                dtype: options.dtype.torch_name(),
+            });
+        }
+    }
+    import_gguf(src, out, options).map(ImportOutcome::Imported)
+}
+
 /// Removes `out` if it is an empty directory (`remove_dir` removes nothing else).
 fn replace_empty_dir(out: &Path) -> Result<()> {
     let is_empty_dir = out.is_dir()

@@ -40,7 +40,7 @@ pub use file::GgufFile;
 pub use ggml_type::GgmlType;
 pub use header::{Header, TensorInfo};
 pub use import::{
-    import_gguf, tokenizer_config, ImportOptions, ImportRecord, ImportSummary, OutDtype,
-    TokenizerWriter, IMPORT_RECORD, OUTPUT_FILES,
+    import_gguf, import_gguf_once, tokenizer_config, ImportOptions, ImportOutcome, ImportRecord,
+    ImportSummary, OutDtype, TokenizerWriter, IMPORT_RECORD, OUTPUT_FILES,
 };
 pub use metadata::{Array, Metadata, Value, ValueType};

@@ -3,7 +3,11 @@
 //! The fixtures (GGUF files, their metadata as JSON, transformers' ids and decodes of a corpus)
 //! are made by `tests/fixtures/gguf/make_tokenizer_fixtures.py` (`scripts/fixtures.sh` runs it).
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::repo_root;
 
 use recontrol_gguf::tokenizer::{
     build_tokenizer, pre_tokenizer_split, write_tokenizer_json, TokenizerMetadata,
@@ -50,16 +54,6 @@ struct DecodeCase {
     ids: Vec<u32>,
     decoded: String,
     decoded_skip_special: String,
-}
-
-fn repo_root() -> PathBuf {
-    if let Some(root) = std::env::var_os("RECONTROL_REPO_ROOT") {
-        return PathBuf::from(root);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default()
 }
 
 /// Where the fixtures are; fails (not skips) when they were not made.
