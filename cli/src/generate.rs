@@ -1,4 +1,6 @@
-//! `recontrol generate`: plain generation, or RE-Control generation with `--value`.
+//! `recontrol generate`: plain generation, RE-Control generation with `--value`, or one of the
+//! paper's baselines (`--steer`, `--best-of`, `--args`, `--value-guided`); one method per run,
+//! each with `--prompt-prefix`/`--chat`, batching and seeding.
 
 use std::path::PathBuf;
 
@@ -7,11 +9,12 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{
-    generate_records, BackendKind, ControlConfig, Controller, GenerationPlan, GradientBackend,
-    UpdateRule,
+    generate_records, ArgsReward, BackendKind, ControlConfig, Controller, GenerationPlan,
+    GradientBackend, Method, RerankSettings, SteerHook, SteeringVector, UpdateRule,
 };
 use recontrol_io::Provenance;
 use recontrol_lm::{ChatMessage, LanguageModel};
+use recontrol_reward_model::{load_reward, RewardSource};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
@@ -20,6 +23,7 @@ use crate::output::{jsonl_out, provenance};
 /// Generate continuations of prompts with a Hugging Face model directory.
 #[derive(Debug, Clone, Args, Serialize)]
 #[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["prompt", "prompts"])))]
+#[command(group(clap::ArgGroup::new("method").multiple(false).args(["value", "steer", "best_of", "args", "value_guided"])))]
 pub struct GenerateArgs {
     /// Model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
@@ -52,7 +56,53 @@ pub struct GenerateArgs {
     pub control: ControlArgs,
     #[command(flatten)]
     #[serde(flatten)]
+    pub baselines: BaselineArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub device: DeviceArgs,
+}
+
+/// The paper's baselines, each a decoding method of its own (one method per run).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct BaselineArgs {
+    /// Static representation editing: add `--steer-scale` times this steering vector (from
+    /// `recontrol steer fit`) to the final hidden state at every step.
+    #[arg(long)]
+    pub steer: Option<PathBuf>,
+    /// The steering vector's multiplier s in h' = h + s * v.
+    #[arg(long, default_value_t = 1.0, requires = "steer")]
+    pub steer_scale: f64,
+    /// Best-of-N: decode N samples per prompt (the sampling flags apply; sample j of prompt p
+    /// draws from stream p * N + j of --seed) and return the one --reward scores highest.
+    #[arg(long, requires = "reward")]
+    pub best_of: Option<usize>,
+    /// The reward best-of-N scores with: a reward model directory or a rules .toml, scored
+    /// exactly as `recontrol reward score` does.
+    #[arg(long, requires = "best_of")]
+    pub reward: Option<PathBuf>,
+    /// ARGS (greedy): rerank the top --args-k tokens by logit + --args-weight * reward, with
+    /// this reward model directory (scored on token ids when it shares the model's vocabulary,
+    /// else on decoded text) or rules .toml.
+    #[arg(long)]
+    pub args: Option<PathBuf>,
+    /// Candidates ARGS rescores at each step (the paper: 10).
+    #[arg(long, default_value_t = 10, requires = "args")]
+    pub args_k: usize,
+    /// Weight of the reward against the logit (the ARGS paper: 1.5 on HH-RLHF).
+    #[arg(long, default_value_t = 1.5, requires = "args")]
+    pub args_weight: f64,
+    /// Value-guided decoding (controlled decoding with a prefix scorer): rerank the top --cd-k
+    /// tokens by logit + --cd-weight * V(h(c)), h(c) the next final hidden state on token c,
+    /// with this value head (export directory, .onnx file or value directory; --grad-backend
+    /// chooses how V runs).
+    #[arg(long)]
+    pub value_guided: Option<PathBuf>,
+    /// Candidates value-guided decoding rescores at each step.
+    #[arg(long, default_value_t = 10, requires = "value_guided")]
+    pub cd_k: usize,
+    /// Weight of the value against the logit.
+    #[arg(long, default_value_t = 1.0, requires = "value_guided")]
+    pub cd_weight: f64,
 }
 
 /// `--grad-backend` choices.
@@ -89,7 +139,8 @@ pub struct ControlArgs {
     /// Updates per decoding step (the paper: 30).
     #[arg(long, default_value_t = 30, requires = "value")]
     pub steps: usize,
-    #[arg(long, value_enum, default_value_t = GradBackendArg::Onnx, requires = "value")]
+    /// How the value head runs (for --value and --value-guided).
+    #[arg(long, value_enum, default_value_t = GradBackendArg::Onnx)]
     pub grad_backend: GradBackendArg,
     #[arg(long, value_enum, default_value_t = UpdateArg::Sgd, requires = "value")]
     pub update: UpdateArg,
@@ -99,8 +150,8 @@ pub struct ControlArgs {
     /// Bound each row's total edit ||h' - h||_2 (projected after every update).
     #[arg(long, requires = "value")]
     pub max_edit_norm: Option<f64>,
-    /// Use a value head trained on another model's states (same hidden size).
-    #[arg(long, requires = "value")]
+    /// Use a value head or steering vector made from another model's states (same hidden size).
+    #[arg(long)]
     pub allow_foreign_value: bool,
     /// ONNX Runtime library for --grad-backend onnx (default: $ORT_DYLIB_PATH, then the
     /// project venv).
@@ -130,6 +181,16 @@ impl ControlArgs {
         self.config()
             .check()
             .map_err(|e| anyhow::anyhow!("--alpha/--clip-grad-norm/--max-edit-norm: {e}"))?;
+        self.open_value(path, "--value", lm).map(Some)
+    }
+
+    /// The value head at `path` (given as `flag`) on `lm`'s device, checked against `lm`.
+    fn open_value(
+        &self,
+        path: &std::path::Path,
+        flag: &str,
+        lm: &LanguageModel,
+    ) -> Result<Box<dyn GradientBackend>> {
         let options = ValueOptions {
             backend: match self.grad_backend {
                 GradBackendArg::Onnx => BackendKind::Onnx,
@@ -138,9 +199,7 @@ impl ControlArgs {
             allow_foreign: self.allow_foreign_value,
             onnxruntime: self.onnxruntime.clone(),
         };
-        let backend = open_value_backend(path, lm, &options)
-            .with_context(|| format!("--value {}", path.display()))?;
-        Ok(Some(backend))
+        open_value_backend(path, lm, &options).with_context(|| format!("{flag} {}", path.display()))
     }
 }
 
@@ -164,8 +223,13 @@ struct RunRecord<'a> {
     args: &'a GenerateArgs,
     eos_token_ids: &'a [i64],
     pad_token_id: i64,
+    /// The decoding method (`plain`, `re-control`, `static-re`, `best-of-n`, `args`,
+    /// `value-guided`).
+    method: &'static str,
     /// With --value: the controller (backend, where it ran, settings).
     controller: Option<String>,
+    /// With a baseline: what it scores or steers with.
+    baseline: Option<String>,
     provenance: Provenance,
 }
 
@@ -187,8 +251,14 @@ impl GenerateArgs {
             .as_deref_mut()
             .map(|b| Controller::new(b, self.control.config()))
             .transpose()?;
-        if let Some(c) = &controller {
-            eprintln!("controlling with {c:?}");
+        let controller_description = controller.as_ref().map(|c| format!("{c:?}"));
+        if let Some(c) = &controller_description {
+            eprintln!("controlling with {c}");
+        }
+        let mut baseline = self.baselines.open(&self.control, &self.device, &lm)?;
+        let baseline_description = baseline.as_ref().map(Baseline::describe);
+        if let Some(d) = &baseline_description {
+            eprintln!("decoding with {d}");
         }
         let (prompts, model_prompts) = if self.chat {
             let render = |system: Option<&str>| {
@@ -221,7 +291,13 @@ impl GenerateArgs {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         let (mut tokens, mut seconds) = (0usize, 0f64);
-        let summary = generate_records(&lm, &plan, controller.as_mut(), &mut |records| {
+        let method = match (controller.as_mut(), baseline.as_mut()) {
+            (Some(controller), _) => Method::Control(controller),
+            (None, Some(baseline)) => baseline.method(),
+            (None, None) => Method::Plain,
+        };
+        let method_name = method.name();
+        let summary = generate_records(&lm, &plan, method, &mut |records| {
             for r in records {
                 sink.write(r)?;
                 tokens += r.num_tokens.unwrap_or(0);
@@ -250,9 +326,123 @@ impl GenerateArgs {
             args: &self,
             eos_token_ids: &config.eos_token_ids,
             pad_token_id: config.pad_token_id,
-            controller: controller.as_ref().map(|c| format!("{c:?}")),
+            method: method_name,
+            controller: controller_description,
+            baseline: baseline_description,
             provenance: provenance(),
         })?;
         Ok(())
+    }
+}
+
+/// A baseline opened for a model: what its [`Method`] borrows.
+enum Baseline {
+    Steer(SteerHook, String),
+    BestOfN(usize, Box<dyn RewardSource>),
+    Args(ArgsReward, RerankSettings),
+    ValueGuided(Box<dyn GradientBackend>, RerankSettings),
+}
+
+impl Baseline {
+    fn describe(&self) -> String {
+        match self {
+            Self::Steer(_, d) => d.clone(),
+            Self::BestOfN(n, reward) => format!("best-of-{n} under {}", reward.describe()),
+            Self::Args(reward, s) => {
+                format!(
+                    "ARGS (k {}, weight {}) with {}",
+                    s.k,
+                    s.weight,
+                    reward.describe()
+                )
+            }
+            Self::ValueGuided(value, s) => format!(
+                "value-guided decoding (k {}, weight {}) with {}",
+                s.k,
+                s.weight,
+                value.describe()
+            ),
+        }
+    }
+
+    fn method(&mut self) -> Method<'_, '_> {
+        match self {
+            Self::Steer(hook, _) => Method::Steer(hook),
+            Self::BestOfN(n, reward) => Method::BestOfN {
+                n: *n,
+                reward: &mut **reward,
+            },
+            Self::Args(reward, settings) => Method::Args {
+                reward,
+                settings: *settings,
+            },
+            Self::ValueGuided(value, settings) => Method::ValueGuided {
+                value: &mut **value,
+                settings: *settings,
+            },
+        }
+    }
+}
+
+impl BaselineArgs {
+    /// The baseline these flags ask for, its files opened and checked against `lm`.
+    fn open(
+        &self,
+        control: &ControlArgs,
+        device: &DeviceArgs,
+        lm: &LanguageModel,
+    ) -> Result<Option<Baseline>> {
+        let vocab = lm.model.config().vocab_size;
+        if let Some(path) = &self.steer {
+            let context = || format!("--steer {}", path.display());
+            let vector = SteeringVector::load(path).with_context(context)?;
+            vector
+                .check_lm(
+                    path,
+                    &lm.identity,
+                    lm.model.config().hidden_size,
+                    control.allow_foreign_value,
+                )
+                .with_context(context)?;
+            let hook = vector
+                .hook(self.steer_scale, lm.model.device())
+                .context("--steer-scale")?;
+            let description = format!(
+                "static RE: {} x the steering vector {} (quantile {} of {})",
+                self.steer_scale,
+                path.display(),
+                vector.meta.quantile,
+                vector.meta.rollouts
+            );
+            return Ok(Some(Baseline::Steer(hook, description)));
+        }
+        if let (Some(n), Some(path)) = (self.best_of, &self.reward) {
+            if n == 0 {
+                anyhow::bail!("--best-of must be at least 1");
+            }
+            let reward = load_reward(path, device.device)
+                .with_context(|| format!("--reward {}", path.display()))?;
+            return Ok(Some(Baseline::BestOfN(n, reward)));
+        }
+        if let Some(path) = &self.args {
+            let settings = RerankSettings {
+                k: self.args_k,
+                weight: self.args_weight,
+            };
+            settings.check(vocab, "--args-k", "--args-weight")?;
+            let reward = ArgsReward::open(path, lm, device.device)
+                .with_context(|| format!("--args {}", path.display()))?;
+            return Ok(Some(Baseline::Args(reward, settings)));
+        }
+        if let Some(path) = &self.value_guided {
+            let settings = RerankSettings {
+                k: self.cd_k,
+                weight: self.cd_weight,
+            };
+            settings.check(vocab, "--cd-k", "--cd-weight")?;
+            let value = control.open_value(path, "--value-guided", lm)?;
+            return Ok(Some(Baseline::ValueGuided(value, settings)));
+        }
+        Ok(None)
     }
 }

@@ -11,6 +11,7 @@ mod output;
 mod pretrain;
 mod reward;
 mod rollout;
+mod steer;
 mod value;
 
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ enum Command {
     Value(value::ValueCommand),
     /// Export a value head as ONNX (value, value + gradient, controller step); inspect ONNX files.
     Export(export::ExportCommand),
+    /// Static representation editing: fit a steering vector on labelled rollouts.
+    Steer(steer::SteerCommand),
     /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
     Eval(Box<eval::EvalArgs>),
     /// The whole pipeline on the embedded default (CPU, minutes): default model, rollouts,
@@ -71,6 +74,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Reward(args) => args.run(),
         Command::Value(args) => args.run(),
         Command::Export(args) => args.run(),
+        Command::Steer(args) => args.run(),
         Command::Eval(args) => args.run(),
         Command::Demo(args) => args.run(),
         Command::Env(args) => args.run(),

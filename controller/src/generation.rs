@@ -1,13 +1,17 @@
-//! The generation stage: prompts in, one [`GenerationRecord`] per prompt out, decoded plainly
-//! or under a [`Controller`] (RE-Control). `recontrol generate`, the demo and other callers
-//! use this one loop.
+//! The generation stage: prompts in, one [`GenerationRecord`] per prompt out, decoded by one
+//! [`Method`]: plainly, under a [`Controller`] (RE-Control), or by one of the paper's baselines
+//! (static representation editing, best-of-N, ARGS, value-guided decoding). `recontrol
+//! generate`, the demo and other callers use this one loop.
 
 use std::time::Instant;
 
-use recontrol_data::{EditStats, GenerationRecord};
-use recontrol_lm::{generate, GenerationConfig, HiddenStateHook, LanguageModel};
+use recontrol_data::{BestOf, EditStats, GenerationRecord};
+use recontrol_lm::{generate, Generation, GenerationConfig, LanguageModel, Sampling};
+use recontrol_reward_model::RewardSource;
 
-use crate::{Controller, Error, Result};
+use crate::rerank::{args_generate, value_guided_generate, ArgsReward, RerankSettings};
+use crate::steer::SteerHook;
+use crate::{Controller, Error, GradientBackend, Result};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -42,18 +46,97 @@ pub struct GenerationSummary {
 /// Errors of a caller's record sink (e.g. a file being written).
 pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Generates a response to every prompt of `plan`, `batch_size` at a time, each batch's
-/// records handed to `sink` as soon as the batch is decoded. With a controller, every
-/// decoding step's final hidden states are edited and each record carries its edit stats.
+/// How responses are decoded.
+pub enum Method<'a, 'b> {
+    /// The LM alone (greedy or sampled, as the plan's config says).
+    Plain,
+    /// RE-Control: every step's final hidden states edited up the value head's gradient.
+    Control(&'a mut Controller<'b>),
+    /// Static representation editing: a fixed vector added to every step's final state.
+    Steer(&'a mut SteerHook),
+    /// `n` seeded samples per prompt, the one with the highest reward returned.
+    BestOfN {
+        n: usize,
+        reward: &'a mut dyn RewardSource,
+    },
+    /// ARGS: the top-k tokens reranked by `logit + w * reward` (greedy).
+    Args {
+        reward: &'a mut ArgsReward,
+        settings: RerankSettings,
+    },
+    /// Value-guided decoding: the top-k tokens reranked by `logit + w * V(h(c))` (greedy).
+    ValueGuided {
+        value: &'a mut dyn GradientBackend,
+        settings: RerankSettings,
+    },
+}
+
+impl std::fmt::Debug for Method<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Method<'_, '_> {
+    /// The name records carry (`plain`, `re-control`, `static-re`, `best-of-n`, `args`,
+    /// `value-guided`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Control(_) => "re-control",
+            Self::Steer(_) => "static-re",
+            Self::BestOfN { .. } => "best-of-n",
+            Self::Args { .. } => "args",
+            Self::ValueGuided { .. } => "value-guided",
+        }
+    }
+
+    /// Refuses settings that cannot work with `config` on `lm` before anything is decoded.
+    fn check(&self, lm: &LanguageModel, config: &GenerationConfig) -> Result<()> {
+        let vocab = lm.model.config().vocab_size;
+        match self {
+            Self::BestOfN { n, .. } => {
+                if *n == 0 {
+                    return Err(Error::BestOfCount);
+                }
+                if config.sampling == Sampling::Greedy {
+                    return Err(Error::BestOfGreedy);
+                }
+            }
+            Self::Args { settings, .. } => {
+                settings.check(vocab, "--args-k", "--args-weight")?;
+                if config.sampling != Sampling::Greedy {
+                    return Err(Error::GreedyOnly { method: "ARGS" });
+                }
+            }
+            Self::ValueGuided { settings, .. } => {
+                settings.check(vocab, "--cd-k", "--cd-weight")?;
+                if config.sampling != Sampling::Greedy {
+                    return Err(Error::GreedyOnly {
+                        method: "value-guided decoding",
+                    });
+                }
+            }
+            Self::Plain | Self::Control(_) | Self::Steer(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Generates a response to every prompt of `plan` with `method`, `batch_size` prompts at a
+/// time, each batch's records handed to `sink` as soon as the batch is decoded. Records carry
+/// the method's name; under RE-Control each carries its edit stats, under best-of-N its
+/// samples and their rewards.
 pub fn generate_records(
     lm: &LanguageModel,
     plan: &GenerationPlan<'_>,
-    mut controller: Option<&mut Controller<'_>>,
+    mut method: Method<'_, '_>,
     sink: &mut dyn FnMut(&[GenerationRecord]) -> std::result::Result<(), SinkError>,
 ) -> Result<GenerationSummary> {
     if plan.batch_size == 0 {
         return Err(Error::ZeroBatch);
     }
+    method.check(lm, &plan.config)?;
     let prefix = plan.prompt_prefix.unwrap_or("");
     if let Some(seen) = plan.model_prompts {
         if seen.len() != plan.prompts.len() {
@@ -82,22 +165,20 @@ pub fn generate_records(
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for (batch, chunk) in token_ids.chunks(plan.batch_size).enumerate() {
         let first = batch * plan.batch_size;
+        let texts = &plan.prompts[first..first + chunk.len()];
         config.first_row = first as u64;
         let start = Instant::now();
-        let hook = controller
-            .as_deref_mut()
-            .map(|c| c as &mut dyn HiddenStateHook);
-        let outputs = generate(&lm.model, chunk, &config, hook)?;
+        let (outputs, best_of) = decode_batch(lm, chunk, texts, &config, &mut method)?;
         let batch_seconds = start.elapsed().as_secs_f64();
         seconds += batch_seconds;
-        let stats = controller
-            .as_deref_mut()
-            .map(Controller::take_stats)
-            .unwrap_or_default();
+        let stats = match &mut method {
+            Method::Control(c) => Some(c.take_stats()),
+            _ => None,
+        };
         let mut records = Vec::with_capacity(outputs.len());
         for (offset, out) in outputs.into_iter().enumerate() {
             tokens += out.tokens.len();
-            let control = controller.as_ref().map(|_| {
+            let control = stats.as_ref().map(|stats| {
                 let s = stats.get(offset).copied().unwrap_or_default();
                 EditStats {
                     edit_norm_mean: s.edit_norm_mean(),
@@ -114,7 +195,9 @@ pub fn generate_records(
                 num_tokens: Some(out.tokens.len()),
                 finish_reason: Some(out.finish_reason.as_str().to_owned()),
                 seconds: Some(batch_seconds),
+                method: Some(method.name().to_owned()),
                 control,
+                best_of: best_of.as_ref().map(|b| b[offset].clone()),
                 ..GenerationRecord::new(
                     plan.prompts[first + offset].clone(),
                     lm.tokenizer.decode(&out.tokens, true)?,
@@ -129,6 +212,84 @@ pub fn generate_records(
         seconds,
         truncated_prompts,
     })
+}
+
+/// One batch's outputs under `method` (and, for best-of-N, every prompt's samples).
+fn decode_batch(
+    lm: &LanguageModel,
+    prompts: &[Vec<i64>],
+    texts: &[String],
+    config: &GenerationConfig,
+    method: &mut Method<'_, '_>,
+) -> Result<(Vec<Generation>, Option<Vec<BestOf>>)> {
+    let model = &lm.model;
+    let outputs = match method {
+        Method::Plain => generate(model, prompts, config, None)?,
+        Method::Control(controller) => generate(model, prompts, config, Some(&mut **controller))?,
+        Method::Steer(hook) => generate(model, prompts, config, Some(&mut **hook))?,
+        Method::BestOfN { n, reward } => {
+            let (outputs, samples) = best_of_n(lm, prompts, texts, config, *n, &mut **reward)?;
+            return Ok((outputs, Some(samples)));
+        }
+        Method::Args { reward, settings } => {
+            args_generate(lm, prompts, texts, config, reward, *settings)?
+        }
+        Method::ValueGuided { value, settings } => {
+            value_guided_generate(model, prompts, config, &mut **value, *settings)?
+        }
+    };
+    Ok((outputs, None))
+}
+
+/// Best-of-N on one batch: `n` samples of each prompt decoded together (sample `j` of the
+/// run's prompt `p` draws from random stream `p * n + j`, so with `n = 1` it is plain
+/// sampling), each scored by `reward` on `prompt + truncated response` as `reward score`
+/// does, the first highest returned.
+fn best_of_n(
+    lm: &LanguageModel,
+    prompts: &[Vec<i64>],
+    texts: &[String],
+    config: &GenerationConfig,
+    n: usize,
+    reward: &mut dyn RewardSource,
+) -> Result<(Vec<Generation>, Vec<BestOf>)> {
+    let expanded: Vec<Vec<i64>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+        .collect();
+    let mut config = config.clone();
+    config.first_row *= n as u64;
+    let mut samples = generate(&lm.model, &expanded, &config, None)?;
+    let responses = samples
+        .iter()
+        .map(|s| lm.tokenizer.decode(&s.tokens, true))
+        .collect::<recontrol_lm::Result<Vec<_>>>()?;
+    let pairs: Vec<(String, String)> = responses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (texts[i / n].clone(), r.clone()))
+        .collect();
+    let rewards = reward.score(&pairs)?;
+    let mut outputs = Vec::with_capacity(prompts.len());
+    let mut best = Vec::with_capacity(prompts.len());
+    for p in 0..prompts.len() {
+        let group = &rewards[p * n..(p + 1) * n];
+        let chosen = (0..n).fold(0, |b, j| if group[j] > group[b] { j } else { b });
+        outputs.push(std::mem::replace(
+            &mut samples[p * n + chosen],
+            Generation {
+                tokens: Vec::new(),
+                finish_reason: recontrol_lm::FinishReason::Length,
+            },
+        ));
+        best.push(BestOf {
+            n,
+            chosen,
+            rewards: group.iter().map(|&r| f64::from(r)).collect(),
+            responses: responses[p * n..(p + 1) * n].to_vec(),
+        });
+    }
+    Ok((outputs, best))
 }
 
 /// How to open a value head for an LM.

@@ -9,18 +9,26 @@
 //!   or Adam; optional gradient clip and edit-norm bound), with per-row edit statistics.
 //! - [`artifact`]: opening `--value` (export dir, `.onnx` file or value dir) and checking it
 //!   against the LM (hidden size, source-model identity).
+//! - [`steer`]: static representation editing (the paper's static RE baseline): a steering
+//!   vector fitted on labelled rollouts, added at every step.
+//! - [`rerank`]: decoding by reranking the top-k tokens: ARGS (a reward model) and
+//!   value-guided decoding (controlled decoding with our value net as the prefix scorer).
 //! - [`generation`]: the generation stage ([`generate_records`]): prompts in, generation
-//!   records out, plain or controlled.
+//!   records out, by one [`Method`] (plain, RE-Control, or a baseline).
 
 pub mod artifact;
 pub mod backend;
 pub mod editor;
 pub mod generation;
+pub mod rerank;
+pub mod steer;
 
 pub use artifact::{BackendKind, ValueArtifact};
 pub use backend::{GradientBackend, OnnxBackend, TorchBackend};
 pub use editor::{ControlConfig, Controller, RowStats, UpdateRule};
-pub use generation::{generate_records, GenerationPlan, GenerationSummary};
+pub use generation::{generate_records, GenerationPlan, GenerationSummary, Method};
+pub use rerank::{ArgsReward, RerankSettings};
+pub use steer::{SteerHook, SteerMeta, SteeringVector};
 
 use std::path::PathBuf;
 
@@ -85,6 +93,36 @@ pub enum Error {
         prompts: usize,
         model_prompts: usize,
     },
+    #[error(transparent)]
+    Reward(#[from] recontrol_reward_model::Error),
+    #[error(transparent)]
+    Io(#[from] recontrol_io::Error),
+    #[error(transparent)]
+    Store(recontrol_data::StoreError),
+    /// A steering vector cannot be fitted on a store.
+    #[error("{path}: {message}")]
+    SteerFit { path: PathBuf, message: String },
+    /// A steering-vector file that cannot be read or written.
+    #[error("{path}: {message}")]
+    SteerFile { path: PathBuf, message: String },
+    #[error("--quantile must be in (0, 0.5], got {value}")]
+    Quantile { value: f64 },
+    #[error("--{setting} must be finite, got {value}")]
+    NotFinite { setting: &'static str, value: f64 },
+    #[error("{setting} must be between 1 and the vocabulary size {vocab}, got {k}")]
+    CandidateCount {
+        setting: &'static str,
+        k: usize,
+        vocab: usize,
+    },
+    #[error("--best-of must be at least 1")]
+    BestOfCount,
+    #[error(
+        "--best-of draws samples: set --temperature above 0 (greedy decoding gives N equal responses)"
+    )]
+    BestOfGreedy,
+    #[error("{method} is greedy: --temperature must be 0")]
+    GreedyOnly { method: &'static str },
     /// The caller's sink refused a batch of records.
     #[error("{0}")]
     Sink(generation::SinkError),

@@ -39,9 +39,16 @@ pub struct GenerationRecord {
     /// Wall time of the generation call of this record's batch (model loading excluded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// The decoding method (`plain`, `re-control`, `static-re`, `best-of-n`, `args`,
+    /// `value-guided`), when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     /// RE-Control's edits of this response, when it was controlled.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub control: Option<EditStats>,
+    /// Best-of-N's candidates, when the response was chosen from several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_of: Option<BestOf>,
     /// Fields of the input this type does not know (kept by `reward score`).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -59,6 +66,18 @@ pub struct EditStats {
     pub value_after_mean: f64,
 }
 
+/// The N samples best-of-N chose from: the response is `responses[chosen]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestOf {
+    pub n: usize,
+    /// Index of the returned sample (the first of the highest rewards).
+    pub chosen: usize,
+    /// Each sample's reward, in sample order (sample `j` of prompt `p` draws from random
+    /// stream `p * n + j` of the seed).
+    pub rewards: Vec<f64>,
+    pub responses: Vec<String>,
+}
+
 impl GenerationRecord {
     /// A record of `prompt` and `response` with nothing else known.
     pub fn new(prompt: impl Into<String>, response: impl Into<String>) -> Self {
@@ -72,7 +91,9 @@ impl GenerationRecord {
             num_tokens: None,
             finish_reason: None,
             seconds: None,
+            method: None,
             control: None,
+            best_of: None,
             extra: serde_json::Map::new(),
             reward: None,
         }

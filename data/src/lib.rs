@@ -31,7 +31,7 @@ pub use format::{
     dialogue_document, render_prompt, truncate_response, ChatRenderer, PromptFormat,
     HELPFUL_INSTRUCTION,
 };
-pub use generation::{read_generations, EditStats, GenerationRecord};
+pub use generation::{read_generations, BestOf, EditStats, GenerationRecord};
 pub use jsonl::read_prompts;
 pub use split::{Split, SplitSpec};
 pub use store::{Rollout, StateDtype, Store, StoreError, StoreMeta, StoreWriter};

@@ -501,7 +501,11 @@ impl Pipeline<'_> {
             batch_size: c.generate.batch_size,
         };
         let mut sink = JsonlSink::create(Some(output))?;
-        let summary = generate_records(&lm, &plan, controller.as_mut(), &mut |records| {
+        let decoding = match controller.as_mut() {
+            Some(controller) => recontrol_controller::Method::Control(controller),
+            None => recontrol_controller::Method::Plain,
+        };
+        let summary = generate_records(&lm, &plan, decoding, &mut |records| {
             for r in records {
                 sink.write(r)?;
             }

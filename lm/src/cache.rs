@@ -75,6 +75,40 @@ impl KvCache {
         Ok((kb.f_narrow(2, 0, needed)?, vb.f_narrow(2, 0, needed)?))
     }
 
+    /// A copy of this cache with every row repeated `times` times in place (row `r` becomes
+    /// rows `r * times..(r + 1) * times`): the shared prefix of `times` continuations each.
+    pub fn repeat_rows(&self, times: usize) -> Result<Self> {
+        let repeat = |t: &Tensor| t.f_repeat_interleave_self_int(times as i64, 0, None::<i64>);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| match layer {
+                Some((k, v)) => Ok(Some((repeat(k)?, repeat(v)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+            reserve: self.reserve,
+        })
+    }
+
+    /// Overwrites positions `from..len` of every row `i` with those of row `source[i]` (int64,
+    /// one entry per row, on the cache's device): after k candidates were fed to k copies of a
+    /// row, every copy takes the chosen one's keys and values.
+    pub fn copy_rows(&mut self, source: &Tensor, from: usize) -> Result<()> {
+        let (start, count) = (from as i64, (self.len - from.min(self.len)) as i64);
+        for (kb, vb) in self.layers.iter_mut().flatten() {
+            for buffer in [kb, vb] {
+                let mut span = buffer.f_narrow(2, start, count)?;
+                let chosen = span.f_index_select(0, source)?;
+                span.f_copy_(&chosen)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Marks `new` positions as written by every layer (called once per forward pass).
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
@@ -102,6 +136,36 @@ mod tests {
             assert!(values.f_equal(&(&want * 2.0))?);
         }
         assert_eq!(cache.len(), 7);
+        Ok(())
+    }
+
+    #[test]
+    fn repeated_rows_take_the_chosen_copy_from_a_position_on() -> Result<()> {
+        let mut cache = KvCache::new(1, 4);
+        let k = Tensor::f_arange(2 * 2 * 3, (Kind::Float, Device::Cpu))?.f_view([2, 1, 3, 2])?;
+        let _ = cache.append(0, &k, &(&k * 10.0))?;
+        cache.advance(3);
+        let mut wide = cache.repeat_rows(3)?; // rows 0,0,0,1,1,1
+        assert_eq!(wide.len(), 3);
+        let new = Tensor::f_arange(6, (Kind::Float, Device::Cpu))?.f_view([6, 1, 1, 1])?;
+        let new = new.f_expand([6, 1, 1, 2], false)?.f_contiguous()?;
+        let (keys, _) = wide.append(0, &new, &new)?;
+        wide.advance(1);
+        assert!(keys
+            .f_narrow(2, 0, 3)?
+            .f_equal(&k.f_repeat_interleave_self_int(3, 0, None::<i64>)?)?);
+        // Row group 0 chooses its copy 2, group 1 its copy 0.
+        let source = Tensor::from_slice(&[2i64, 2, 2, 3, 3, 3]);
+        wide.copy_rows(&source, 3)?;
+        let (keys, values) = wide.append(0, &new.f_narrow(2, 0, 0)?, &new.f_narrow(2, 0, 0)?)?;
+        let last = Vec::<f32>::try_from(keys.f_select(2, 3)?.f_select(2, 0)?.f_flatten(0, -1)?)?;
+        assert_eq!(last, vec![2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+        let last = Vec::<f32>::try_from(values.f_select(2, 3)?.f_select(2, 0)?.f_flatten(0, -1)?)?;
+        assert_eq!(last, vec![2.0, 2.0, 2.0, 3.0, 3.0, 3.0]);
+        // The prefix is untouched.
+        assert!(keys
+            .f_narrow(2, 0, 3)?
+            .f_equal(&k.f_repeat_interleave_self_int(3, 0, None::<i64>)?)?);
         Ok(())
     }
 }

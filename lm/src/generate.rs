@@ -64,112 +64,245 @@ pub fn generate(
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
-    validate(model, prompts, config)?;
-    let device = model.device();
-    let batch = prompts.len();
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let padded = prompts.iter().any(|p| p.len() != width);
-
-    // [batch, width], left padded; positions count real tokens (padding gets 1, as in HF).
-    let mut ids = Vec::with_capacity(batch * width);
-    let mut valid = Vec::with_capacity(batch * width);
-    let mut positions = Vec::with_capacity(batch * width);
-    for p in prompts {
-        let pad = width - p.len();
-        ids.extend(std::iter::repeat_n(config.pad_token_id, pad).chain(p.iter().copied()));
-        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
-        positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
-    }
-    let shape = [batch as i64, width as i64];
-    let input_ids = Tensor::from_slice(&ids)
-        .f_view(shape)?
-        .f_to_device(device)?;
-    let position_ids = Tensor::from_slice(&positions)
-        .f_view(shape)?
-        .f_to_device(device)?;
-    let mut key_mask = if padded {
-        Some(
-            Tensor::from_slice(&valid)
-                .f_view(shape)?
-                .f_to_device(device)?,
-        )
-    } else {
-        None
-    };
-
-    let mut cache = model.new_cache(width + config.max_new_tokens);
-    let mut samplers: Vec<Sampler> = (0..batch as u64)
+    let batch = PromptBatch::new(model, prompts, config)?;
+    let mut cache = model.new_cache(batch.width + config.max_new_tokens);
+    let mut samplers: Vec<Sampler> = (0..prompts.len() as u64)
         .map(|r| Sampler::new(config.sampling.clone(), config.first_row + r))
         .collect();
-    let mut next_pos: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
-    let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); batch];
-    let mut finished: Vec<Option<FinishReason>> = vec![None; batch];
-
-    let mut hidden = model.forward_hidden(
-        &StepInput {
-            input_ids: &input_ids,
-            position_ids: &position_ids,
-            key_mask: key_mask.as_ref(),
-        },
-        &mut cache,
-        Positions::Last,
-    )?;
+    let mut rows = RowProgress::new(&batch, config);
+    let mut hidden = model.forward_hidden(&batch.input(), &mut cache, Positions::Last)?;
     for step in 0..config.max_new_tokens {
-        let rows: Vec<usize> = (0..batch).filter(|&r| finished[r].is_none()).collect();
+        let unfinished = rows.unfinished();
         if let Some(hook) = hook.as_deref_mut() {
-            hidden = apply_hook(hook, step, &rows, hidden)?;
+            hidden = apply_hook(hook, step, &unfinished, hidden)?;
         }
-        let next = choose_tokens(model, &hidden, &mut samplers, &rows)?;
-        for &r in &rows {
-            let token = next[r];
-            outputs[r].push(token);
-            if config.eos_token_ids.contains(&token) {
-                finished[r] = Some(FinishReason::Eos);
-            } else if outputs[r].len() == config.max_new_tokens {
-                finished[r] = Some(FinishReason::Length);
-            }
-        }
-        if finished.iter().all(Option::is_some) {
+        let next = choose_tokens(model, &hidden, &mut samplers, &unfinished)?;
+        if rows.record(&next) {
             break;
         }
-        // Finished rows are fed padding (their outputs are no longer read).
-        let feed: Vec<i64> = (0..batch)
-            .map(|r| match finished[r] {
+        let fed = rows.advance(&next)?;
+        hidden = model.forward_hidden(&fed.input(), &mut cache, Positions::Last)?;
+    }
+    Ok(rows.finish())
+}
+
+/// Prompts (token ids) as one left-padded batch on the model's device: the prefill's input.
+/// Position ids count real tokens only (padding gets 1, as in HF), and padding is masked out.
+#[derive(Debug)]
+pub struct PromptBatch {
+    pub input_ids: Tensor,
+    pub position_ids: Tensor,
+    /// `[batch, width]`, true at real tokens; `None` when no row is padded.
+    pub key_mask: Option<Tensor>,
+    /// Tokens of each prompt.
+    pub lengths: Vec<usize>,
+    /// The longest prompt's length.
+    pub width: usize,
+}
+
+impl PromptBatch {
+    /// Checks `prompts` against the model and `config` (ids within the vocabulary, room for
+    /// `max_new_tokens`) and pads them.
+    pub fn new(model: &CausalLm, prompts: &[Vec<i64>], config: &GenerationConfig) -> Result<Self> {
+        validate(model, prompts, config)?;
+        let device = model.device();
+        let batch = prompts.len();
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let padded = prompts.iter().any(|p| p.len() != width);
+        let mut ids = Vec::with_capacity(batch * width);
+        let mut valid = Vec::with_capacity(batch * width);
+        let mut positions = Vec::with_capacity(batch * width);
+        for p in prompts {
+            let pad = width - p.len();
+            ids.extend(std::iter::repeat_n(config.pad_token_id, pad).chain(p.iter().copied()));
+            valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+            positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
+        }
+        let shape = [batch as i64, width as i64];
+        let key_mask = if padded {
+            Some(
+                Tensor::from_slice(&valid)
+                    .f_view(shape)?
+                    .f_to_device(device)?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            input_ids: Tensor::from_slice(&ids)
+                .f_view(shape)?
+                .f_to_device(device)?,
+            position_ids: Tensor::from_slice(&positions)
+                .f_view(shape)?
+                .f_to_device(device)?,
+            key_mask,
+            lengths: prompts.iter().map(Vec::len).collect(),
+            width,
+        })
+    }
+
+    /// The prefill's input.
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            input_ids: &self.input_ids,
+            position_ids: &self.position_ids,
+            key_mask: self.key_mask.as_ref(),
+        }
+    }
+}
+
+/// One decoding step's input: a token per row (or per row and candidate), at the next
+/// position, with the key mask including it.
+#[derive(Debug)]
+pub struct StepTokens {
+    pub input_ids: Tensor,
+    pub position_ids: Tensor,
+    pub key_mask: Option<Tensor>,
+}
+
+impl StepTokens {
+    /// The forward pass's input.
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            input_ids: &self.input_ids,
+            position_ids: &self.position_ids,
+            key_mask: self.key_mask.as_ref(),
+        }
+    }
+}
+
+/// The per-row state of a decoding loop: each row's tokens so far, whether and why it
+/// stopped, its next position and the key mask of everything fed so far. Every decoding
+/// method (plain, hooked, reranking) runs its steps through this.
+#[derive(Debug)]
+pub struct RowProgress {
+    outputs: Vec<Vec<i64>>,
+    finished: Vec<Option<FinishReason>>,
+    /// Position of each row's next token.
+    next_pos: Vec<i64>,
+    key_mask: Option<Tensor>,
+    eos_token_ids: Vec<i64>,
+    pad_token_id: i64,
+    max_new_tokens: usize,
+    device: tch::Device,
+}
+
+impl RowProgress {
+    /// Nothing generated yet for the rows of `batch`.
+    pub fn new(batch: &PromptBatch, config: &GenerationConfig) -> Self {
+        Self {
+            outputs: vec![Vec::new(); batch.lengths.len()],
+            finished: vec![None; batch.lengths.len()],
+            next_pos: batch.lengths.iter().map(|&l| l as i64).collect(),
+            key_mask: batch.key_mask.as_ref().map(Tensor::shallow_clone),
+            eos_token_ids: config.eos_token_ids.clone(),
+            pad_token_id: config.pad_token_id,
+            max_new_tokens: config.max_new_tokens,
+            device: batch.input_ids.device(),
+        }
+    }
+
+    /// Rows still generating, in order.
+    pub fn unfinished(&self) -> Vec<usize> {
+        (0..self.finished.len())
+            .filter(|&r| self.finished[r].is_none())
+            .collect()
+    }
+
+    /// The tokens row `row` has produced so far.
+    pub fn tokens(&self, row: usize) -> &[i64] {
+        &self.outputs[row]
+    }
+
+    /// Appends `next[r]` to every unfinished row `r` (finished rows' entries are ignored) and
+    /// stops rows at an end-of-sequence token or the length limit; true when every row has
+    /// stopped.
+    pub fn record(&mut self, next: &[i64]) -> bool {
+        for r in self.unfinished() {
+            let token = next[r];
+            self.outputs[r].push(token);
+            if self.eos_token_ids.contains(&token) {
+                self.finished[r] = Some(FinishReason::Eos);
+            } else if self.outputs[r].len() == self.max_new_tokens {
+                self.finished[r] = Some(FinishReason::Length);
+            }
+        }
+        self.finished.iter().all(Option::is_some)
+    }
+
+    /// Moves every row one position on and returns the input that feeds `next` (one token per
+    /// row; finished rows are fed padding, their outputs are no longer read).
+    pub fn advance(&mut self, next: &[i64]) -> Result<StepTokens> {
+        self.advance_position()?;
+        self.feed(next)
+    }
+
+    /// The input feeding `next` (one token per row, padding for finished rows) at the current
+    /// position, for a caller that moved on with [`RowProgress::advance_position`] already.
+    pub fn feed(&self, next: &[i64]) -> Result<StepTokens> {
+        let feed: Vec<i64> = (0..self.finished.len())
+            .map(|r| match self.finished[r] {
                 None => next[r],
-                Some(_) => config.pad_token_id,
+                Some(_) => self.pad_token_id,
             })
             .collect();
-        let step_ids = Tensor::from_slice(&feed)
-            .f_view([batch as i64, 1])?
-            .f_to_device(device)?;
-        let step_pos = Tensor::from_slice(&next_pos)
-            .f_view([batch as i64, 1])?
-            .f_to_device(device)?;
-        for p in &mut next_pos {
+        self.step_tokens(&feed, 1)
+    }
+
+    /// Moves every row one position on without choosing its token yet: the positions and mask
+    /// of [`RowProgress::step_tokens`] are then those of the new position.
+    pub fn advance_position(&mut self) -> Result<()> {
+        for p in &mut self.next_pos {
             *p += 1;
         }
-        if let Some(mask) = &key_mask {
-            let ones = Tensor::f_ones([batch as i64, 1], (Kind::Bool, device))?;
-            key_mask = Some(Tensor::f_cat(&[mask, &ones], 1)?);
+        if let Some(mask) = &self.key_mask {
+            let batch = self.finished.len() as i64;
+            let ones = Tensor::f_ones([batch, 1], (Kind::Bool, self.device))?;
+            self.key_mask = Some(Tensor::f_cat(&[mask, &ones], 1)?);
         }
-        hidden = model.forward_hidden(
-            &StepInput {
-                input_ids: &step_ids,
-                position_ids: &step_pos,
-                key_mask: key_mask.as_ref(),
-            },
-            &mut cache,
-            Positions::Last,
-        )?;
+        Ok(())
     }
-    Ok(outputs
-        .into_iter()
-        .zip(finished)
-        .map(|(tokens, reason)| Generation {
-            tokens,
-            finish_reason: reason.unwrap_or(FinishReason::Length),
+
+    /// The input feeding `tokens` at the current position: `group` tokens per row (row `r`'s
+    /// are `tokens[r * group..(r + 1) * group]`), each row's position and mask repeated for its
+    /// group (e.g. the k candidate tokens of a reranking method, on a cache whose rows were
+    /// repeated `group` times with [`crate::KvCache::repeat_rows`]).
+    pub fn step_tokens(&self, tokens: &[i64], group: usize) -> Result<StepTokens> {
+        let rows = (self.finished.len() * group) as i64;
+        let positions: Vec<i64> = self
+            .next_pos
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p - 1, group))
+            .collect();
+        let key_mask = match &self.key_mask {
+            Some(mask) if group > 1 => {
+                Some(mask.f_repeat_interleave_self_int(group as i64, 0, None::<i64>)?)
+            }
+            Some(mask) => Some(mask.shallow_clone()),
+            None => None,
+        };
+        Ok(StepTokens {
+            input_ids: Tensor::from_slice(tokens)
+                .f_view([rows, 1])?
+                .f_to_device(self.device)?,
+            position_ids: Tensor::from_slice(&positions)
+                .f_view([rows, 1])?
+                .f_to_device(self.device)?,
+            key_mask,
         })
-        .collect())
+    }
+
+    /// Each row's output.
+    pub fn finish(self) -> Vec<Generation> {
+        self.outputs
+            .into_iter()
+            .zip(self.finished)
+            .map(|(tokens, reason)| Generation {
+                tokens,
+                finish_reason: reason.unwrap_or(FinishReason::Length),
+            })
+            .collect()
+    }
 }
 
 fn validate(model: &CausalLm, prompts: &[Vec<i64>], config: &GenerationConfig) -> Result<()> {

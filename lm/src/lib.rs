@@ -46,7 +46,9 @@ pub use config::{Architecture, ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use decoding::DecodingSettings;
 pub use device::{DType, DeviceSpec};
 pub use error::{Error, Result};
-pub use generate::{generate, FinishReason, Generation, GenerationConfig};
+pub use generate::{
+    generate, FinishReason, Generation, GenerationConfig, PromptBatch, RowProgress, StepTokens,
+};
 pub use hook::{HiddenStateHook, HookContext, HookError, NoHook, StateRecorder};
 pub use model::{CausalLm, Positions, StepInput};
 pub use sampling::Sampling;

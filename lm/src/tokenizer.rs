@@ -101,6 +101,12 @@ impl LmTokenizer {
             .map_err(|e| self.error(e))
     }
 
+    /// Whether `other` maps every token (added tokens included) to the same id: token ids of
+    /// one are then valid, with the same meaning, for the other.
+    pub fn same_vocabulary(&self, other: &LmTokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
