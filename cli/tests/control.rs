@@ -215,7 +215,7 @@ fn refuses_value_heads_that_do_not_fit_the_model() {
     let foreign = value_dir(&dir.path().join("foreign"), 64, "sha256:another", 1);
     assert_fails_with(
         &plain(&["--value", s(&foreign)]),
-        "was trained on the states of model sha256:another",
+        "was made from the states of model sha256:another",
     );
     let run = plain(&["--value", s(&foreign), "--allow-foreign-value"]);
     assert!(run.status.success(), "{}", stderr(&run));

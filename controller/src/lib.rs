@@ -57,17 +57,17 @@ pub enum Error {
     NoValueDir { path: PathBuf },
     #[error("{path}: no value_grad.onnx beside it")]
     NoValueGrad { path: PathBuf },
-    /// A value head for another hidden size than the LM's.
-    #[error("the value head at {path} takes hidden size {value_net}, the model's is {model}")]
+    /// A value head or steering vector for another hidden size than the LM's.
+    #[error("{path} takes hidden size {value_net}, the model's is {model}")]
     HiddenSizeMismatch {
         path: PathBuf,
         value_net: usize,
         model: usize,
     },
-    /// A value head trained on another LM's states.
+    /// A value head or steering vector made from another LM's states.
     #[error(
-        "the value head at {path} was trained on the states of model {value_net}, not this model \
-         ({model}); pass --allow-foreign-value to use it anyway"
+        "{path} was made from the states of model {value_net}, not this model ({model}); pass \
+         --allow-foreign-value to use it anyway"
     )]
     IdentityMismatch {
         path: PathBuf,

@@ -63,7 +63,7 @@ pub enum ArgsReward {
     /// A reward model with the LM's vocabulary: candidates are scored on token ids (the LM's
     /// prompt ids, the response ids and the candidate), as the ARGS code does, with the reward
     /// model's KV cache reused across steps.
-    Tokens(RewardModel),
+    Tokens(Box<RewardModel>),
     /// Any other reward (a reward model with another tokenizer, rules): each candidate is
     /// scored on `prompt + decoded response`, re-tokenised, exactly as `reward score` does.
     Text(Box<dyn RewardSource>),
@@ -84,7 +84,7 @@ impl ArgsReward {
         }
         let rm = RewardModel::load(path, device, DType::F32)?;
         Ok(if rm.lm.tokenizer.same_vocabulary(&lm.tokenizer) {
-            Self::Tokens(rm)
+            Self::Tokens(Box::new(rm))
         } else {
             Self::Text(Box::new(rm))
         })

@@ -302,6 +302,102 @@ mod tests {
         }
     }
 
+    /// Eight rollouts with rewards 0..8: the top quarter (7, 6) holds states averaging
+    /// (2, 0, 0), the bottom quarter (0, 1) states averaging (0, 0, 1), counted state by state.
+    fn store(dir: &Path, labelled: bool) -> PathBuf {
+        use recontrol_data::{PromptFormat, Rollout, StateDtype, StoreMeta, StoreWriter};
+        let meta = StoreMeta {
+            hidden_size: 3,
+            model: "synthetic".into(),
+            model_hash: "sha256:synthetic".into(),
+            state_dtype: StateDtype::F32,
+            prompt_format: PromptFormat::Raw,
+            generation: serde_json::json!({}),
+            seed: 0,
+            recontrol_version: "test".into(),
+            dataset: "synthetic".into(),
+        };
+        let states: [&[[f32; 3]]; 8] = [
+            &[[0.0, 0.0, 1.0]],
+            &[[0.0, 0.0, -1.0], [0.0, 0.0, 3.0], [0.0, 0.0, 1.0]],
+            &[[9.0, 9.0, 9.0]],
+            &[[-9.0, 5.0, 0.0], [1.0, 1.0, 1.0]],
+            &[[4.0, -7.0, 2.0]],
+            &[[0.5, 0.5, 0.5]],
+            &[[0.0, 0.0, 0.0]],
+            &[[1.0, 0.0, 0.0], [5.0, 0.0, 0.0]],
+        ];
+        let path = dir.join("labelled.h5");
+        let mut writer = StoreWriter::create(&path, &meta).expect("create");
+        for (i, s) in states.iter().enumerate() {
+            let flat: Vec<f32> = s.iter().flatten().copied().collect();
+            writer
+                .append(&[Rollout {
+                    prompt_index: i as i64,
+                    prompt: format!("p{i}"),
+                    response: format!("r{i}"),
+                    tokens: (0..s.len() as i64).collect(),
+                    states: ndarray::Array2::from_shape_vec((s.len(), 3), flat).expect("shape"),
+                    reward: if labelled { i as f32 } else { f32::NAN },
+                }])
+                .expect("append");
+        }
+        writer.finish().expect("finish");
+        path
+    }
+
+    #[test]
+    fn the_vector_is_the_unit_difference_of_the_top_and_bottom_mean_states() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| file_error(Path::new("tmp"), e))?;
+        let path = store(dir.path(), true);
+        let fitted = SteeringVector::fit(&Store::open(&path).map_err(Error::Store)?, 0.25)?;
+        let root5 = 5f32.sqrt();
+        for (got, want) in fitted.vector.iter().zip([2.0 / root5, 0.0, -1.0 / root5]) {
+            assert!((got - want).abs() < 1e-6, "{:?}", fitted.vector);
+        }
+        let m = &fitted.meta;
+        assert_eq!((m.top_rollouts, m.bottom_rollouts), (2, 2));
+        assert_eq!((m.top_states, m.bottom_states), (3, 4));
+        assert_eq!((m.top_reward_mean, m.bottom_reward_mean), (6.5, 0.5));
+        assert!((m.difference_norm - 5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(m.model_identity, "sha256:synthetic");
+        assert_eq!(m.rollouts_total, 8);
+        // A quantile too small for one rollout still takes one from each end: rollout 7's
+        // mean (3, 0, 0) minus rollout 0's (0, 0, 1).
+        let one = SteeringVector::fit(&Store::open(&path).map_err(Error::Store)?, 0.01)?;
+        let root10 = 10f32.sqrt();
+        let want = [3.0 / root10, 0.0, -1.0 / root10];
+        for (got, want) in one.vector.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{:?}", one.vector);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn stores_and_quantiles_that_cannot_make_a_vector_are_refused() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| file_error(Path::new("tmp"), e))?;
+        let labelled = Store::open(&store(dir.path(), true)).map_err(Error::Store)?;
+        for q in [0.0, 0.6, f64::NAN] {
+            assert!(matches!(
+                SteeringVector::fit(&labelled, q),
+                Err(Error::Quantile { .. })
+            ));
+        }
+        drop(labelled);
+        let unlabelled_dir = dir.path().join("u");
+        std::fs::create_dir(&unlabelled_dir).map_err(|e| file_error(&unlabelled_dir, e))?;
+        let unlabelled = Store::open(&store(&unlabelled_dir, false)).map_err(Error::Store)?;
+        let message = SteeringVector::fit(&unlabelled, 0.25)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("labelled.h5") && message.contains("8 of 8 rollouts have no"),
+            "{message}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn the_hook_adds_the_scaled_vector_to_every_row() -> Result<()> {
         let v = vector(vec![0.6, 0.0, -0.8]);
@@ -311,7 +407,7 @@ mod tests {
             step: 0,
             rows: &[0, 1],
         };
-        let out = hook.apply(&ctx, h).map_err(|e| Error::Sink(e))?;
+        let out = hook.apply(&ctx, h).map_err(Error::Sink)?;
         let got = Vec::<f32>::try_from(out.f_flatten(0, -1)?)?;
         assert_eq!(got, vec![2.5, 2.0, 1.0, 0.5, 0.0, -1.0]);
         assert!(v.hook(f64::NAN, Device::Cpu).is_err());
