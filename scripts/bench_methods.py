@@ -25,7 +25,8 @@ export also after each rebuild of the binary):
   label, its weights hard-linked (else copied) beside a seeded random `score.weight`
   [1, hidden], its tokenizer files; checked to load in transformers'
   AutoModelForSequenceClassification and to score like the LM's last hidden state times the head;
-* a seeded random unit steering vector ("vector", [hidden], float32).
+* a seeded random unit steering vector ("vector", [hidden], float32) with the provenance
+  metadata `recontrol steer fit` writes (naming the model, so `--steer` accepts it).
 
 tokens/s is measured as in bench_generate.py: sum of the records' num_tokens over the sum of
 the per-batch `seconds` (model loading excluded); median over --repeats runs. Each run first
@@ -311,10 +312,18 @@ def check_reward(rm_dir: Path, model: Path, score: torch.Tensor) -> None:
         raise SystemExit(f"{rm_dir}: transformers scores {got.item()}, backbone x head gives {want.item()}")
 
 
-def build_vector(out: Path, hidden: int) -> None:
+def build_vector(out: Path, model: Path, identity: str, hidden: int) -> None:
+    """A random unit vector with the provenance `recontrol steer fit` records (as if fitted on
+    this model's states), which `generate --steer` checks against the model."""
     g = torch.Generator().manual_seed(SEED + 2)
     v = torch.randn(hidden, generator=g)
-    save_file({"vector": (v / v.norm()).contiguous()}, str(out / "vector.safetensors"))
+    meta = {"rollouts": "random (bench_methods.py)", "model": str(model), "model_identity": identity,
+            "hidden_size": hidden, "quantile": 0.25, "rollouts_total": 0, "top_rollouts": 0,
+            "bottom_rollouts": 0, "top_states": 0, "bottom_states": 0, "top_reward_mean": 0.0,
+            "bottom_reward_mean": 0.0, "difference_norm": float(v.norm()),
+            "provenance": {"seed": SEED + 2}}
+    save_file({"vector": (v / v.norm()).contiguous()}, str(out / "vector.safetensors"),
+              metadata={"recontrol_steer": json.dumps(meta)})
 
 
 def prepare(model: Path, methods: list[str], binary: Path, have_binary: bool, version: str) -> dict:
@@ -348,8 +357,8 @@ def prepare(model: Path, methods: list[str], binary: Path, have_binary: bool, ve
         settings = {**base, "score_seed": SEED + 1, "layout": "index+backbone-links-v1"}
         out["reward"] = cached(CACHE_DIR / "reward", settings, lambda d: build_reward(d, model, hidden))
     if "vector" in needed:
-        settings = {**base, "vector_seed": SEED + 2, "unit": True}
-        steer = cached(CACHE_DIR / "steer", settings, lambda d: build_vector(d, hidden))
+        settings = {**base, "vector_seed": SEED + 2, "unit": True, "metadata": "recontrol_steer-v1"}
+        steer = cached(CACHE_DIR / "steer", settings, lambda d: build_vector(d, model, identity, hidden))
         out["vector"] = steer / "vector.safetensors"
     return out
 

@@ -210,9 +210,10 @@ pub fn args_generate(
         if rows.record(&next) {
             break;
         }
-        if let Some(reward_cache) = reward_cache.as_mut() {
+        if let (Some(reward_cache), ArgsReward::Tokens(rm)) = (reward_cache.as_mut(), &*reward) {
             let at = reward_cache.len() - 1;
-            reward_cache.copy_rows(&group_sources(&chosen, k, model.device())?, at)?;
+            let source = group_sources(&chosen, k, rm.lm.model.device())?;
+            reward_cache.copy_rows(&source, at)?;
         }
         let fed = rows.feed(&next)?;
         hidden = model.forward_hidden(&fed.input(), &mut cache, Positions::Last)?;
