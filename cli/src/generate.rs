@@ -9,11 +9,11 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{
-    generate_records, ArgsReward, BackendKind, ControlConfig, Controller, GenerationPlan,
-    GradientBackend, Method, RerankSettings, SteerHook, SteeringVector, UpdateRule,
+    generate_records, ArgsReward, BackendKind, ControlConfig, Controller, Error as ControllerError,
+    GenerationPlan, GradientBackend, Method, RerankSettings, SteerHook, SteeringVector, UpdateRule,
 };
 use recontrol_io::Provenance;
-use recontrol_lm::{ChatMessage, LanguageModel};
+use recontrol_lm::{ChatMessage, LanguageModel, Sampling};
 use recontrol_reward_model::{load_reward, RewardSource};
 use serde::Serialize;
 
@@ -235,7 +235,8 @@ struct RunRecord<'a> {
 
 impl GenerateArgs {
     pub fn run(self) -> Result<()> {
-        self.generation.sampling()?;
+        let sampling = self.generation.sampling()?;
+        self.baselines.check(&sampling)?;
         let mut prompts = self.prompt.clone();
         if let Some(path) = &self.prompts {
             prompts.extend(recontrol_data::read_prompts(path, &self.prompt_field)?);
@@ -385,6 +386,28 @@ impl Baseline {
 }
 
 impl BaselineArgs {
+    /// What can be refused before any model is loaded: best-of-N needs sampling, ARGS and
+    /// value-guided decoding are greedy.
+    fn check(&self, sampling: &Sampling) -> Result<()> {
+        let greedy = *sampling == Sampling::Greedy;
+        if self.best_of == Some(0) {
+            return Err(ControllerError::BestOfCount.into());
+        }
+        if self.best_of.is_some() && greedy {
+            return Err(ControllerError::BestOfGreedy.into());
+        }
+        if self.args.is_some() && !greedy {
+            return Err(ControllerError::GreedyOnly { method: "ARGS" }.into());
+        }
+        if self.value_guided.is_some() && !greedy {
+            return Err(ControllerError::GreedyOnly {
+                method: "value-guided decoding",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// The baseline these flags ask for, its files opened and checked against `lm`.
     fn open(
         &self,
@@ -417,9 +440,6 @@ impl BaselineArgs {
             return Ok(Some(Baseline::Steer(hook, description)));
         }
         if let (Some(n), Some(path)) = (self.best_of, &self.reward) {
-            if n == 0 {
-                anyhow::bail!("--best-of must be at least 1");
-            }
             let reward = load_reward(path, device.device)
                 .with_context(|| format!("--reward {}", path.display()))?;
             return Ok(Some(Baseline::BestOfN(n, reward)));

@@ -504,6 +504,19 @@ fn flags_that_do_not_fit_together_are_one_clear_error() {
         &run(&["--args", s(&rm), "--temperature", "0.7"]),
         "ARGS is greedy",
     );
+    // Sampling settings are refused before any model is read.
+    let early = recontrol(&[
+        "generate",
+        "--model",
+        "/nonexistent",
+        "--prompt",
+        "hi",
+        "--args",
+        "/nonexistent",
+        "--temperature",
+        "0.5",
+    ]);
+    assert_fails_with(&early, "ARGS is greedy");
     assert_fails_with(&run(&["--args", s(&rm), "--args-k", "0"]), "--args-k");
     assert_fails_with(
         &run(&["--args", s(&rm), "--args-k", "100000"]),
