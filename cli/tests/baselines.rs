@@ -1,7 +1,7 @@
 //! The paper's baselines as decoding methods of `recontrol generate`: static representation
 //! editing (`recontrol steer fit`, `--steer`), best-of-N, ARGS and value-guided decoding,
 //! against their reference implementations in HF transformers
-//! (`tests/fixtures/controller/reference_methods.py`, `tests/fixtures/reward/hf_score.py`), with
+//! (`tests/fixtures/controller/reference_methods.py`), with
 //! known-answer checks and the refusals of flags that do not fit.
 
 use std::path::{Path, PathBuf};
@@ -322,7 +322,7 @@ fn best_of_n_returns_the_reference_best_of_its_seeded_samples() {
     let samples = records(&samples_path);
     let best = records(&best);
     assert_eq!(best.len(), prompts.len());
-    let mut texts = Vec::new();
+    let mut groups = Vec::new();
     for (p, record) in best.iter().enumerate() {
         let b = record.best_of.as_ref().expect("best_of");
         assert_eq!(b.n, n);
@@ -334,32 +334,33 @@ fn best_of_n_returns_the_reference_best_of_its_seeded_samples() {
         assert_eq!(record.response, b.responses[b.chosen]);
         assert_eq!(record.tokens, samples[p * n + b.chosen].tokens);
         assert_eq!(record.method.as_deref(), Some("best-of-n"));
-        texts.extend(
-            b.responses
-                .iter()
-                .map(|r| format!("{}{}", prompts[p], truncate_response(r))),
-        );
+        groups.push(serde_json::json!({ "prompt": prompts[p], "samples": b.responses }));
     }
     let distinct: std::collections::HashSet<&String> = best
         .iter()
         .flat_map(|r| r.best_of.iter().flat_map(|b| &b.responses))
         .collect();
     assert!(distinct.len() > prompts.len(), "samples must differ");
-    // Rewards as HF scores the texts; the choice is the first highest.
-    let mut hf_args = vec![s(&rm)];
-    hf_args.extend(texts.iter().map(String::as_str));
-    let hf = python_json("tests/fixtures/reward/hf_score.py", &hf_args);
-    let hf: Vec<f64> = serde_json::from_value(hf["scores"].clone()).expect("scores");
+    // The reference scores the same samples with HF's sequence-classification model and
+    // chooses the first highest.
+    let samples_json = dir.path().join("samples.json");
+    std::fs::write(&samples_json, serde_json::to_string(&groups).expect("json")).expect("write");
+    let reference = python_json(
+        "tests/fixtures/controller/reference_methods.py",
+        &["bon", s(&rm), s(&samples_json)],
+    );
+    let rewards: Vec<Vec<f64>> =
+        serde_json::from_value(reference["rewards"].clone()).expect("rewards");
+    let chosen: Vec<usize> = serde_json::from_value(reference["chosen"].clone()).expect("chosen");
     for (p, record) in best.iter().enumerate() {
         let b = record.best_of.as_ref().expect("best_of");
-        for (j, (&got, &want)) in b.rewards.iter().zip(&hf[p * n..(p + 1) * n]).enumerate() {
+        for (j, (&got, &want)) in b.rewards.iter().zip(&rewards[p]).enumerate() {
             assert!(
                 (got - want).abs() < 1e-4,
                 "prompt {p} sample {j}: {got} vs HF {want}"
             );
         }
-        let first_best = (0..n).fold(0, |c, j| if hf[p * n + j] > hf[p * n + c] { j } else { c });
-        assert_eq!(b.chosen, first_best, "prompt {p}");
+        assert_eq!(b.chosen, chosen[p], "prompt {p}: {:?}", rewards[p]);
     }
 }
 
