@@ -12,6 +12,7 @@ mod pretrain;
 mod reward;
 mod rollout;
 mod steer;
+mod sweep;
 mod value;
 
 use std::process::ExitCode;
@@ -44,6 +45,8 @@ enum Command {
     Export(export::ExportCommand),
     /// Static representation editing: fit a steering vector on labelled rollouts.
     Steer(steer::SteerCommand),
+    /// Tune one decoding method's knob on validation prompts (reward + diversity + coherence).
+    Sweep(Box<sweep::SweepArgs>),
     /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
     Eval(Box<eval::EvalArgs>),
     /// The whole pipeline on the embedded default (CPU, minutes): default model, rollouts,
@@ -75,6 +78,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Value(args) => args.run(),
         Command::Export(args) => args.run(),
         Command::Steer(args) => args.run(),
+        Command::Sweep(args) => args.run(),
         Command::Eval(args) => args.run(),
         Command::Demo(args) => args.run(),
         Command::Env(args) => args.run(),

@@ -28,6 +28,12 @@ temperature = 1.0
 epochs = 1
 standardize = true
 l2 = 0.01
+partition = "1/2"
+[judge]
+epochs = 1
+standardize = true
+l2 = 0.01
+partition = "2/2"
 [value]
 hidden = 16
 epochs = 2
@@ -41,8 +47,23 @@ limit = 8
 max_new_tokens = 8
 batch_size = 4
 [control]
-alpha = 0.5
-steps = 3
+update = "sgd"
+[validation]
+limit = 4
+[sweep.re_control]
+alphas = [0.25, 0.5]
+steps = [3]
+[sweep.static_re]
+scales = [1.0, 4.0]
+[sweep.best_of_n]
+ns = [2]
+temperature = 1.0
+[sweep.args]
+k = 3
+weights = [1.0]
+[sweep.value_guided]
+k = 3
+weights = [1.0, 2.0]
 [prompting]
 prefix = "Be helpful. "
 [ood]
@@ -73,7 +94,7 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     std::fs::write(&config, tiny()).expect("write");
     let out = dir.path().join("demo");
     let first = demo(&out, &config);
-    assert_eq!(first.matches(": done in").count(), 16, "{first}");
+    assert_eq!(first.matches(": done in").count(), 30, "{first}");
 
     let r = report(&out.join("report/report.json"));
     let names: Vec<&str> = r["methods"]
@@ -84,8 +105,18 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
         .collect();
     assert_eq!(
         names,
-        ["base", "prompting", "re-control", "re-control+prompting"]
+        [
+            "base",
+            "prompting",
+            "static-re",
+            "best-of-n",
+            "args",
+            "value-guided",
+            "re-control",
+            "re-control+prompting"
+        ]
     );
+    assert!(r["judge"].as_str().expect("judge").contains("judge"), "{r}");
     for m in r["methods"].as_array().expect("methods") {
         for field in [
             "avg_reward",
@@ -102,7 +133,45 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
         }
     }
     let ood = report(&out.join("report-ood/report.json"));
-    assert_eq!(ood["methods"].as_array().map(Vec::len), Some(2));
+    assert_eq!(ood["methods"].as_array().map(Vec::len), Some(4));
+    // Each tuned method's sweep chose one of its grid's settings on the validation prompts.
+    let sweep = report(&out.join("sweeps/value-guided/sweep.json"));
+    assert_eq!(sweep["points"].as_array().map(Vec::len), Some(2));
+    assert_eq!(sweep["prompts"], 4);
+    let chosen = sweep["chosen"].as_u64().expect("chosen") as usize;
+    let weight = sweep["points"][chosen]["setting"][0][1].as_f64().expect("weight");
+    let settings: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("generations/hh/value-guided.jsonl.config.json"))
+            .expect("config"),
+    )
+    .expect("json");
+    assert!(settings.to_string().contains("value-guided"), "{settings}");
+    let first_line = |path: &str| -> Value {
+        serde_json::from_str(
+            std::fs::read_to_string(out.join(path))
+                .expect("generations")
+                .lines()
+                .next()
+                .expect("a line"),
+        )
+        .expect("json")
+    };
+    assert_eq!(first_line("generations/hh/value-guided.jsonl")["method"], "value-guided");
+    assert!(first_line("generations/hh/best-of-n.jsonl")["best_of"]["rewards"].is_array());
+    assert!(weight == 1.0 || weight == 2.0);
+    // The validation prompts are train-side prompts, none of them a test prompt.
+    let test: Vec<String> = std::fs::read_to_string(out.join("prompts.jsonl"))
+        .expect("prompts")
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json")["prompt"].to_string())
+        .collect();
+    for line in std::fs::read_to_string(out.join("prompts-validation.jsonl"))
+        .expect("validation")
+        .lines()
+    {
+        let prompt = serde_json::from_str::<Value>(line).expect("json")["prompt"].to_string();
+        assert!(!test.contains(&prompt), "{prompt}");
+    }
     assert!(out.join("report/chart.svg").is_file());
     let generation: Value = serde_json::from_str(
         std::fs::read_to_string(out.join("generations/hh/prompting.jsonl"))
@@ -127,12 +196,13 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
 
     // Unchanged: every stage is skipped.
     let second = demo(&out, &config);
-    assert_eq!(second.matches("unchanged, skipped").count(), 16, "{second}");
+    assert_eq!(second.matches("unchanged, skipped").count(), 30, "{second}");
 
-    // A new alpha reruns the RE-Control generations and the reports, nothing upstream.
+    // A new alpha grid reruns RE-Control's sweep, its generations and the reports, nothing
+    // upstream and no other method.
     std::fs::write(
         &config,
-        tiny().replace("alpha = 0.5\nsteps = 3", "alpha = 0.25\nsteps = 3"),
+        tiny().replace("alphas = [0.25, 0.5]", "alphas = [0.25, 0.75]"),
     )
     .expect("write");
     let third = demo(&out, &config);
@@ -142,7 +212,10 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
         "reward",
         "value",
         "export",
+        "judge",
+        "sweep-args",
         "generate-hh-base",
+        "generate-hh-args",
     ] {
         assert!(
             third.contains(&format!("{skipped}: unchanged, skipped")),
@@ -150,7 +223,9 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
         );
     }
     for rerun in [
+        "sweep-re-control",
         "generate-hh-re-control",
+        "generate-hh-re-control+prompting",
         "generate-harmfulqa-re-control",
         "report",
     ] {
@@ -164,6 +239,11 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     std::fs::write(&config, "[model]\nargs = 3\n").expect("write");
     let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
     cli::assert_fails_with(&run, "--config");
+    // So is a judge trained on the policy reward model's pairs.
+    std::fs::write(&config, tiny().replace("partition = \"2/2\"", "partition = \"1/2\""))
+        .expect("write");
+    let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
+    cli::assert_fails_with(&run, "the judge must be trained on another partition");
 
     // A missing model directory is named, with the set-up that makes it.
     std::fs::write(&config, "[model]\ndir = \"no/such/model\"\n").expect("write");

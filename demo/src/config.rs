@@ -24,8 +24,12 @@ pub struct DemoConfig {
     pub model: ModelStage,
     /// Rollouts of the default model on train prompts.
     pub rollout: RolloutStage,
-    /// The reward model on the default model's backbone, train pairs.
+    /// The policy reward model on the default model's backbone: one partition of the train
+    /// pairs. It labels the rollouts, scores best-of-N and ARGS, and tunes every method.
     pub reward: RewardSettings,
+    /// The judge: a reward model like the policy's, trained on another partition of the train
+    /// pairs; it only evaluates (win rates and the judge-reward column).
+    pub judge: RewardSettings,
     /// The value net on the labelled rollouts.
     pub value: ValueSettings,
     /// The ONNX artifacts.
@@ -34,8 +38,12 @@ pub struct DemoConfig {
     pub prompts: PromptsStage,
     /// Decoding of every method.
     pub generate: DecodingSettings,
-    /// What the RE-Control methods add.
+    /// What the RE-Control methods add (their alpha and steps come from the sweep).
     pub control: ControlStage,
+    /// Train-side prompts the knobs are tuned on.
+    pub validation: ValidationStage,
+    /// The grids the methods are tuned over, and the baselines' fixed settings.
+    pub sweep: SweepStage,
     /// What the prompting methods add.
     pub prompting: PromptingStage,
     /// Out-of-distribution HarmfulQA questions.
@@ -45,9 +53,35 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// Parses a TOML configuration; the error is one line.
+    /// Parses a TOML configuration and checks it; the error is one line.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string().replace('\n', " "))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuses a comparison that would not be fair: a judge that saw the policy reward
+    /// model's training pairs (both must name partitions of the same split, and differ).
+    pub fn check(&self) -> Result<(), String> {
+        let (policy, judge) = (&self.reward, &self.judge);
+        match (policy.partition, judge.partition) {
+            (Some(p), Some(j)) if p.n() == j.n() && p.k() != j.k() => {}
+            (p, j) => {
+                return Err(format!(
+                    "[reward] partition {} and [judge] partition {}: the judge must be trained on \
+                     another partition of the same pairs (e.g. \"1/2\" and \"2/2\"), or it is \
+                     not independent of the policy reward",
+                    p.map_or("(all pairs)".to_owned(), |p| p.to_string()),
+                    j.map_or("(all pairs)".to_owned(), |j| j.to_string())
+                ))
+            }
+        }
+        if policy.split_seed != judge.split_seed || policy.test_fraction != judge.test_fraction {
+            return Err(
+                "[reward] and [judge] must split the pairs alike (split_seed, test_fraction)".into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -190,14 +224,10 @@ impl PromptsStage {
     }
 }
 
-/// RE-Control's settings at generation time.
+/// RE-Control's settings at generation time (alpha and steps: the sweep's choice).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlStage {
-    /// Step size of each update.
-    pub alpha: f64,
-    /// Updates per decoding step (the export's steps let controller.onnx fuse them).
-    pub steps: usize,
     pub update: UpdateRule,
     pub clip_grad_norm: Option<f64>,
     pub max_edit_norm: Option<f64>,
@@ -208,8 +238,6 @@ pub struct ControlStage {
 impl Default for ControlStage {
     fn default() -> Self {
         Self {
-            alpha: 0.5,
-            steps: 30,
             update: UpdateRule::Sgd,
             clip_grad_norm: None,
             max_edit_norm: None,
@@ -219,10 +247,11 @@ impl Default for ControlStage {
 }
 
 impl ControlStage {
-    pub fn config(&self) -> ControlConfig {
+    /// The controller's settings with the tuned `alpha` and `steps`.
+    pub fn config(&self, alpha: f64, steps: usize) -> ControlConfig {
         ControlConfig {
-            alpha: self.alpha,
-            steps: self.steps,
+            alpha,
+            steps,
             rule: self.update,
             clip_grad_norm: self.clip_grad_norm,
             max_edit_norm: self.max_edit_norm,
@@ -241,6 +270,103 @@ impl Default for PromptingStage {
     fn default() -> Self {
         Self {
             prefix: HELPFUL_INSTRUCTION.to_owned(),
+        }
+    }
+}
+
+/// The validation prompts: train-side prompts (same split as the rollouts) after the ones
+/// rolled out, so that neither the test prompts nor the value net's training prompts choose a
+/// knob.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationStage {
+    pub limit: usize,
+}
+
+impl Default for ValidationStage {
+    fn default() -> Self {
+        Self { limit: 24 }
+    }
+}
+
+/// The knobs' grids (the paper's choice rule: reward + diversity + coherence on the
+/// validation prompts) and each baseline's fixed settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepStage {
+    pub re_control: ReControlGrid,
+    pub static_re: StaticReGrid,
+    pub best_of_n: BestOfNGrid,
+    pub args: RerankGrid,
+    pub value_guided: RerankGrid,
+}
+
+/// RE-Control: alpha x steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReControlGrid {
+    pub alphas: Vec<f64>,
+    pub steps: Vec<usize>,
+}
+
+impl Default for ReControlGrid {
+    fn default() -> Self {
+        Self {
+            alphas: vec![0.5, 2.0, 5.0],
+            steps: vec![30],
+        }
+    }
+}
+
+/// Static RE: the vector's scale, and the reward quantile it is fitted on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaticReGrid {
+    pub scales: Vec<f64>,
+    pub quantile: f64,
+}
+
+impl Default for StaticReGrid {
+    fn default() -> Self {
+        Self {
+            scales: vec![1.0, 4.0, 16.0],
+            quantile: 0.25,
+        }
+    }
+}
+
+/// Best-of-N: N, and the sampling its candidates are drawn with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BestOfNGrid {
+    pub ns: Vec<usize>,
+    pub temperature: f64,
+    pub seed: u64,
+}
+
+impl Default for BestOfNGrid {
+    fn default() -> Self {
+        Self {
+            ns: vec![2, 4, 8],
+            temperature: 0.7,
+            seed: 0,
+        }
+    }
+}
+
+/// ARGS or value-guided decoding: the weight (k fixed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RerankGrid {
+    pub k: usize,
+    pub weights: Vec<f64>,
+}
+
+impl Default for RerankGrid {
+    fn default() -> Self {
+        Self {
+            k: 10,
+            weights: vec![0.5, 1.5, 5.0],
         }
     }
 }

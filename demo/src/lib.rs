@@ -16,7 +16,8 @@ mod stages;
 use std::path::{Path, PathBuf};
 
 pub use config::{
-    ControlStage, DemoConfig, ExportStage, ModelStage, PromptingStage, PromptsStage, RolloutStage,
+    BestOfNGrid, ControlStage, DemoConfig, ExportStage, ModelStage, PromptingStage, PromptsStage,
+    ReControlGrid, RerankGrid, RolloutStage, StaticReGrid, SweepStage, ValidationStage,
     DEFAULT_MODEL_DIR,
 };
 pub use stages::{run_demo, DemoOutcome, DemoRun};
@@ -71,16 +72,26 @@ impl PromptSet {
         }
     }
 
-    /// The methods compared on this set.
+    /// The methods compared on this set (the first is the base): the paper's Table 1 on
+    /// HH-RLHF; base, prompting and RE-Control with and without it out of distribution.
     pub fn methods(self) -> &'static [Method] {
         match self {
             Self::Hh => &[
                 Method::Base,
                 Method::Prompting,
+                Method::StaticRe,
+                Method::BestOfN,
+                Method::Args,
+                Method::ValueGuided,
                 Method::ReControl,
                 Method::ReControlPrompting,
             ],
-            Self::HarmfulQa => &[Method::Base, Method::ReControl],
+            Self::HarmfulQa => &[
+                Method::Base,
+                Method::Prompting,
+                Method::ReControl,
+                Method::ReControlPrompting,
+            ],
         }
     }
 }
@@ -91,6 +102,14 @@ pub enum Method {
     Base,
     /// The helpful-assistant instruction before the prompt.
     Prompting,
+    /// Static representation editing: a steering vector fitted on the labelled rollouts.
+    StaticRe,
+    /// Best-of-N samples under the policy reward model.
+    BestOfN,
+    /// ARGS: the top-k tokens reranked by the policy reward model.
+    Args,
+    /// Value-guided decoding: the top-k tokens reranked by the value net.
+    ValueGuided,
     /// RE-Control: the value net edits every decoding step's hidden state.
     ReControl,
     ReControlPrompting,
@@ -101,12 +120,16 @@ impl Method {
         match self {
             Self::Base => "base",
             Self::Prompting => "prompting",
+            Self::StaticRe => "static-re",
+            Self::BestOfN => "best-of-n",
+            Self::Args => "args",
+            Self::ValueGuided => "value-guided",
             Self::ReControl => "re-control",
             Self::ReControlPrompting => "re-control+prompting",
         }
     }
 
-    /// Whether the value net steers it.
+    /// Whether the value net steers it by editing states (it reads the export).
     pub fn controlled(self) -> bool {
         matches!(self, Self::ReControl | Self::ReControlPrompting)
     }
@@ -115,6 +138,24 @@ impl Method {
     pub fn prompted(self) -> bool {
         matches!(self, Self::Prompting | Self::ReControlPrompting)
     }
+
+    /// The method whose sweep sets this one's knob (RE-Control + prompting takes RE-Control's).
+    pub fn tuned_by(self) -> Option<Method> {
+        match self {
+            Self::Base | Self::Prompting => None,
+            Self::ReControlPrompting => Some(Self::ReControl),
+            m => Some(m),
+        }
+    }
+
+    /// The methods tuned on validation prompts, in the order their sweeps run.
+    pub const TUNED: [Method; 5] = [
+        Self::StaticRe,
+        Self::BestOfN,
+        Self::Args,
+        Self::ValueGuided,
+        Self::ReControl,
+    ];
 }
 
 /// One stage of the chain.
@@ -123,10 +164,19 @@ pub enum Stage {
     /// Checks the model directory and records which model the run uses.
     Model,
     Rollout,
+    /// The policy reward model (it labels the rollouts), on one partition of the train pairs.
     Reward,
+    /// The judge: a reward model on the other partition, used only to evaluate.
+    Judge,
     Label,
     Value,
     Export,
+    /// The static-RE steering vector, fitted on the labelled rollouts.
+    Steer,
+    /// Train-side prompts after the rollouts', for tuning.
+    ValidationPrompts,
+    /// A tuned method's knob chosen on the validation prompts.
+    Sweep(Method),
     Prompts(PromptSet),
     Generate(PromptSet, Method),
     Eval(PromptSet),
@@ -140,10 +190,14 @@ impl Stage {
             Self::Model,
             Self::Rollout,
             Self::Reward,
+            Self::Judge,
             Self::Label,
             Self::Value,
             Self::Export,
+            Self::Steer,
+            Self::ValidationPrompts,
         ];
+        chain.extend(Method::TUNED.map(Self::Sweep));
         chain.extend(sets.map(Self::Prompts));
         for set in sets {
             chain.extend(set.methods().iter().map(|&m| Self::Generate(set, m)));
@@ -158,9 +212,13 @@ impl Stage {
             Self::Model => "model".into(),
             Self::Rollout => "rollout".into(),
             Self::Reward => "reward".into(),
+            Self::Judge => "judge".into(),
             Self::Label => "label".into(),
             Self::Value => "value".into(),
             Self::Export => "export".into(),
+            Self::Steer => "steer".into(),
+            Self::ValidationPrompts => "validation-prompts".into(),
+            Self::Sweep(m) => format!("sweep-{}", m.name()),
             Self::Prompts(PromptSet::Hh) => "prompts".into(),
             Self::Prompts(PromptSet::HarmfulQa) => "ood-prompts".into(),
             Self::Generate(set, m) => format!("generate-{}-{}", set.name(), m.name()),
@@ -175,35 +233,61 @@ impl Stage {
         Some(match self {
             Self::Model => return None,
             Self::Rollout => "rollout",
-            Self::Reward => "reward train",
+            Self::Reward | Self::Judge => "reward train",
             Self::Label => "reward label",
             Self::Value => "value train",
             Self::Export => "export",
-            Self::Prompts(_) => "data prompts",
+            Self::Steer => "steer fit",
+            Self::ValidationPrompts | Self::Prompts(_) => "data prompts",
+            Self::Sweep(_) => "sweep",
             Self::Generate(..) => "generate",
             Self::Eval(_) => "eval",
         })
+    }
+
+    /// The artifacts a method decodes with, besides the model and its prompts.
+    fn method_inputs(m: Method) -> Vec<Stage> {
+        match m {
+            Method::Base | Method::Prompting => vec![],
+            Method::StaticRe => vec![Self::Steer],
+            Method::BestOfN | Method::Args => vec![Self::Reward],
+            Method::ValueGuided | Method::ReControl | Method::ReControlPrompting => {
+                vec![Self::Export]
+            }
+        }
     }
 
     /// The stages whose outputs this one reads.
     pub fn inputs(self) -> Vec<Stage> {
         match self {
             Self::Model => vec![],
-            Self::Rollout | Self::Reward | Self::Prompts(_) => vec![Self::Model],
+            Self::Rollout
+            | Self::Reward
+            | Self::Judge
+            | Self::Prompts(_)
+            | Self::ValidationPrompts => vec![Self::Model],
             Self::Label => vec![Self::Rollout, Self::Reward],
-            Self::Value => vec![Self::Label],
+            Self::Value | Self::Steer => vec![Self::Label],
             Self::Export => vec![Self::Value],
-            Self::Generate(set, m) if m.controlled() => {
-                vec![Self::Model, Self::Export, Self::Prompts(set)]
+            Self::Sweep(m) => {
+                let mut inputs = vec![Self::Model, Self::ValidationPrompts, Self::Reward];
+                inputs.extend(Self::method_inputs(m));
+                inputs.dedup();
+                inputs
             }
-            Self::Generate(set, _) => vec![Self::Model, Self::Prompts(set)],
+            Self::Generate(set, m) => {
+                let mut inputs = vec![Self::Model, Self::Prompts(set)];
+                inputs.extend(Self::method_inputs(m));
+                inputs.extend(m.tuned_by().map(Self::Sweep));
+                inputs
+            }
             Self::Eval(set) => {
                 let mut inputs: Vec<Stage> = set
                     .methods()
                     .iter()
                     .map(|&m| Self::Generate(set, m))
                     .collect();
-                inputs.extend([Self::Reward, Self::Model]);
+                inputs.extend([Self::Reward, Self::Judge, Self::Model]);
                 inputs
             }
         }
@@ -211,7 +295,7 @@ impl Stage {
 
     /// Whether an interrupted run continues from its checkpoint (or finished parts).
     pub fn resumable(self) -> bool {
-        matches!(self, Self::Rollout | Self::Reward | Self::Value)
+        matches!(self, Self::Rollout | Self::Reward | Self::Judge | Self::Value)
     }
 
     /// Where the stage writes, inside the demo's folder.
@@ -220,9 +304,13 @@ impl Stage {
             Self::Model => out.join("model.json"),
             Self::Rollout => out.join("rollouts.h5"),
             Self::Reward => out.join("reward"),
+            Self::Judge => out.join("judge"),
             Self::Label => out.join("labelled.h5"),
             Self::Value => out.join("value"),
             Self::Export => out.join("onnx"),
+            Self::Steer => out.join("steer.safetensors"),
+            Self::ValidationPrompts => out.join("prompts-validation.jsonl"),
+            Self::Sweep(m) => out.join("sweeps").join(m.name()),
             Self::Prompts(PromptSet::Hh) => out.join("prompts.jsonl"),
             Self::Prompts(PromptSet::HarmfulQa) => out.join("prompts-harmfulqa.jsonl"),
             Self::Generate(set, m) => out
@@ -242,7 +330,7 @@ mod tests {
     #[test]
     fn every_stage_comes_after_its_inputs_and_has_its_own_output() {
         let chain = Stage::chain();
-        assert_eq!(chain.len(), 16);
+        assert_eq!(chain.len(), 30);
         for (i, stage) in chain.iter().enumerate() {
             for input in stage.inputs() {
                 let at = chain.iter().position(|s| *s == input).expect("in chain");
@@ -256,7 +344,7 @@ mod tests {
         outputs.dedup();
         names.sort();
         names.dedup();
-        assert_eq!((outputs.len(), names.len()), (16, 16));
+        assert_eq!((outputs.len(), names.len()), (30, 30));
         assert_eq!(
             Stage::Generate(PromptSet::HarmfulQa, Method::ReControl).name(),
             "generate-harmfulqa-re-control"
@@ -272,8 +360,29 @@ mod tests {
             .collect();
         assert_eq!(
             flags,
-            [(false, false), (false, true), (true, false), (true, true)]
+            [
+                (false, false),
+                (false, true),
+                (false, false),
+                (false, false),
+                (false, false),
+                (false, false),
+                (true, false),
+                (true, true)
+            ]
         );
+        // Every tuned method has its sweep in the chain, before the generations it tunes.
+        let chain = Stage::chain();
+        for m in PromptSet::Hh.methods() {
+            if let Some(t) = m.tuned_by() {
+                assert!(chain.contains(&Stage::Sweep(t)), "{}", m.name());
+            }
+        }
+        // The judge is read by the reports, never by a method or a sweep.
+        for stage in &chain {
+            let judged = stage.inputs().contains(&Stage::Judge);
+            assert_eq!(judged, matches!(stage, Stage::Eval(_)), "{}", stage.name());
+        }
     }
 
     #[test]

@@ -6,21 +6,26 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use recontrol_controller::generation::{open_value_backend, ValueOptions};
-use recontrol_controller::{generate_records, Controller, GenerationPlan};
+use recontrol_controller::generation::SinkError;
+use recontrol_controller::{
+    generate_records, ArgsReward, GenerationPlan, GradientBackend, Method as DecodingMethod,
+    SteeringVector,
+};
 use recontrol_data::selection::{prompt_lines, LineRendering};
 use recontrol_data::{Dataset, PromptFormat, ReadOptions, Store};
 use recontrol_eval::{
     evaluate, read_references, write_report, CoherenceEncoder, Judges, MethodGenerations, Report,
 };
 use recontrol_export::{write_export, Producer, ValueDir};
-use recontrol_io::{JsonlSink, Provenance, WorkDirs};
+use recontrol_io::{AtomicDir, JsonlSink, Provenance, WorkDirs};
 use recontrol_lm::{model_identity, DType, DeviceSpec, LanguageModel};
 use recontrol_reward_model::stage::{
-    epoch_scalars as reward_scalars, label_start, label_store, prepare_pairs, train_reward,
+    epoch_scalars as reward_scalars, label_start, label_store, prepare_training_pairs, train_reward,
     LabelMode, RewardOutcome, RewardSummary,
 };
 use recontrol_reward_model::{load_reward, RewardModel};
 use recontrol_rollout::{collect_rollouts, select_prompts};
+use recontrol_sweep::{Setting, SweepMethod};
 use recontrol_value_net::stage::{epoch_scalars as value_scalars, train_value_model, ValueOutcome};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -214,9 +219,25 @@ impl Pipeline<'_> {
                 "settings": c.reward,
                 "prompt_format": self.pair_format(),
             }),
+            Stage::Judge => serde_json::json!({
+                "settings": c.judge,
+                "prompt_format": self.pair_format(),
+            }),
             Stage::Label => serde_json::json!({ "mode": LabelMode::Overwrite }),
             Stage::Value => to_json(&c.value),
             Stage::Export => to_json(&c.export),
+            Stage::Steer => serde_json::json!({ "quantile": c.sweep.static_re.quantile }),
+            Stage::ValidationPrompts => serde_json::json!({
+                "after": c.rollout.limit,
+                "limit": c.validation.limit,
+                "instruction": c.prompting.prefix,
+            }),
+            Stage::Sweep(m) => serde_json::json!({
+                "grid": self.grid(m),
+                "decoding": self.decoding(m),
+                "control": m.controlled().then_some(c.control),
+                "rule": recontrol_sweep::RULE,
+            }),
             Stage::Prompts(PromptSet::Hh) => {
                 serde_json::json!({ "selection": c.prompts, "instruction": c.prompting.prefix })
             }
@@ -224,8 +245,9 @@ impl Pipeline<'_> {
                 serde_json::json!({ "selection": c.ood, "instruction": c.prompting.prefix })
             }
             Stage::Generate(_, m) => serde_json::json!({
-                "decoding": c.generate,
+                "decoding": self.decoding(m),
                 "control": m.controlled().then_some(c.control),
+                "fixed": m.tuned_by().map(|t| self.grid(t)),
                 "prompted": m.prompted(),
             }),
             Stage::Eval(_) => to_json(&c.eval),
@@ -242,13 +264,17 @@ impl Pipeline<'_> {
         match stage {
             Stage::Model => self.model(output)?,
             Stage::Rollout => self.rollout(output, resume)?,
-            Stage::Reward => self.reward(output, resume)?,
+            Stage::Reward => self.reward_model(&self.config.reward, "reward", output, resume)?,
+            Stage::Judge => self.reward_model(&self.config.judge, "judge", output, resume)?,
             Stage::Label => self.label(output)?,
             Stage::Value => self.value(output, resume)?,
             Stage::Export => {
                 let dir = ValueDir::read(&self.out(Stage::Value))?;
                 write_export(&dir, output, &self.config.export.spec(), &self.producer())?;
             }
+            Stage::Steer => self.steer(output)?,
+            Stage::ValidationPrompts => self.validation_prompts(output)?,
+            Stage::Sweep(method) => self.sweep(method, output)?,
             Stage::Prompts(set) => self.prompts(set, output)?,
             Stage::Generate(set, method) => self.generate(set, method, output)?,
             Stage::Eval(set) => return Ok(Some((set, self.eval(set, output)?))),
@@ -324,24 +350,27 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    fn reward(&self, output: &Path, resume: bool) -> StageResult<()> {
-        let settings = &self.config.reward;
-        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("reward")))?;
+    /// The policy reward model or the judge: `settings` name the partition of the train pairs.
+    fn reward_model(
+        &self,
+        settings: &recontrol_reward_model::stage::RewardSettings,
+        logs: &str,
+        output: &Path,
+        resume: bool,
+    ) -> StageResult<()> {
+        let dirs = WorkDirs::prepare(output, resume, Some(&self.logs(logs)))?;
         let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
         let pairs = dataset
             .pairs
             .as_ref()
             .ok_or("the bundled HH-RLHF file has no pairs")?;
         let lm = LanguageModel::load_backbone(&self.config.model.dir, self.run.device, DType::F32)?;
-        let mut prepared = prepare_pairs(
+        let prepared = prepare_training_pairs(
             pairs,
-            &settings.split(),
+            settings,
             self.pair_format(),
             Some(&lm.tokenizer),
         )?;
-        if let Some(n) = settings.max_train_pairs {
-            prepared.keep_train(n);
-        }
         let mut tb = SummaryWriter::new(&dirs.logdir);
         let control = recontrol_train::RunControl {
             checkpoint: &dirs.checkpoint,
@@ -468,8 +497,207 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    fn generate(&self, set: PromptSet, method: Method, output: &Path) -> StageResult<()> {
+    /// The steering vector of static RE, from the labelled rollouts.
+    fn steer(&self, output: &Path) -> StageResult<()> {
+        let store = Store::open(&self.out(Stage::Label))?;
+        let mut vector = SteeringVector::fit(&store, self.config.sweep.static_re.quantile)?;
+        vector.meta.provenance = serde_json::to_value(self.run.provenance)?;
+        vector.save(output)?;
+        let m = &vector.meta;
+        eprintln!(
+            "  top {} rollouts (mean reward {:.3}) minus bottom {} ({:.3}), difference norm {:.3}",
+            m.top_rollouts,
+            m.top_reward_mean,
+            m.bottom_rollouts,
+            m.bottom_reward_mean,
+            m.difference_norm
+        );
+        Ok(())
+    }
+
+    /// Train-side prompts after the rollouts' (file order), rendered like the test prompts.
+    fn validation_prompts(&self, output: &Path) -> StageResult<()> {
         let c = self.config;
+        let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
+        let lm = self.lm()?;
+        let rendering = LineRendering {
+            format: c.model.prompt_format,
+            instruction: Some(&c.prompting.prefix),
+            chat: Some(&lm.tokenizer),
+        };
+        let skip = c.rollout.limit.unwrap_or(usize::MAX);
+        let mut selection = c.rollout.selection();
+        selection.limit = Some(skip.saturating_add(c.validation.limit));
+        let lines = prompt_lines(&dataset, &selection, &rendering)?;
+        let mut lines: Vec<_> = lines.into_iter().skip(skip).collect();
+        if lines.is_empty() {
+            return Err(format!(
+                "no train-side prompts after the {skip} rolled out: lower [rollout] limit"
+            )
+            .into());
+        }
+        lines.sort_by_key(|l| l.prompt.len());
+        let mut sink = JsonlSink::create(Some(output))?;
+        for line in &lines {
+            sink.write(line)?;
+        }
+        sink.finish(&StageRecord {
+            stage: Stage::ValidationPrompts.name(),
+            settings: &self.settings(Stage::ValidationPrompts),
+            provenance: self.run.provenance,
+        })?;
+        Ok(())
+    }
+
+    /// A tuned method's grid, as the sweep stage's settings record it.
+    fn grid(&self, method: Method) -> serde_json::Value {
+        let s = &self.config.sweep;
+        match method {
+            Method::StaticRe => to_json(&s.static_re),
+            Method::BestOfN => to_json(&s.best_of_n),
+            Method::Args => to_json(&s.args),
+            Method::ValueGuided => to_json(&s.value_guided),
+            Method::ReControl | Method::ReControlPrompting => to_json(&s.re_control),
+            Method::Base | Method::Prompting => serde_json::Value::Null,
+        }
+    }
+
+    /// How a method decodes: greedy with [generate]'s settings, except best-of-N, which
+    /// samples.
+    fn decoding(&self, method: Method) -> recontrol_lm::DecodingSettings {
+        let mut decoding = self.config.generate.clone();
+        if method == Method::BestOfN {
+            decoding.temperature = self.config.sweep.best_of_n.temperature;
+            decoding.seed = self.config.sweep.best_of_n.seed;
+        }
+        decoding
+    }
+
+    fn value_backend(&self, lm: &LanguageModel) -> StageResult<Box<dyn GradientBackend>> {
+        let options = ValueOptions {
+            backend: self.config.control.backend,
+            allow_foreign: false,
+            onnxruntime: self.run.onnxruntime.clone(),
+        };
+        Ok(open_value_backend(&self.out(Stage::Export), lm, &options)?)
+    }
+
+    /// A tuned method over its grid (one knob value: generation), with what it decodes with.
+    fn sweep_method(
+        &self,
+        method: Method,
+        lm: &LanguageModel,
+        only: Option<&Setting>,
+    ) -> StageResult<SweepMethod> {
+        let s = &self.config.sweep;
+        let value = |knob: &str, grid: Vec<f64>| -> Vec<f64> {
+            only.and_then(|o| o.iter().find(|(k, _)| k == knob).map(|(_, v)| vec![*v]))
+                .unwrap_or(grid)
+        };
+        Ok(match method {
+            Method::StaticRe => SweepMethod::Steer {
+                vector: SteeringVector::load(&self.out(Stage::Steer))?,
+                scales: value("scale", s.static_re.scales.clone()),
+            },
+            Method::BestOfN => SweepMethod::BestOfN {
+                ns: value("n", s.best_of_n.ns.iter().map(|&n| n as f64).collect())
+                    .into_iter()
+                    .map(|n| n as usize)
+                    .collect(),
+            },
+            Method::Args => SweepMethod::Args {
+                reward: ArgsReward::open(&self.out(Stage::Reward), lm, self.run.device)?,
+                k: s.args.k,
+                weights: value("weight", s.args.weights.clone()),
+            },
+            Method::ValueGuided => SweepMethod::ValueGuided {
+                value: self.value_backend(lm)?,
+                k: s.value_guided.k,
+                weights: value("weight", s.value_guided.weights.clone()),
+            },
+            Method::ReControl | Method::ReControlPrompting => SweepMethod::ReControl {
+                value: self.value_backend(lm)?,
+                alphas: value("alpha", s.re_control.alphas.clone()),
+                steps: value(
+                    "steps",
+                    s.re_control.steps.iter().map(|&n| n as f64).collect(),
+                )
+                .into_iter()
+                .map(|n| n as usize)
+                .collect(),
+                rule: self.config.control.update,
+            },
+            Method::Base | Method::Prompting => {
+                return Err(format!("{} has no knob", method.name()).into())
+            }
+        })
+    }
+
+    /// Tunes `method` on the validation prompts with the policy reward.
+    fn sweep(&self, method: Method, output: &Path) -> StageResult<()> {
+        let prompts_file = self.out(Stage::ValidationPrompts);
+        let prompts = recontrol_data::read_prompts(&prompts_file, "prompt")?;
+        let lm = self.lm()?;
+        let mut sweep_method = self.sweep_method(method, &lm, None)?;
+        let decoding = self.decoding(method);
+        let plan = GenerationPlan {
+            prompts: &prompts,
+            prompt_prefix: None,
+            model_prompts: None,
+            add_special_tokens: self.config.model.prompt_format != PromptFormat::ChatTemplate,
+            config: decoding.config(&lm)?,
+            batch_size: decoding.batch_size,
+        };
+        let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
+        let encoder = CoherenceEncoder::load(&self.config.model.dir, self.run.device)?;
+        let judges = Judges {
+            reward: reward.as_mut(),
+            judge: None,
+            coherence: &encoder,
+        };
+        let dir = AtomicDir::create(output)?;
+        let temp = dir.path().to_owned();
+        let report = recontrol_sweep::sweep(
+            &lm,
+            &plan,
+            &mut sweep_method,
+            judges,
+            &self.config.eval,
+            &mut |i, records| {
+                let mut sink = JsonlSink::create(Some(&temp.join(format!("point-{i}.jsonl"))))?;
+                for r in records {
+                    sink.write(r)?;
+                }
+                sink.finish(&serde_json::json!({ "sweep_point": i }))?;
+                Ok(())
+            },
+        )?;
+        recontrol_sweep::write_sweep(dir.path(), &report)?;
+        dir.commit()?;
+        let chosen = &report.points[report.chosen];
+        eprintln!(
+            "  chose {} (reward {:.3}, diversity {:.3}, coherence {:.3})",
+            recontrol_sweep::describe(&chosen.setting),
+            chosen.reward,
+            chosen.diversity,
+            chosen.coherence
+        );
+        Ok(())
+    }
+
+    /// The setting a method's sweep chose.
+    fn chosen(&self, method: Method) -> StageResult<Setting> {
+        let path = self.out(Stage::Sweep(method)).join("sweep.json");
+        let report = recontrol_sweep::read_sweep(&path)?;
+        Ok(report
+            .points
+            .get(report.chosen)
+            .ok_or_else(|| format!("{}: no chosen point", path.display()))?
+            .setting
+            .clone())
+    }
+
+    fn generate(&self, set: PromptSet, method: Method, output: &Path) -> StageResult<()> {
         let prompts_file = self.out(Stage::Prompts(set));
         let prompts = recontrol_data::read_prompts(&prompts_file, "prompt")?;
         let instructed = if method.prompted() {
@@ -478,39 +706,39 @@ impl Pipeline<'_> {
             None
         };
         let lm = self.lm()?;
-        let mut backend = if method.controlled() {
-            let options = ValueOptions {
-                backend: c.control.backend,
-                allow_foreign: false,
-                onnxruntime: self.run.onnxruntime.clone(),
-            };
-            Some(open_value_backend(&self.out(Stage::Export), &lm, &options)?)
-        } else {
-            None
-        };
-        let mut controller = backend
-            .as_deref_mut()
-            .map(|b| Controller::new(b, c.control.config()))
-            .transpose()?;
+        let decoding = self.decoding(method);
         let plan = GenerationPlan {
             prompts: &prompts,
             prompt_prefix: None,
             model_prompts: instructed.as_deref(),
             add_special_tokens: self.config.model.prompt_format != PromptFormat::ChatTemplate,
-            config: c.generate.config(&lm)?,
-            batch_size: c.generate.batch_size,
+            config: decoding.config(&lm)?,
+            batch_size: decoding.batch_size,
         };
         let mut sink = JsonlSink::create(Some(output))?;
-        let decoding = match controller.as_mut() {
-            Some(controller) => recontrol_controller::Method::Control(controller),
-            None => recontrol_controller::Method::Plain,
-        };
-        let summary = generate_records(&lm, &plan, decoding, &mut |records| {
+        let mut write = |records: &[recontrol_data::GenerationRecord]| -> Result<(), SinkError> {
             for r in records {
                 sink.write(r)?;
             }
             Ok(())
-        })?;
+        };
+        let summary = match method.tuned_by() {
+            None => generate_records(&lm, &plan, DecodingMethod::Plain, &mut write)?,
+            Some(tuned) => {
+                let setting = self.chosen(tuned)?;
+                eprintln!("  {} at {}", method.name(), recontrol_sweep::describe(&setting));
+                let mut one = self.sweep_method(tuned, &lm, Some(&setting))?;
+                let mut reward = match method {
+                    Method::BestOfN => Some(load_reward(&self.out(Stage::Reward), self.run.device)?),
+                    _ => None,
+                };
+                let reward: Option<&mut dyn recontrol_reward_model::RewardSource> = match &mut reward {
+                    Some(r) => Some(r.as_mut()),
+                    None => None,
+                };
+                recontrol_sweep::decode_setting(&mut one, &lm, &plan, &setting, reward, &mut write)?
+            }
+        };
         eprintln!(
             "  {} tokens for {} prompts in {:.2} s",
             summary.tokens, summary.prompts, summary.seconds
@@ -537,9 +765,11 @@ impl Pipeline<'_> {
             PromptSet::HarmfulQa => None,
         };
         let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
+        let mut judge = load_reward(&self.out(Stage::Judge), self.run.device)?;
         let encoder = CoherenceEncoder::load(&self.config.model.dir, self.run.device)?;
         let judges = Judges {
             reward: reward.as_mut(),
+            judge: Some(judge.as_mut()),
             coherence: &encoder,
         };
         let report = evaluate(&methods, references.as_ref(), judges, &self.config.eval)?;
