@@ -540,6 +540,7 @@ impl Pipeline<'_> {
         let encoder = CoherenceEncoder::load(&self.config.model.dir, self.run.device)?;
         let judges = Judges {
             reward: reward.as_mut(),
+            judge: None,
             coherence: &encoder,
         };
         let report = evaluate(&methods, references.as_ref(), judges, &self.config.eval)?;
