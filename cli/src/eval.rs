@@ -24,9 +24,16 @@ pub struct EvalArgs {
     /// Method names, comma-separated, one per file (default: the file stems).
     #[arg(long, value_delimiter = ',')]
     pub names: Vec<String>,
-    /// The judge: a reward model directory or a TOML file of rules.
+    /// The policy reward (the one the methods optimise): a reward model directory or a TOML
+    /// file of rules.
     #[arg(long)]
     pub reward: PathBuf,
+    /// An independent judge (a reward model directory or a TOML file of rules, e.g. a reward
+    /// model trained on another --partition of the pairs): it scores every response too, gets
+    /// its own reward and gain columns, and computes the win rates.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge: Option<PathBuf>,
     /// JSONL with each prompt's reference (dataset-preferred) response, for the win rate
     /// against it.
     #[arg(long)]
@@ -105,10 +112,20 @@ impl EvalArgs {
         eprintln!("loading the reward {}", self.reward.display());
         let mut reward = recontrol_reward_model::load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
+        let mut judge = self
+            .judge
+            .as_ref()
+            .map(|path| {
+                eprintln!("loading the judge {}", path.display());
+                recontrol_reward_model::load_reward(path, self.device.device)
+                    .with_context(|| format!("--judge {}", path.display()))
+            })
+            .transpose()?;
         let encoder = CoherenceEncoder::load(&coherence_dir, self.device.device)
             .with_context(|| format!("coherence encoder {}", coherence_dir.display()))?;
         let judges = Judges {
             reward: reward.as_mut(),
+            judge: judge.as_deref_mut(),
             coherence: &encoder,
         };
         let settings = EvalSettings {

@@ -204,7 +204,11 @@ impl ControlArgs {
 }
 
 /// `prompt` as a user message (after `system`, if any) in `lm`'s chat template.
-pub(crate) fn chat_prompt(lm: &LanguageModel, system: Option<&str>, prompt: &str) -> Result<String> {
+pub(crate) fn chat_prompt(
+    lm: &LanguageModel,
+    system: Option<&str>,
+    prompt: &str,
+) -> Result<String> {
     let message = |role: &str, content: &str| ChatMessage {
         role: role.to_owned(),
         content: content.to_owned(),

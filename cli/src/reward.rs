@@ -9,11 +9,11 @@ use recontrol_data::{read_generations, PromptFormat, Store};
 use recontrol_io::{Provenance, WorkDirs};
 use recontrol_lm::LanguageModel;
 use recontrol_reward_model::stage::{
-    epoch_scalars, label_start, label_store, prepare_pairs, train_reward, LabelMode, RewardOutcome,
-    RewardSettings, RewardSummary,
+    epoch_scalars, label_start, label_store, prepare_training_pairs, train_reward, LabelMode,
+    RewardOutcome, RewardSettings, RewardSummary,
 };
 use recontrol_reward_model::train::{EpochMetrics, RewardTrainConfig, RunControl};
-use recontrol_reward_model::{load_reward, RewardModel};
+use recontrol_reward_model::{load_reward, Partition, RewardModel};
 use serde::Serialize;
 
 use crate::args::{DatasetArgs, DeviceArgs, EpochRunArgs};
@@ -103,6 +103,13 @@ pub struct TrainArgs {
     /// Train on at most this many pairs of the train side.
     #[arg(long)]
     pub max_train_pairs: Option<usize>,
+    /// Train on part K of N of the training pairs: a partition seeded by --split-seed, so
+    /// models trained on different parts saw disjoint pairs (e.g. a policy reward on 1/2 and
+    /// an independent judge on 2/2). Applied before --max-train-pairs; the held-out pairs are
+    /// the same for every part.
+    #[arg(long, value_name = "K/N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<Partition>,
     #[command(flatten)]
     #[serde(flatten)]
     pub run: EpochRunArgs,
@@ -136,6 +143,7 @@ impl TrainArgs {
             unfreeze_top_k: self.unfreeze_top_k,
             feature_batch_size: self.feature_batch_size,
             max_train_pairs: self.max_train_pairs,
+            partition: self.partition,
             split_seed: self.split_seed,
             test_fraction: self.test_fraction,
         }
@@ -164,9 +172,9 @@ impl TrainArgs {
         let lm =
             LanguageModel::load_backbone(&self.model, self.device.device, self.device.dtype.into())
                 .with_context(|| format!("--model {}", self.model.display()))?;
-        let mut prepared = prepare_pairs(
+        let prepared = prepare_training_pairs(
             pairs,
-            &settings.split(),
+            &settings,
             if self.chat {
                 PromptFormat::ChatTemplate
             } else {
@@ -174,9 +182,15 @@ impl TrainArgs {
             },
             Some(&lm.tokenizer),
         )
-        .with_context(|| format!("--pairs {}", self.pairs.display()))?;
-        if let Some(n) = settings.max_train_pairs {
-            prepared.keep_train(n);
+        .with_context(|| match settings.partition {
+            Some(p) => format!("--pairs {} --partition {p}", self.pairs.display()),
+            None => format!("--pairs {}", self.pairs.display()),
+        })?;
+        if let Some(p) = settings.partition {
+            eprintln!(
+                "training on part {p} of the training pairs: {} pairs",
+                prepared.train.chosen.len()
+            );
         }
         if prepared.skipped_empty > 0 {
             eprintln!(

@@ -109,7 +109,12 @@ struct RunRecord<'a> {
 }
 
 impl SweepArgs {
-    fn value(&self, path: &std::path::Path, flag: &str, lm: &LanguageModel) -> Result<Box<dyn recontrol_controller::GradientBackend>> {
+    fn value(
+        &self,
+        path: &std::path::Path,
+        flag: &str,
+        lm: &LanguageModel,
+    ) -> Result<Box<dyn recontrol_controller::GradientBackend>> {
         let options = ValueOptions {
             backend: match self.grad_backend {
                 GradBackendArg::Onnx => BackendKind::Onnx,
@@ -142,7 +147,7 @@ impl SweepArgs {
                 )
                 .with_context(context)?;
             return Ok(SweepMethod::Steer {
-                vector,
+                vector: Box::new(vector),
                 scales: self.steer_scale.clone(),
             });
         }
@@ -220,24 +225,33 @@ impl SweepArgs {
             config,
             batch_size: self.generation.batch_size,
         };
-        let out = AtomicDir::create(&self.out).with_context(|| format!("--out {}", self.out.display()))?;
+        let out = AtomicDir::create(&self.out)
+            .with_context(|| format!("--out {}", self.out.display()))?;
         let settings = EvalSettings {
             bootstrap: self.bootstrap,
             seed: 0,
         };
         let judges = Judges {
             reward: reward.as_mut(),
+            judge: None,
             coherence: &encoder,
         };
         let dir = out.path().to_owned();
-        let report = sweep(&lm, &plan, &mut method, judges, &settings, &mut |i, records| {
-            let mut sink = JsonlSink::create(Some(&dir.join(format!("point-{i}.jsonl"))))?;
-            for r in records {
-                sink.write(r)?;
-            }
-            sink.finish(&serde_json::json!({ "sweep_point": i }))?;
-            Ok(())
-        })?;
+        let report = sweep(
+            &lm,
+            &plan,
+            &mut method,
+            judges,
+            &settings,
+            &mut |i, records| {
+                let mut sink = JsonlSink::create(Some(&dir.join(format!("point-{i}.jsonl"))))?;
+                for r in records {
+                    sink.write(r)?;
+                }
+                sink.finish(&serde_json::json!({ "sweep_point": i }))?;
+                Ok(())
+            },
+        )?;
         write_sweep(out.path(), &report)?;
         recontrol_io::write_json_atomic(
             &out.path().join("config.json"),

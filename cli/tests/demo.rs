@@ -139,7 +139,9 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     assert_eq!(sweep["points"].as_array().map(Vec::len), Some(2));
     assert_eq!(sweep["prompts"], 4);
     let chosen = sweep["chosen"].as_u64().expect("chosen") as usize;
-    let weight = sweep["points"][chosen]["setting"][0][1].as_f64().expect("weight");
+    let weight = sweep["points"][chosen]["setting"][0][1]
+        .as_f64()
+        .expect("weight");
     let settings: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("generations/hh/value-guided.jsonl.config.json"))
             .expect("config"),
@@ -156,7 +158,10 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
         )
         .expect("json")
     };
-    assert_eq!(first_line("generations/hh/value-guided.jsonl")["method"], "value-guided");
+    assert_eq!(
+        first_line("generations/hh/value-guided.jsonl")["method"],
+        "value-guided"
+    );
     assert!(first_line("generations/hh/best-of-n.jsonl")["best_of"]["rewards"].is_array());
     assert!(weight == 1.0 || weight == 2.0);
     // The validation prompts are train-side prompts, none of them a test prompt.
@@ -240,8 +245,11 @@ fn runs_every_stage_caches_them_and_reruns_only_what_changed() {
     let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
     cli::assert_fails_with(&run, "--config");
     // So is a judge trained on the policy reward model's pairs.
-    std::fs::write(&config, tiny().replace("partition = \"2/2\"", "partition = \"1/2\""))
-        .expect("write");
+    std::fs::write(
+        &config,
+        tiny().replace("partition = \"2/2\"", "partition = \"1/2\""),
+    )
+    .expect("write");
     let run = recontrol(&["demo", "--out", s(&out), "--config", s(&config)]);
     cli::assert_fails_with(&run, "the judge must be trained on another partition");
 

@@ -274,3 +274,104 @@ fn refuses_mismatched_or_malformed_inputs() {
     );
     assert!(!dir.path().join("out").exists());
 }
+
+#[test]
+fn a_judge_computes_the_win_rates_and_its_own_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gen = |name: &str, responses: [&str; 4], seconds: f64| -> PathBuf {
+        let rows: Vec<Value> = PROMPTS
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| {
+                serde_json::json!({"prompt": p, "response": r, "num_tokens": 2, "seconds": seconds})
+            })
+            .collect();
+        jsonl(&dir.path().join(format!("{name}.jsonl")), &rows)
+    };
+    let base = gen("base", [" a", " b", " c", " d"], 1.0);
+    let longer = gen("longer", [" one two", " three", " four five", " six"], 2.0);
+    let rules = |name: &str, weight: f64| -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("[[term]]\nkind = \"length\"\nunit = \"chars\"\nweight = {weight}\n"),
+        )
+        .expect("write");
+        path
+    };
+    // The policy reward pays for length, the judge for brevity.
+    let (policy, judge) = (rules("policy.toml", 0.1), rules("judge.toml", -0.1));
+    let reference = jsonl(
+        &dir.path().join("reference.jsonl"),
+        &PROMPTS
+            .iter()
+            .map(|p| serde_json::json!({"prompt": p, "reference": " r r"}))
+            .collect::<Vec<_>>(),
+    );
+    let out = dir.path().join("report");
+    let eval = |judge: &Path| {
+        recontrol(&[
+            "eval",
+            "--generations",
+            s(&base),
+            s(&longer),
+            "--reward",
+            s(&policy),
+            "--judge",
+            s(judge),
+            "--reference",
+            s(&reference),
+            "--coherence-model",
+            s(&lm_fixture("llama-mha")),
+            "--out",
+            s(&out),
+            "--bootstrap",
+            "200",
+        ])
+    };
+    let run = eval(&judge);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("report.json")).expect("report.json"),
+    )
+    .expect("json");
+    assert!(
+        report["judge"]
+            .as_str()
+            .expect("judge")
+            .contains("judge.toml"),
+        "{}",
+        report["judge"]
+    );
+    assert_eq!(report["win_rates_by"], "judge");
+    assert_eq!(report["args"]["judge"], s(&judge));
+    let f = |v: &Value| v.as_f64().expect("number");
+    let longer = &report["methods"][1];
+    // Policy columns from the policy reward: longer is better.
+    assert!(f(&longer["avg_reward"]) > f(&report["methods"][0]["avg_reward"]));
+    assert!(f(&longer["reward_gain_vs_base"]) > 0.0);
+    assert_eq!(f(&longer["policy_win_rate_vs_base"]), 1.0);
+    assert_eq!(f(&longer["policy_win_rate_vs_reference"]), 1.0);
+    // Judge columns and win rates from the judge: shorter is better.
+    assert!(f(&longer["judge"]["gain_vs_base"]) < 0.0);
+    assert!(f(&longer["judge"]["avg_reward"]) < 0.0);
+    assert_eq!(f(&longer["win_rate_vs_base"]), 0.0);
+    assert_eq!(f(&longer["win_rate_vs_reference"]), 0.0);
+    assert_eq!(f(&report["methods"][0]["win_rate_vs_reference"]), 1.0);
+    // Two seconds per two tokens against one.
+    assert_eq!(f(&longer["slowdown_vs_base"]), 2.0);
+    let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(
+        md.contains("judge reward [95% CI]") && md.contains("win vs base (judge)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 0.0% | 0.0% |") && md.contains("| 2.00x |"),
+        "{md}"
+    );
+    let chart = std::fs::read_to_string(out.join("chart.svg")).expect("chart.svg");
+    assert!(chart.contains("judge reward (95% CI)"), "{chart}");
+
+    let missing = dir.path().join("no-such-judge");
+    assert_fails_with(&eval(&missing), "--judge");
+}

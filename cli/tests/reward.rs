@@ -467,3 +467,66 @@ fn bad_inputs_give_one_clear_line() {
     ]);
     assert_fails_with(&run, "none.h5");
 }
+
+#[test]
+fn partitions_train_on_disjoint_halves_of_the_training_pairs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = |name: &str, extra: &[&str]| -> Value {
+        let mut args = vec!["--epochs", "1"];
+        args.extend_from_slice(extra);
+        let (rm, run) = train(dir.path(), name, &args);
+        assert!(run.status.success(), "{}", stderr(&run));
+        serde_json::from_str(
+            &std::fs::read_to_string(rm.join("reward_training.json")).expect("record"),
+        )
+        .expect("json")
+    };
+    let whole = record("whole", &[]);
+    let first = record("first", &["--partition", "1/2"]);
+    let second = record("second", &["--partition", "2/2"]);
+    assert!(whole.get("partition").is_none(), "{whole}");
+    assert_eq!(first["partition"], "1/2");
+    assert_eq!(second["partition"], "2/2");
+    assert_eq!(first["args"]["partition"], "1/2");
+    let count = |v: &Value, key: &str| v[key].as_u64().expect("count");
+    // The halves split the training pairs between them; the held-out pairs are everyone's.
+    assert_eq!(
+        count(&first, "train_pairs") + count(&second, "train_pairs"),
+        count(&whole, "train_pairs")
+    );
+    assert!(count(&first, "train_pairs").abs_diff(count(&second, "train_pairs")) <= 1);
+    for part in [&first, &second] {
+        assert_eq!(count(part, "heldout_pairs"), count(&whole, "heldout_pairs"));
+    }
+    // Digests are XORs of per-pair hashes: disjoint halves that cover the training pairs XOR
+    // to the whole's (a pair in both halves would cancel out).
+    let digest = |v: &Value| {
+        u64::from_str_radix(v["train_pairs_digest"].as_str().expect("digest"), 16).expect("hex")
+    };
+    assert_ne!(digest(&first), digest(&second));
+    assert_eq!(digest(&first) ^ digest(&second), digest(&whole));
+    // The same part again is the same pairs; another split seed partitions differently.
+    assert_eq!(
+        digest(&record("first-again", &["--partition", "1/2"])),
+        digest(&first)
+    );
+    let reseeded = record("reseeded", &["--partition", "1/2", "--split-seed", "7"]);
+    assert_ne!(digest(&reseeded), digest(&first));
+
+    for bad in ["0/2", "3/2", "a/b", "2"] {
+        let (out, run) = train(dir.path(), "bad", &["--partition", bad]);
+        assert!(!run.status.success(), "--partition {bad} was accepted");
+        let err = stderr(&run);
+        assert!(
+            err.contains(&format!("invalid value '{bad}' for '--partition <K/N>'"))
+                && err.contains("expected K/N with 1 <= K <= N"),
+            "{err}"
+        );
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -98,7 +98,10 @@ fn picks_the_setting_with_the_best_reward_plus_diversity_plus_coherence() {
     }
     assert!(scores[1] > scores[0], "{scores:?}");
     assert_eq!(report["chosen"], 1);
-    assert_eq!(report["points"][1]["setting"], serde_json::json!([["weight", 1000.0]]));
+    assert_eq!(
+        report["points"][1]["setting"],
+        serde_json::json!([["weight", 1000.0]])
+    );
     for i in 0..2 {
         let lines = std::fs::read_to_string(out.join(format!("point-{i}.jsonl"))).expect("point");
         assert_eq!(lines.lines().count(), 4);
@@ -164,11 +167,22 @@ fn bad_grids_and_outputs_are_refused_before_anything_is_written() {
     let run = sweep(
         dir.path(),
         &out,
-        &["--reward", s(&longer), "--best-of", "0,2", "--temperature", "1"],
+        &[
+            "--reward",
+            s(&longer),
+            "--best-of",
+            "0,2",
+            "--temperature",
+            "1",
+        ],
     );
     assert_fails_with(&run, "every value must be at least 1");
     assert!(!out.exists());
-    let run = sweep(dir.path(), &out, &["--reward", s(&longer), "--best-of", "2"]);
+    let run = sweep(
+        dir.path(),
+        &out,
+        &["--reward", s(&longer), "--best-of", "2"],
+    );
     assert_fails_with(&run, "set --temperature above 0");
     assert!(!out.exists());
     std::fs::create_dir(&out).expect("mkdir");

@@ -11,12 +11,13 @@ use recontrol_eval::EvalSettings;
 use recontrol_export::ControllerSpec;
 use recontrol_lm::DecodingSettings;
 use recontrol_reward_model::stage::RewardSettings;
+use recontrol_reward_model::Partition;
 use recontrol_rollout::RolloutSettings;
 use recontrol_value_net::stage::ValueSettings;
 use serde::{Deserialize, Serialize};
 
 /// Every stage's settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DemoConfig {
     /// The model every stage uses: the policy, the reward model's backbone, the value net's
@@ -52,6 +53,33 @@ pub struct DemoConfig {
     pub eval: EvalSettings,
 }
 
+impl Default for DemoConfig {
+    /// Every stage's defaults; the policy reward model and the judge train on the two halves
+    /// of the train pairs.
+    fn default() -> Self {
+        let half = |k| RewardSettings {
+            partition: Partition::new(k, 2).ok(),
+            ..RewardSettings::default()
+        };
+        Self {
+            model: ModelStage::default(),
+            rollout: RolloutStage::default(),
+            reward: half(1),
+            judge: half(2),
+            value: ValueSettings::default(),
+            export: ExportStage::default(),
+            prompts: PromptsStage::default(),
+            generate: DecodingSettings::default(),
+            control: ControlStage::default(),
+            validation: ValidationStage::default(),
+            sweep: SweepStage::default(),
+            prompting: PromptingStage::default(),
+            ood: PromptsStage::default(),
+            eval: EvalSettings::default(),
+        }
+    }
+}
+
 impl DemoConfig {
     /// Parses a TOML configuration and checks it; the error is one line.
     pub fn from_toml(text: &str) -> Result<Self, String> {
@@ -78,7 +106,8 @@ impl DemoConfig {
         }
         if policy.split_seed != judge.split_seed || policy.test_fraction != judge.test_fraction {
             return Err(
-                "[reward] and [judge] must split the pairs alike (split_seed, test_fraction)".into(),
+                "[reward] and [judge] must split the pairs alike (split_seed, test_fraction)"
+                    .into(),
             );
         }
         Ok(())

@@ -295,7 +295,10 @@ impl Stage {
 
     /// Whether an interrupted run continues from its checkpoint (or finished parts).
     pub fn resumable(self) -> bool {
-        matches!(self, Self::Rollout | Self::Reward | Self::Judge | Self::Value)
+        matches!(
+            self,
+            Self::Rollout | Self::Reward | Self::Judge | Self::Value
+        )
     }
 
     /// Where the stage writes, inside the demo's folder.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::generation::SinkError;
+use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{
     generate_records, ArgsReward, GenerationPlan, GradientBackend, Method as DecodingMethod,
     SteeringVector,
@@ -20,8 +20,8 @@ use recontrol_export::{write_export, Producer, ValueDir};
 use recontrol_io::{AtomicDir, JsonlSink, Provenance, WorkDirs};
 use recontrol_lm::{model_identity, DType, DeviceSpec, LanguageModel};
 use recontrol_reward_model::stage::{
-    epoch_scalars as reward_scalars, label_start, label_store, prepare_training_pairs, train_reward,
-    LabelMode, RewardOutcome, RewardSummary,
+    epoch_scalars as reward_scalars, label_start, label_store, prepare_training_pairs,
+    train_reward, LabelMode, RewardOutcome, RewardSummary,
 };
 use recontrol_reward_model::{load_reward, RewardModel};
 use recontrol_rollout::{collect_rollouts, select_prompts};
@@ -365,12 +365,8 @@ impl Pipeline<'_> {
             .as_ref()
             .ok_or("the bundled HH-RLHF file has no pairs")?;
         let lm = LanguageModel::load_backbone(&self.config.model.dir, self.run.device, DType::F32)?;
-        let prepared = prepare_training_pairs(
-            pairs,
-            settings,
-            self.pair_format(),
-            Some(&lm.tokenizer),
-        )?;
+        let prepared =
+            prepare_training_pairs(pairs, settings, self.pair_format(), Some(&lm.tokenizer))?;
         let mut tb = SummaryWriter::new(&dirs.logdir);
         let control = recontrol_train::RunControl {
             checkpoint: &dirs.checkpoint,
@@ -596,7 +592,7 @@ impl Pipeline<'_> {
         };
         Ok(match method {
             Method::StaticRe => SweepMethod::Steer {
-                vector: SteeringVector::load(&self.out(Stage::Steer))?,
+                vector: Box::new(SteeringVector::load(&self.out(Stage::Steer))?),
                 scales: value("scale", s.static_re.scales.clone()),
             },
             Method::BestOfN => SweepMethod::BestOfN {
@@ -726,16 +722,23 @@ impl Pipeline<'_> {
             None => generate_records(&lm, &plan, DecodingMethod::Plain, &mut write)?,
             Some(tuned) => {
                 let setting = self.chosen(tuned)?;
-                eprintln!("  {} at {}", method.name(), recontrol_sweep::describe(&setting));
+                eprintln!(
+                    "  {} at {}",
+                    method.name(),
+                    recontrol_sweep::describe(&setting)
+                );
                 let mut one = self.sweep_method(tuned, &lm, Some(&setting))?;
                 let mut reward = match method {
-                    Method::BestOfN => Some(load_reward(&self.out(Stage::Reward), self.run.device)?),
+                    Method::BestOfN => {
+                        Some(load_reward(&self.out(Stage::Reward), self.run.device)?)
+                    }
                     _ => None,
                 };
-                let reward: Option<&mut dyn recontrol_reward_model::RewardSource> = match &mut reward {
-                    Some(r) => Some(r.as_mut()),
-                    None => None,
-                };
+                let reward: Option<&mut dyn recontrol_reward_model::RewardSource> =
+                    match &mut reward {
+                        Some(r) => Some(r.as_mut()),
+                        None => None,
+                    };
                 recontrol_sweep::decode_setting(&mut one, &lm, &plan, &setting, reward, &mut write)?
             }
         };

@@ -38,6 +38,17 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Output(#[from] recontrol_io::Error),
+    /// A chart the plotting library could not draw.
+    #[error("chart: {0}")]
+    Chart(String),
+    #[error("knob chart: {knob} needs finite values, got {values:?}")]
+    KnobValues { knob: String, values: Vec<f64> },
+    #[error("knob chart: series {series:?} has {len} values for {knob_values} knob values")]
+    KnobSeriesLength {
+        series: String,
+        len: usize,
+        knob_values: usize,
+    },
 }
 
 /// The crate's result type.

@@ -1,7 +1,12 @@
 //! Evaluation of generations, the paper's metrics for one or more methods decoded on the same
 //! prompts (the first is the base): average reward with a bootstrap interval and the paired gain
 //! over the base, diversity and rep-2/3/4, coherence, win rates against the dataset's reference
-//! response and against the base, lengths and times.
+//! response and against the base, lengths, times and the slowdown over the base.
+//!
+//! An optional judge (a reward independent of the one the methods optimise, e.g. a reward model
+//! trained on another part of the pairs) scores every response too: its average and gain get
+//! their own columns and it computes the win rates, so that reward hacking shows as the gap
+//! between the policy reward and the judge.
 //!
 //! [`evaluate`] computes a [`Report`]; [`write_report`] writes `report.json`, `report.md` and
 //! `chart.svg`. `recontrol eval` and `recontrol demo` are thin callers.
@@ -18,7 +23,7 @@
 //!     recontrol_lm::DeviceSpec::Cpu,
 //! )?;
 //! let encoder = CoherenceEncoder::load("model".as_ref(), recontrol_lm::DeviceSpec::Cpu)?;
-//! let judges = Judges { reward: reward.as_mut(), coherence: &encoder };
+//! let judges = Judges { reward: reward.as_mut(), judge: None, coherence: &encoder };
 //! let report = evaluate(&methods, None, judges, &EvalSettings::default())?;
 //! println!("{}", recontrol_eval::report::table(&report.methods));
 //! # Ok(()) }
@@ -40,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use encoder::CoherenceEncoder;
 pub use error::{Error, Result};
-pub use report::write_report;
+pub use report::{knob_chart, write_report};
 
 /// The generations of one method.
 #[derive(Debug, Clone)]
@@ -62,9 +67,14 @@ impl MethodGenerations {
     }
 }
 
-/// The scorers: the reward that judges responses and the coherence encoder.
+/// The scorers: the policy reward (the one the methods optimise), an optional independent
+/// judge, and the coherence encoder.
 pub struct Judges<'a> {
     pub reward: &'a mut dyn RewardSource,
+    /// An independent reward: with one, it also scores every response (and reference) and
+    /// computes the win rates. (`'static` because no coercion reaches into an `Option`: a
+    /// loaded `Option<Box<dyn RewardSource>>` passes as `judge.as_deref_mut()`.)
+    pub judge: Option<&'a mut (dyn RewardSource + 'static)>,
     pub coherence: &'a CoherenceEncoder,
 }
 
@@ -72,6 +82,7 @@ impl std::fmt::Debug for Judges<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Judges")
             .field("reward", &self.reward.describe())
+            .field("judge", &self.judge.as_ref().map(|j| j.describe()))
             .field("coherence", &self.coherence.describe())
             .finish()
     }
@@ -111,12 +122,50 @@ pub struct MethodReport {
     pub rep_3: f64,
     pub rep_4: f64,
     pub coherence: f64,
+    /// Share of prompts whose response beats the reference response (ties count half), by the
+    /// judge when there is one, else by the policy reward ([`Report::win_rates_by`]).
     pub win_rate_vs_reference: Option<f64>,
+    /// Share of prompts whose response beats the base's, by the judge when there is one, else
+    /// by the policy reward.
     pub win_rate_vs_base: f64,
     pub mean_response_words: f64,
     pub mean_response_tokens: f64,
     pub seconds: f64,
     pub seconds_per_token: f64,
+    /// Seconds per token over the base's (the base: 1); absent when either is not timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slowdown_vs_base: Option<f64>,
+    /// The judge's scores, when there is a judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeMetrics>,
+    /// With a judge, the policy reward's win rate against the reference (without one, the
+    /// policy reward's win rates are `win_rate_vs_reference` and `win_rate_vs_base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_win_rate_vs_reference: Option<f64>,
+    /// With a judge, the policy reward's win rate against the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_win_rate_vs_base: Option<f64>,
+}
+
+/// A method's rewards by one reward (the judge's in [`MethodReport::judge`]): the average with
+/// its interval and the gain over the base paired by prompt, computed like the policy reward's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeMetrics {
+    pub avg_reward: f64,
+    pub avg_reward_ci95: [f64; 2],
+    pub gain_vs_base: f64,
+    pub gain_vs_base_ci95: [f64; 2],
+}
+
+/// Which reward computed the win rates of a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WinRatesBy {
+    /// The policy reward (no judge was given).
+    #[default]
+    Reward,
+    /// The independent judge.
+    Judge,
 }
 
 /// How the bootstrap intervals were made.
@@ -136,6 +185,15 @@ pub struct Report {
     pub reward: String,
     /// The mean reward of the reference responses, when given.
     pub reference_avg_reward: Option<f64>,
+    /// The judge's identity, when there is a judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<String>,
+    /// The judge's mean reward of the reference responses, when both are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_reference_avg_reward: Option<f64>,
+    /// Which reward computed `win_rate_vs_reference` and `win_rate_vs_base`.
+    #[serde(default)]
+    pub win_rates_by: WinRatesBy,
     pub coherence_encoder: String,
     pub truncation: String,
     pub bootstrap: BootstrapRecord,
@@ -217,8 +275,85 @@ fn score(reward: &mut dyn RewardSource, pairs: Vec<(String, String)>) -> Result<
     Ok(out)
 }
 
+/// Seconds per generated token of `records`, when they are timed and count their tokens.
+fn seconds_per_token(records: &[GenerationRecord]) -> Option<f64> {
+    let seconds = generation_seconds(records);
+    let tokens: usize = records.iter().filter_map(|g| g.num_tokens).sum();
+    (seconds > 0.0 && tokens > 0).then(|| seconds / tokens as f64)
+}
+
+/// One reward's scores of every method's responses and of the references.
+struct Scores {
+    /// Per method (the base first), per prompt.
+    methods: Vec<Vec<f64>>,
+    /// Per prompt, when references are given.
+    references: Option<Vec<f64>>,
+}
+
+impl Scores {
+    /// Scores the responses of `methods` and the references of their prompts with `reward`
+    /// (`what` names it in the progress lines).
+    fn of(
+        reward: &mut dyn RewardSource,
+        methods: &[MethodGenerations],
+        references: Option<&HashMap<String, String>>,
+        what: &str,
+    ) -> Result<Self> {
+        let base = &methods[0].records;
+        let references = references
+            .map(|refs| {
+                score(
+                    reward,
+                    base.iter()
+                        .map(|g| (g.prompt.clone(), refs[&g.prompt].clone()))
+                        .collect(),
+                )
+            })
+            .transpose()?;
+        let mut scores = Vec::with_capacity(methods.len());
+        for m in methods {
+            eprintln!("scoring {} with {what}", m.name);
+            scores.push(score(
+                reward,
+                m.records
+                    .iter()
+                    .map(|g| (g.prompt.clone(), g.response.clone()))
+                    .collect(),
+            )?);
+        }
+        Ok(Self {
+            methods: scores,
+            references,
+        })
+    }
+
+    fn win_rate_vs_reference(&self, method: usize) -> Option<f64> {
+        self.references
+            .as_ref()
+            .map(|refs| win_rate(&self.methods[method], refs))
+    }
+
+    fn win_rate_vs_base(&self, method: usize) -> f64 {
+        win_rate(&self.methods[method], &self.methods[0])
+    }
+
+    /// The average and the paired gain over the base, with their bootstrap intervals.
+    fn metrics(&self, method: usize, settings: &EvalSettings) -> JudgeMetrics {
+        let (r, base) = (&self.methods[method], &self.methods[0]);
+        let (lo, hi) = bootstrap_mean_ci(r, settings.bootstrap, settings.seed);
+        let (glo, ghi) = bootstrap_paired_diff_ci(r, base, settings.bootstrap, settings.seed);
+        JudgeMetrics {
+            avg_reward: mean(r),
+            avg_reward_ci95: [lo, hi],
+            gain_vs_base: mean(r) - mean(base),
+            gain_vs_base_ci95: [glo, ghi],
+        }
+    }
+}
+
 /// Evaluates `methods` (the first is the base) with `judges`; `references` maps each prompt to
-/// the dataset's preferred response, for the win rate against it.
+/// the dataset's preferred response, for the win rate against it. With a judge, the win rates
+/// are the judge's and the policy reward's are kept as `policy_win_rate_*`.
 pub fn evaluate(
     methods: &[MethodGenerations],
     references: Option<&HashMap<String, String>>,
@@ -239,30 +374,21 @@ pub fn evaluate(
             });
         }
     }
-    let Judges { reward, coherence } = judges;
-    let reference_rewards = references
-        .map(|refs| {
-            score(
-                reward,
-                base.iter()
-                    .map(|g| (g.prompt.clone(), refs[&g.prompt].clone()))
-                    .collect(),
-            )
-        })
+    let Judges {
+        reward,
+        mut judge,
+        coherence,
+    } = judges;
+    let policy = Scores::of(reward, methods, references, "the reward")?;
+    let judged = judge
+        .as_deref_mut()
+        .map(|j| Scores::of(j, methods, references, "the judge"))
         .transpose()?;
-    let mut rewards = Vec::with_capacity(methods.len());
-    for m in methods {
-        eprintln!("scoring {}", m.name);
-        rewards.push(score(
-            reward,
-            m.records
-                .iter()
-                .map(|g| (g.prompt.clone(), g.response.clone()))
-                .collect(),
-        )?);
-    }
+    // The win rates are the judge's when there is one.
+    let wins = judged.as_ref().unwrap_or(&policy);
+    let base_seconds_per_token = seconds_per_token(base);
     let mut reports = Vec::with_capacity(methods.len());
-    for (m, r) in methods.iter().zip(&rewards) {
+    for (i, m) in methods.iter().enumerate() {
         eprintln!("coherence and diversity of {}", m.name);
         let gens = &m.records;
         let responses: Vec<&str> = gens
@@ -274,11 +400,10 @@ pub fn evaluate(
             .zip(&responses)
             .map(|(g, text)| coherence.coherence(&g.prompt, text))
             .collect::<Result<Vec<f64>>>()?;
-        let (lo, hi) = bootstrap_mean_ci(r, settings.bootstrap, settings.seed);
-        let (glo, ghi) =
-            bootstrap_paired_diff_ci(r, &rewards[0], settings.bootstrap, settings.seed);
+        let rewards = policy.metrics(i, settings);
         let seconds = generation_seconds(gens);
         let tokens: usize = gens.iter().filter_map(|g| g.num_tokens).sum();
+        let per_token = seconds_per_token(gens);
         let per_response = |f: &dyn Fn(&str) -> f64| -> f64 {
             mean(&responses.iter().map(|t| f(t)).collect::<Vec<_>>())
         };
@@ -286,28 +411,45 @@ pub fn evaluate(
             name: m.name.clone(),
             file: m.file.clone(),
             responses: gens.len(),
-            avg_reward: mean(r),
-            avg_reward_ci95: [lo, hi],
-            reward_gain_vs_base: mean(r) - mean(&rewards[0]),
-            reward_gain_vs_base_ci95: [glo, ghi],
+            avg_reward: rewards.avg_reward,
+            avg_reward_ci95: rewards.avg_reward_ci95,
+            reward_gain_vs_base: rewards.gain_vs_base,
+            reward_gain_vs_base_ci95: rewards.gain_vs_base_ci95,
             diversity: per_response(&diversity),
             rep_2: per_response(&|t| rep_n(t, 2)),
             rep_3: per_response(&|t| rep_n(t, 3)),
             rep_4: per_response(&|t| rep_n(t, 4)),
             coherence: mean(&coherences),
-            win_rate_vs_reference: reference_rewards.as_ref().map(|rr| win_rate(r, rr)),
-            win_rate_vs_base: win_rate(r, &rewards[0]),
+            win_rate_vs_reference: wins.win_rate_vs_reference(i),
+            win_rate_vs_base: wins.win_rate_vs_base(i),
             mean_response_words: per_response(&|t| t.split_whitespace().count() as f64),
             mean_response_tokens: tokens as f64 / gens.len() as f64,
             seconds,
             seconds_per_token: seconds / tokens.max(1) as f64,
+            slowdown_vs_base: per_token
+                .zip(base_seconds_per_token)
+                .map(|(method, base)| method / base),
+            judge: judged.as_ref().map(|j| j.metrics(i, settings)),
+            policy_win_rate_vs_reference: judged
+                .as_ref()
+                .and_then(|_| policy.win_rate_vs_reference(i)),
+            policy_win_rate_vs_base: judged.as_ref().map(|_| policy.win_rate_vs_base(i)),
         });
     }
     Ok(Report {
         methods: reports,
         prompts: base.len(),
         reward: reward.describe(),
-        reference_avg_reward: reference_rewards.as_deref().map(mean),
+        reference_avg_reward: policy.references.as_deref().map(mean),
+        judge: judge.as_ref().map(|j| j.describe()),
+        judge_reference_avg_reward: judged
+            .as_ref()
+            .and_then(|j| j.references.as_deref().map(mean)),
+        win_rates_by: if judged.is_some() {
+            WinRatesBy::Judge
+        } else {
+            WinRatesBy::Reward
+        },
         coherence_encoder: coherence.describe(),
         truncation: "responses cut at the first hallucinated turn marker (recontrol_data::truncate_response), for every method and the reward alike".into(),
         bootstrap: BootstrapRecord {

@@ -7,12 +7,14 @@
 
 pub mod loss;
 pub mod model;
+pub mod partition;
 pub mod rules;
 pub mod stage;
 pub mod train;
 
 pub use loss::bradley_terry_loss;
 pub use model::RewardModel;
+pub use partition::{Partition, PartitionError};
 pub use rules::RuleReward;
 
 use std::path::{Path, PathBuf};

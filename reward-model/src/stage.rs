@@ -9,6 +9,7 @@ use recontrol_lm::LanguageModel;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::partition::{pairs_digest, Partition};
 use crate::train::{
     length_baseline_accuracy, pair_features, train_head, train_top_k, EpochMetrics, PairTexts,
     RewardTrainConfig, RunControl,
@@ -34,6 +35,18 @@ impl PreparedPairs {
         for texts in [&mut self.train, &mut self.train_replies] {
             texts.chosen.truncate(n);
             texts.rejected.truncate(n);
+        }
+    }
+
+    /// Keeps part `partition` of the training pairs ([`Partition::indices`] with `seed`), in
+    /// file order; the held-out pairs are untouched, so every part is evaluated on the same
+    /// held-out pairs.
+    pub fn keep_partition(&mut self, partition: Partition, seed: u64) {
+        let keep = partition.indices(self.train.chosen.len(), seed);
+        for texts in [&mut self.train, &mut self.train_replies] {
+            for side in [&mut texts.chosen, &mut texts.rejected] {
+                *side = keep.iter().map(|&i| std::mem::take(&mut side[i])).collect();
+            }
         }
     }
 }
@@ -84,6 +97,32 @@ pub fn prepare_pairs(
     Ok(prepared)
 }
 
+/// The pairs a training with `settings` uses: [`prepare_pairs`] with the settings' split, then
+/// the settings' partition of the training pairs (seeded by `split_seed`), then at most
+/// `max_train_pairs` of them. The partition comes first, so parts stay disjoint under the cap.
+/// `recontrol reward train` and the demo both prepare their pairs here.
+pub fn prepare_training_pairs(
+    pairs: &[PreferencePair],
+    settings: &RewardSettings,
+    format: PromptFormat,
+    chat: Option<&dyn ChatRenderer>,
+) -> Result<PreparedPairs> {
+    let mut prepared = prepare_pairs(pairs, &settings.split(), format, chat)?;
+    if let Some(partition) = settings.partition {
+        prepared.keep_partition(partition, settings.split_seed);
+    }
+    if let Some(n) = settings.max_train_pairs {
+        prepared.keep_train(n);
+    }
+    if prepared.train.chosen.is_empty() {
+        return Err(Error::EmptySide {
+            train: 0,
+            heldout: prepared.heldout.chosen.len(),
+        });
+    }
+    Ok(prepared)
+}
+
 /// How a reward model is trained. The defaults are `recontrol reward train`'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -113,7 +152,11 @@ pub struct RewardSettings {
     /// Train on at most this many pairs of the train side (features of a large backbone
     /// cost a forward pass per text).
     pub max_train_pairs: Option<usize>,
-    /// Seed of the train/held-out split of the pairs.
+    /// Train on part K of N of the training pairs ("K/N"; after the split, before
+    /// `max_train_pairs`): a seeded partition (seeded by `split_seed`), so models trained on
+    /// different parts saw disjoint pairs. None: every training pair.
+    pub partition: Option<Partition>,
+    /// Seed of the train/held-out split of the pairs (and of the partition).
     pub split_seed: u64,
     /// Share of pairs held out for accuracy.
     pub test_fraction: f64,
@@ -136,6 +179,7 @@ impl Default for RewardSettings {
             unfreeze_top_k: 0,
             feature_batch_size: 16,
             max_train_pairs: None,
+            partition: None,
             split_seed: 0,
             test_fraction: 0.1,
         }
@@ -182,7 +226,13 @@ pub fn epoch_scalars(m: &EpochMetrics) -> [(&'static str, f64); 5] {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RewardSummary {
     pub backbone_identity: String,
+    /// The part of the training pairs trained on, when partitioned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<Partition>,
     pub train_pairs: usize,
+    /// [`pairs_digest`] of the training pairs (order-independent: the digests of disjoint
+    /// parts XOR to their union's).
+    pub train_pairs_digest: String,
     pub heldout_pairs: usize,
     pub skipped_empty: usize,
     pub history: Vec<EpochMetrics>,
@@ -280,7 +330,9 @@ pub fn train_reward(
         score: trained.score,
         summary: RewardSummary {
             backbone_identity: lm.identity.clone(),
+            partition: settings.partition,
             train_pairs: pairs.train.chosen.len(),
+            train_pairs_digest: pairs_digest(&pairs.train),
             heldout_pairs: pairs.heldout.chosen.len(),
             skipped_empty: pairs.skipped_empty,
             history: trained.history,
@@ -421,6 +473,123 @@ pub fn label_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use recontrol_data::{Dialogue, PromptRecord};
+
+    /// `n` pairs with distinct prompts, replies "chosen {i}" / "rejected {i}".
+    fn pairs(n: usize) -> Vec<PreferencePair> {
+        (0..n)
+            .map(|i| PreferencePair {
+                prompt: PromptRecord {
+                    index: i,
+                    raw: format!("Human: question {i}\n\nAssistant:"),
+                    dialogue: Dialogue::question(&format!("question {i}")),
+                },
+                chosen: format!("chosen {i}"),
+                rejected: format!("rejected {i}"),
+            })
+            .collect()
+    }
+
+    fn training(pairs: &[PreferencePair], settings: &RewardSettings) -> Result<PreparedPairs> {
+        prepare_training_pairs(pairs, settings, PromptFormat::Raw, None)
+    }
+
+    /// The training pairs' chosen replies (they name their pair).
+    fn trained_on(prepared: &PreparedPairs) -> Vec<String> {
+        prepared.train_replies.chosen.clone()
+    }
+
+    #[test]
+    fn partitions_of_the_training_pairs_are_disjoint_seeded_and_leave_held_out_alone() {
+        let pairs = pairs(60);
+        let settings = |partition: Option<&str>, split_seed, max| RewardSettings {
+            partition: partition.map(|p| p.parse().expect("partition")),
+            split_seed,
+            max_train_pairs: max,
+            test_fraction: 0.2,
+            ..RewardSettings::default()
+        };
+        let whole = training(&pairs, &settings(None, 5, None)).expect("whole");
+        for n in [2, 3] {
+            let parts: Vec<PreparedPairs> = (1..=n)
+                .map(|k| training(&pairs, &settings(Some(&format!("{k}/{n}")), 5, None)))
+                .collect::<Result<_>>()
+                .expect("parts");
+            let mut union: Vec<String> = parts.iter().flat_map(trained_on).collect();
+            union.sort();
+            let mut all = trained_on(&whole);
+            all.sort();
+            assert_eq!(
+                union, all,
+                "the {n} parts are disjoint and cover the training pairs"
+            );
+            for part in &parts {
+                // Held-out pairs are never partitioned.
+                assert_eq!(part.heldout.chosen, whole.heldout.chosen);
+                assert_eq!(
+                    part.heldout_replies.rejected,
+                    whole.heldout_replies.rejected
+                );
+                // Texts and replies stay in step, chosen with its rejected, in file order.
+                for (i, reply) in part.train_replies.chosen.iter().enumerate() {
+                    let pair = reply.trim_start_matches("chosen ");
+                    assert_eq!(part.train_replies.rejected[i], format!("rejected {pair}"));
+                    assert!(part.train.chosen[i].ends_with(&format!(" chosen {pair}")));
+                    assert!(part.train.rejected[i].ends_with(&format!(" rejected {pair}")));
+                }
+                let order: Vec<usize> = trained_on(part)
+                    .iter()
+                    .map(|r| r.trim_start_matches("chosen ").parse().expect("index"))
+                    .collect();
+                assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+            }
+        }
+        let half =
+            |seed| trained_on(&training(&pairs, &settings(Some("1/2"), seed, None)).expect("1/2"));
+        assert_eq!(half(5), half(5));
+        // Another seed: another split, and another partition of the same training pairs.
+        assert_ne!(half(5), half(6));
+        let mut other = prepare_pairs(
+            &pairs,
+            &settings(None, 5, None).split(),
+            PromptFormat::Raw,
+            None,
+        )
+        .expect("pairs");
+        other.keep_partition("1/2".parse().expect("1/2"), 6);
+        assert_ne!(trained_on(&other), half(5));
+    }
+
+    #[test]
+    fn the_partition_comes_before_the_pair_cap() {
+        let pairs = pairs(80);
+        let part = |k| {
+            let settings = RewardSettings {
+                partition: Some(Partition::new(k, 2).expect("partition")),
+                max_train_pairs: Some(10),
+                ..RewardSettings::default()
+            };
+            trained_on(&training(&pairs, &settings).expect("part"))
+        };
+        let (first, second) = (part(1), part(2));
+        assert_eq!((first.len(), second.len()), (10, 10));
+        assert!(
+            first.iter().all(|r| !second.contains(r)),
+            "{first:?} {second:?}"
+        );
+    }
+
+    #[test]
+    fn a_partition_with_no_training_pairs_is_refused() {
+        let pairs = pairs(6);
+        let settings = RewardSettings {
+            partition: Some(Partition::new(9, 9).expect("partition")),
+            test_fraction: 0.5,
+            ..RewardSettings::default()
+        };
+        let err = training(&pairs, &settings).expect_err("empty part");
+        assert!(matches!(err, Error::EmptySide { train: 0, .. }), "{err}");
+    }
 
     #[test]
     fn labelling_starts_where_the_mode_says() {

@@ -55,7 +55,7 @@ pub enum SweepMethod {
     },
     /// Static representation editing: the vector's scale.
     Steer {
-        vector: SteeringVector,
+        vector: Box<SteeringVector>,
         scales: Vec<f64>,
     },
     /// ARGS: the reward's weight (k fixed).
@@ -119,9 +119,9 @@ impl SweepMethod {
                 steps
                     .iter()
                     .flat_map(|&s| {
-                        alphas
-                            .iter()
-                            .map(move |&a| vec![("alpha".to_owned(), a), ("steps".to_owned(), s as f64)])
+                        alphas.iter().map(move |&a| {
+                            vec![("alpha".to_owned(), a), ("steps".to_owned(), s as f64)]
+                        })
                     })
                     .collect()
             }
@@ -145,7 +145,6 @@ impl SweepMethod {
         }
         Ok(settings)
     }
-
 }
 
 /// Decodes `plan` with `method` at one `setting` of its grid, each batch's records handed to
@@ -295,7 +294,10 @@ pub fn sweep(
     generations: &mut dyn FnMut(usize, &[GenerationRecord]) -> Result<()>,
 ) -> Result<SweepReport> {
     let grid = method.settings()?;
-    let Judges { reward, coherence } = judges;
+    // The sweep chooses with the policy reward alone: a judge, if given, plays no part.
+    let Judges {
+        reward, coherence, ..
+    } = judges;
     let mut points = Vec::with_capacity(grid.len());
     for (i, setting) in grid.iter().enumerate() {
         eprintln!(
@@ -306,10 +308,17 @@ pub fn sweep(
             describe(setting)
         );
         let mut records = Vec::new();
-        decode_setting(method, lm, plan, setting, Some(&mut *reward), &mut |batch| {
-            records.extend_from_slice(batch);
-            Ok(())
-        })?;
+        decode_setting(
+            method,
+            lm,
+            plan,
+            setting,
+            Some(&mut *reward),
+            &mut |batch| {
+                records.extend_from_slice(batch);
+                Ok(())
+            },
+        )?;
         generations(i, &records)?;
         let one = [MethodGenerations {
             name: method.name().to_owned(),
@@ -318,6 +327,7 @@ pub fn sweep(
         }];
         let judges = Judges {
             reward: &mut *reward,
+            judge: None,
             coherence,
         };
         let report = evaluate(&one, None, judges, settings)?;
@@ -372,9 +382,83 @@ pub fn table(report: &SweepReport) -> String {
     out
 }
 
-/// Writes `sweep.json` and `sweep.md` into `out` (a folder that exists), atomically each.
+/// `sweep.svg`: reward, diversity and coherence against the knob (one line per value of the
+/// other knobs, e.g. RE-Control's steps), the chosen value marked: the paper's ablation
+/// figure.
+pub fn chart(report: &SweepReport) -> Result<String> {
+    let x_of = |p: &SweepPoint| {
+        p.setting
+            .iter()
+            .find(|(k, _)| *k == report.knob)
+            .map_or(f64::NAN, |(_, v)| *v)
+    };
+    let rest = |p: &SweepPoint| {
+        p.setting
+            .iter()
+            .filter(|(k, _)| *k != report.knob)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut xs: Vec<f64> = Vec::new();
+    let mut groups: Vec<String> = Vec::new();
+    for p in &report.points {
+        let x = x_of(p);
+        if !xs.contains(&x) {
+            xs.push(x);
+        }
+        let g = rest(p);
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    type Metric = (&'static str, fn(&SweepPoint) -> f64);
+    let metrics: [Metric; 3] = [
+        ("reward", |p| p.reward),
+        ("diversity", |p| p.diversity),
+        ("coherence", |p| p.coherence),
+    ];
+    let mut series = Vec::new();
+    for (metric, value) in metrics {
+        for g in &groups {
+            let values: Vec<f64> = xs
+                .iter()
+                .map(|&x| {
+                    report
+                        .points
+                        .iter()
+                        .find(|p| x_of(p) == x && rest(p) == *g)
+                        .map_or(f64::NAN, value)
+                })
+                .collect();
+            let name = if g.is_empty() {
+                metric.to_owned()
+            } else {
+                format!("{metric} ({g})")
+            };
+            series.push((name, values));
+        }
+    }
+    let series: Vec<(&str, Vec<f64>)> = series
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.clone()))
+        .collect();
+    let chosen = report.points.get(report.chosen).map(x_of);
+    recontrol_eval::knob_chart(
+        &format!("{} on {} validation prompts", report.method, report.prompts),
+        &report.knob,
+        &xs,
+        &series,
+        chosen,
+    )
+    .map_err(|e| Error::Chart(e.to_string()))
+}
+
+/// Writes `sweep.json`, `sweep.md` and `sweep.svg` into `out` (a folder that exists),
+/// atomically each.
 pub fn write_sweep(out: &Path, report: &SweepReport) -> Result<()> {
     recontrol_io::write_json_atomic(&out.join("sweep.json"), report)?;
+    recontrol_io::write_atomic(&out.join("sweep.svg"), chart(report)?.as_bytes())?;
     let md = format!(
         "# Sweep of {} on {} validation prompts\n\nChosen: {} ({}).\n\n{}",
         report.method,
