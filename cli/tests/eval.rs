@@ -289,7 +289,11 @@ fn a_judge_computes_the_win_rates_and_its_own_columns() {
         jsonl(&dir.path().join(format!("{name}.jsonl")), &rows)
     };
     let base = gen("base", [" a", " b", " c", " d"], 1.0);
-    let longer = gen("longer", [" one two", " three", " four five", " six"], 2.0);
+    let longer = gen(
+        "longer",
+        [" one two", " three", " four five", " six seven"],
+        2.0,
+    );
     let rules = |name: &str, weight: f64| -> PathBuf {
         let path = dir.path().join(name);
         std::fs::write(

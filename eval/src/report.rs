@@ -133,7 +133,7 @@ struct Bar {
     ci: Option<[f64; 2]>,
 }
 
-/// Text sizes (px) of the charts.
+// Text sizes (px) of the charts' titles and labels.
 const TITLE_SIZE: f64 = 18.0;
 const LABEL_SIZE: f64 = 15.0;
 /// A generous width of a character of the label font, as a share of its size: the SVG backend
@@ -142,6 +142,7 @@ const CHAR_WIDTH: f64 = 0.62;
 /// Height of one method's row in the bar panels.
 const ROW_HEIGHT: u32 = 30;
 
+/// A colour per method (cycling past eight).
 const COLORS: [RGBColor; 8] = [
     RGBColor(0x7f, 0x8c, 0x8d),
     RGBColor(0x34, 0x98, 0xdb),
@@ -153,6 +154,7 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(0xd4, 0xac, 0x0d),
 ];
 
+/// The minor grid lines.
 const LIGHT_GREY: RGBColor = RGBColor(0xf0, 0xf0, 0xf0);
 
 /// An axis number: at most four decimals, trailing zeros dropped, never "-0".

@@ -154,7 +154,9 @@ pub struct RewardSettings {
     pub max_train_pairs: Option<usize>,
     /// Train on part K of N of the training pairs ("K/N"; after the split, before
     /// `max_train_pairs`): a seeded partition (seeded by `split_seed`), so models trained on
-    /// different parts saw disjoint pairs. None: every training pair.
+    /// different parts saw disjoint pairs. None: every training pair (and no field in the
+    /// serialised settings, so that settings written before partitions keep their form).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<Partition>,
     /// Seed of the train/held-out split of the pairs (and of the partition).
     pub split_seed: u64,
@@ -577,6 +579,24 @@ mod tests {
             first.iter().all(|r| !second.contains(r)),
             "{first:?} {second:?}"
         );
+    }
+
+    #[test]
+    fn settings_read_a_partition_as_k_slash_n() {
+        let settings: RewardSettings =
+            toml::from_str("partition = \"1/2\"\nepochs = 3\n").expect("toml");
+        assert_eq!(settings.partition, Partition::new(1, 2).ok());
+        let err = toml::from_str::<RewardSettings>("partition = \"3/2\"").expect_err("3/2");
+        assert!(
+            err.to_string()
+                .contains("\"3/2\": expected K/N with 1 <= K <= N"),
+            "{err}"
+        );
+        // Unpartitioned settings serialise as before partitions existed.
+        let json = serde_json::to_value(RewardSettings::default()).expect("json");
+        assert!(json.get("partition").is_none(), "{json}");
+        let json = serde_json::to_value(settings).expect("json");
+        assert_eq!(json["partition"], "1/2");
     }
 
     #[test]
