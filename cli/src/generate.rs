@@ -10,10 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use recontrol_controller::generation::{open_value_backend, ValueOptions};
 use recontrol_controller::{
     generate_records, ArgsReward, BackendKind, ControlConfig, Controller, Error as ControllerError,
-    GenerationPlan, GradientBackend, Method, RerankSettings, SteerHook, SteeringVector, UpdateRule,
+    GradientBackend, Method, RenderedPrompts, RerankSettings, SteerHook, SteeringVector,
+    UpdateRule,
 };
 use recontrol_io::Provenance;
-use recontrol_lm::{ChatMessage, LanguageModel, Sampling};
+use recontrol_lm::{LanguageModel, Sampling};
 use recontrol_reward_model::{load_reward, RewardSource};
 use serde::Serialize;
 
@@ -191,33 +192,25 @@ impl ControlArgs {
         flag: &str,
         lm: &LanguageModel,
     ) -> Result<Box<dyn GradientBackend>> {
-        let options = ValueOptions {
-            backend: match self.grad_backend {
-                GradBackendArg::Onnx => BackendKind::Onnx,
-                GradBackendArg::Torch => BackendKind::Torch,
-            },
-            allow_foreign: self.allow_foreign_value,
-            onnxruntime: self.onnxruntime.clone(),
-        };
+        let options = self
+            .grad_backend
+            .options(self.allow_foreign_value, self.onnxruntime.clone());
         open_value_backend(path, lm, &options).with_context(|| format!("{flag} {}", path.display()))
     }
 }
 
-/// `prompt` as a user message (after `system`, if any) in `lm`'s chat template.
-pub(crate) fn chat_prompt(
-    lm: &LanguageModel,
-    system: Option<&str>,
-    prompt: &str,
-) -> Result<String> {
-    let message = |role: &str, content: &str| ChatMessage {
-        role: role.to_owned(),
-        content: content.to_owned(),
-    };
-    let mut messages: Vec<ChatMessage> = system.map(|s| message("system", s)).into_iter().collect();
-    messages.push(message("user", prompt));
-    lm.tokenizer
-        .apply_chat_template(&messages, true)
-        .context("--chat")
+impl GradBackendArg {
+    /// How to open a value head with this backend.
+    pub(crate) fn options(self, allow_foreign: bool, onnxruntime: Option<PathBuf>) -> ValueOptions {
+        ValueOptions {
+            backend: match self {
+                Self::Onnx => BackendKind::Onnx,
+                Self::Torch => BackendKind::Torch,
+            },
+            allow_foreign,
+            onnxruntime,
+        }
+    }
 }
 
 /// What FILE.config.json records.
@@ -265,30 +258,10 @@ impl GenerateArgs {
         if let Some(d) = &baseline_description {
             eprintln!("decoding with {d}");
         }
-        let (prompts, model_prompts) = if self.chat {
-            let render = |system: Option<&str>| {
-                prompts
-                    .iter()
-                    .map(|p| chat_prompt(&lm, system, p))
-                    .collect::<Result<Vec<_>>>()
-            };
-            let seen = self
-                .prompt_prefix
-                .as_deref()
-                .map(|s| render(Some(s)))
-                .transpose()?;
-            (render(None)?, seen)
-        } else {
-            (prompts, None)
-        };
-        let plan = GenerationPlan {
-            prompts: &prompts,
-            prompt_prefix: self.prompt_prefix.as_deref().filter(|_| !self.chat),
-            model_prompts: model_prompts.as_deref(),
-            add_special_tokens: !self.chat,
-            config: config.clone(),
-            batch_size: self.generation.batch_size,
-        };
+        let rendered = RenderedPrompts::new(&lm, prompts, self.prompt_prefix.as_deref(), self.chat)
+            .context("--chat")?;
+        let prompts = &rendered.prompts;
+        let plan = rendered.plan(config.clone(), self.generation.batch_size);
         let progress = ProgressBar::new(prompts.len() as u64).with_style(
             ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} prompts  {elapsed} (eta {eta})  {msg}",
@@ -421,16 +394,8 @@ impl BaselineArgs {
     ) -> Result<Option<Baseline>> {
         let vocab = lm.model.config().vocab_size;
         if let Some(path) = &self.steer {
-            let context = || format!("--steer {}", path.display());
-            let vector = SteeringVector::load(path).with_context(context)?;
-            vector
-                .check_lm(
-                    path,
-                    &lm.identity,
-                    lm.model.config().hidden_size,
-                    control.allow_foreign_value,
-                )
-                .with_context(context)?;
+            let vector = SteeringVector::open(path, lm, control.allow_foreign_value)
+                .with_context(|| format!("--steer {}", path.display()))?;
             let hook = vector
                 .hook(self.steer_scale, lm.model.device())
                 .context("--steer-scale")?;

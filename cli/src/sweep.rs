@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use recontrol_controller::generation::{open_value_backend, ValueOptions};
-use recontrol_controller::{ArgsReward, BackendKind, GenerationPlan, SteeringVector, UpdateRule};
+use recontrol_controller::generation::open_value_backend;
+use recontrol_controller::{ArgsReward, RenderedPrompts, SteeringVector, UpdateRule};
 use recontrol_eval::{CoherenceEncoder, EvalSettings, Judges};
 use recontrol_io::{AtomicDir, JsonlSink, Provenance};
 use recontrol_lm::LanguageModel;
@@ -15,7 +15,7 @@ use recontrol_sweep::{sweep, write_sweep, SweepMethod};
 use serde::Serialize;
 
 use crate::args::{DeviceArgs, GenerationArgs};
-use crate::generate::{chat_prompt, GradBackendArg};
+use crate::generate::GradBackendArg;
 use crate::output::provenance;
 
 /// Tune one method's knob on validation prompts (train side of the split: never the test
@@ -115,14 +115,9 @@ impl SweepArgs {
         flag: &str,
         lm: &LanguageModel,
     ) -> Result<Box<dyn recontrol_controller::GradientBackend>> {
-        let options = ValueOptions {
-            backend: match self.grad_backend {
-                GradBackendArg::Onnx => BackendKind::Onnx,
-                GradBackendArg::Torch => BackendKind::Torch,
-            },
-            allow_foreign: self.allow_foreign_value,
-            onnxruntime: self.onnxruntime.clone(),
-        };
+        let options = self
+            .grad_backend
+            .options(self.allow_foreign_value, self.onnxruntime.clone());
         open_value_backend(path, lm, &options).with_context(|| format!("{flag} {}", path.display()))
     }
 
@@ -136,16 +131,8 @@ impl SweepArgs {
             });
         }
         if let Some(path) = &self.steer {
-            let context = || format!("--steer {}", path.display());
-            let vector = SteeringVector::load(path).with_context(context)?;
-            vector
-                .check_lm(
-                    path,
-                    &lm.identity,
-                    lm.model.config().hidden_size,
-                    self.allow_foreign_value,
-                )
-                .with_context(context)?;
+            let vector = SteeringVector::open(path, lm, self.allow_foreign_value)
+                .with_context(|| format!("--steer {}", path.display()))?;
             return Ok(SweepMethod::Steer {
                 vector: Box::new(vector),
                 scales: self.steer_scale.clone(),
@@ -201,30 +188,9 @@ impl SweepArgs {
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let encoder = CoherenceEncoder::load(&coherence_dir, self.device.device)
             .with_context(|| format!("coherence encoder {}", coherence_dir.display()))?;
-        let (prompts, model_prompts) = if self.chat {
-            let render = |system: Option<&str>| {
-                prompts
-                    .iter()
-                    .map(|p| chat_prompt(&lm, system, p))
-                    .collect::<Result<Vec<_>>>()
-            };
-            let seen = self
-                .prompt_prefix
-                .as_deref()
-                .map(|s| render(Some(s)))
-                .transpose()?;
-            (render(None)?, seen)
-        } else {
-            (prompts, None)
-        };
-        let plan = GenerationPlan {
-            prompts: &prompts,
-            prompt_prefix: self.prompt_prefix.as_deref().filter(|_| !self.chat),
-            model_prompts: model_prompts.as_deref(),
-            add_special_tokens: !self.chat,
-            config,
-            batch_size: self.generation.batch_size,
-        };
+        let rendered = RenderedPrompts::new(&lm, prompts, self.prompt_prefix.as_deref(), self.chat)
+            .context("--chat")?;
+        let plan = rendered.plan(config, self.generation.batch_size);
         let out = AtomicDir::create(&self.out)
             .with_context(|| format!("--out {}", self.out.display()))?;
         let settings = EvalSettings {

@@ -32,6 +32,73 @@ pub struct GenerationPlan<'a> {
     pub batch_size: usize,
 }
 
+/// Prompts as a run puts them to the model: as given (with an optional prefix before each),
+/// or rendered as user messages in the model's chat template (the prefix, if any, then being
+/// the system message of the renderings the model decodes from).
+#[derive(Debug, Clone)]
+pub struct RenderedPrompts {
+    /// What records keep (the chat rendering without a system message, with `chat`).
+    pub prompts: Vec<String>,
+    /// With `chat` and a prefix: the renderings with the prefix as the system message.
+    pub model_prompts: Option<Vec<String>>,
+    prompt_prefix: Option<String>,
+    chat: bool,
+}
+
+impl RenderedPrompts {
+    /// Renders `prompts` for `lm`.
+    pub fn new(
+        lm: &LanguageModel,
+        prompts: Vec<String>,
+        prefix: Option<&str>,
+        chat: bool,
+    ) -> Result<Self> {
+        if !chat {
+            return Ok(Self {
+                prompts,
+                model_prompts: None,
+                prompt_prefix: prefix.map(str::to_owned),
+                chat,
+            });
+        }
+        let render = |system: Option<&str>| {
+            prompts
+                .iter()
+                .map(|p| chat_prompt(lm, system, p))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Self {
+            model_prompts: prefix.map(|s| render(Some(s))).transpose()?,
+            prompts: render(None)?,
+            prompt_prefix: None,
+            chat,
+        })
+    }
+
+    /// The plan decoding these prompts with `config`, `batch_size` at a time.
+    pub fn plan(&self, config: GenerationConfig, batch_size: usize) -> GenerationPlan<'_> {
+        GenerationPlan {
+            prompts: &self.prompts,
+            prompt_prefix: self.prompt_prefix.as_deref(),
+            model_prompts: self.model_prompts.as_deref(),
+            add_special_tokens: !self.chat,
+            config,
+            batch_size,
+        }
+    }
+}
+
+/// `prompt` as a user message (after `system`, if any) in `lm`'s chat template.
+pub fn chat_prompt(lm: &LanguageModel, system: Option<&str>, prompt: &str) -> Result<String> {
+    let message = |role: &str, content: &str| recontrol_lm::ChatMessage {
+        role: role.to_owned(),
+        content: content.to_owned(),
+    };
+    let mut messages: Vec<_> = system.map(|s| message("system", s)).into_iter().collect();
+    messages.push(message("user", prompt));
+    Ok(lm.tokenizer.apply_chat_template(&messages, true)?)
+}
+
 /// What a generation run did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GenerationSummary {

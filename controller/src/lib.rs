@@ -26,7 +26,9 @@ pub mod steer;
 pub use artifact::{BackendKind, ValueArtifact};
 pub use backend::{GradientBackend, OnnxBackend, TorchBackend};
 pub use editor::{ControlConfig, Controller, RowStats, UpdateRule};
-pub use generation::{generate_records, GenerationPlan, GenerationSummary, Method};
+pub use generation::{
+    generate_records, GenerationPlan, GenerationSummary, Method, RenderedPrompts,
+};
 pub use rerank::{ArgsReward, RerankSettings};
 pub use steer::{SteerHook, SteerMeta, SteeringVector};
 

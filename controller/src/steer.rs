@@ -214,6 +214,22 @@ impl SteeringVector {
         Ok(Self { vector, meta })
     }
 
+    /// Reads the vector at `path` and checks it against `lm` ([`SteeringVector::check_lm`]).
+    pub fn open(
+        path: &Path,
+        lm: &recontrol_lm::LanguageModel,
+        allow_foreign: bool,
+    ) -> Result<Self> {
+        let vector = Self::load(path)?;
+        vector.check_lm(
+            path,
+            &lm.identity,
+            lm.model.config().hidden_size,
+            allow_foreign,
+        )?;
+        Ok(vector)
+    }
+
     /// Refuses a vector for another hidden size, or (unless `allow_foreign`) fitted on another
     /// model's states.
     pub fn check_lm(
