@@ -11,7 +11,6 @@ use recontrol_data::{truncate_response, GenerationRecord};
 use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions};
 use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
 use recontrol_tests::{lm_fixture, lm_prompts, python_json, repo_root};
-use recontrol_value_net::{Activation, ValueConfig, ValueMlp, ValueModel};
 use serde_json::Value;
 
 const NEW_TOKENS: &str = "12";
@@ -41,26 +40,7 @@ fn prompt_files(dir: &Path, n: usize) -> (Vec<String>, PathBuf, PathBuf) {
 
 /// A seeded value net for the states of the model `identity` (hidden size 64), saved in `dir`.
 fn value_dir(dir: &Path, identity: &str, seed: u64) -> PathBuf {
-    let mlp = ValueMlp::new(64, &[32], Activation::Tanh, seed, tch::Device::Cpu).expect("mlp");
-    let model = ValueModel {
-        config: ValueConfig {
-            input_dim: 64,
-            hidden_dims: vec![32],
-            activation: Activation::Tanh,
-            reward_mean: 0.5,
-            reward_std: 4.0,
-            lm_hidden_size: 64,
-            lm_identity: identity.to_owned(),
-            target: None,
-            training: serde_json::json!({}),
-            seed,
-            git_revision: "test".into(),
-            recontrol_version: "test".into(),
-        },
-        mlp,
-    };
-    model.save(dir).expect("save");
-    dir.to_owned()
+    recontrol_tests::value_dir(dir, 64, identity, seed)
 }
 
 fn records(path: &Path) -> Vec<GenerationRecord> {
@@ -112,40 +92,7 @@ fn reference(method: &str, prompts: &Path, extra: &[&str]) -> Vec<Vec<i64>> {
 
 /// A store of 24 rollouts of the llama-mha fixture, labelled by a length rule.
 fn labelled_store(dir: &Path) -> PathBuf {
-    let out = dir.join("labelled.h5");
-    let hh = repo_root().join("data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");
-    let run = recontrol(&[
-        "rollout",
-        "--model",
-        s(&lm_fixture("llama-mha")),
-        "--dataset",
-        s(&hh),
-        "--limit",
-        "24",
-        "--max-new-tokens",
-        "12",
-        "--batch-size",
-        "8",
-        "--out",
-        s(&out),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    let rules = dir.join("length.toml");
-    std::fs::write(
-        &rules,
-        "[[term]]\nkind = \"length\"\nunit = \"chars\"\nweight = 0.1\n",
-    )
-    .expect("write");
-    let run = recontrol(&[
-        "reward",
-        "label",
-        "--reward",
-        s(&rules),
-        "--rollouts",
-        s(&out),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    out
+    cli::rule_store(env!("CARGO_BIN_EXE_recontrol"), dir, 24, true)
 }
 
 #[test]

@@ -2,41 +2,16 @@
 //! transformers (`tests/fixtures/controller/reference_generate.py`), both gradient backends,
 //! and the refusals of value heads that do not fit the model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use recontrol_lm::{DType, DeviceSpec, LanguageModel};
 use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
-use recontrol_tests::{lm_fixture, lm_prompts, python_json};
-use recontrol_value_net::{Activation, ValueConfig, ValueMlp, ValueModel};
+use recontrol_tests::{lm_fixture, lm_prompts, python_json, value_dir};
 use serde_json::Value;
 
 fn recontrol(args: &[&str]) -> Output {
     cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
-}
-
-/// A seeded value net for states of `input` values, saved in `dir`.
-fn value_dir(dir: &Path, input: usize, identity: &str, seed: u64) -> PathBuf {
-    let mlp = ValueMlp::new(input, &[32], Activation::Tanh, seed, tch::Device::Cpu).expect("mlp");
-    let model = ValueModel {
-        config: ValueConfig {
-            input_dim: input,
-            hidden_dims: vec![32],
-            activation: Activation::Tanh,
-            reward_mean: 0.5,
-            reward_std: 4.0,
-            lm_hidden_size: input,
-            lm_identity: identity.to_owned(),
-            target: None,
-            training: serde_json::json!({}),
-            seed,
-            git_revision: "test".into(),
-            recontrol_version: "test".into(),
-        },
-        mlp,
-    };
-    model.save(dir).expect("save");
-    dir.to_owned()
 }
 
 fn tokens(path: &Path) -> Vec<Vec<i64>> {

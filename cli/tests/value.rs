@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use recontrol_tests::cli::{self, arg as s, assert_fails_with, stderr};
-use recontrol_tests::{lm_fixture, python_json, repo_root};
+use recontrol_tests::{python_json, repo_root};
 use serde_json::Value;
 
 fn recontrol(args: &[&str]) -> Output {
@@ -13,46 +13,7 @@ fn recontrol(args: &[&str]) -> Output {
 
 /// A store of 40 rollouts of the llama-mha fixture, labelled (or not) by a length rule.
 fn store(dir: &Path, labelled: bool) -> PathBuf {
-    let out = dir.join(if labelled {
-        "labelled.h5"
-    } else {
-        "unlabelled.h5"
-    });
-    let hh = repo_root().join("data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");
-    let run = recontrol(&[
-        "rollout",
-        "--model",
-        s(&lm_fixture("llama-mha")),
-        "--dataset",
-        s(&hh),
-        "--limit",
-        "40",
-        "--max-new-tokens",
-        "12",
-        "--batch-size",
-        "8",
-        "--out",
-        s(&out),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    if labelled {
-        let rules = dir.join("rules.toml");
-        std::fs::write(
-            &rules,
-            "[[term]]\nkind = \"length\"\nunit = \"chars\"\nweight = 0.1\n",
-        )
-        .expect("write");
-        let run = recontrol(&[
-            "reward",
-            "label",
-            "--reward",
-            s(&rules),
-            "--rollouts",
-            s(&out),
-        ]);
-        assert!(run.status.success(), "{}", stderr(&run));
-    }
-    out
+    cli::rule_store(env!("CARGO_BIN_EXE_recontrol"), dir, 40, labelled)
 }
 
 #[test]

@@ -99,10 +99,36 @@ pub fn copy_dir(src: &std::path::Path, dest: &std::path::Path) -> std::io::Resul
     Ok(())
 }
 
+/// A seeded value net (`input -> 32 -> 1`, tanh, reward mean 0.5 and spread 4) for the states
+/// of the model `identity`, saved as a value directory `dir`.
+pub fn value_dir(dir: &std::path::Path, input: usize, identity: &str, seed: u64) -> PathBuf {
+    use recontrol_value_net::{Activation, ValueConfig, ValueMlp, ValueModel};
+    let mlp = ValueMlp::new(input, &[32], Activation::Tanh, seed, tch::Device::Cpu).expect("mlp");
+    let model = ValueModel {
+        config: ValueConfig {
+            input_dim: input,
+            hidden_dims: vec![32],
+            activation: Activation::Tanh,
+            reward_mean: 0.5,
+            reward_std: 4.0,
+            lm_hidden_size: input,
+            lm_identity: identity.to_owned(),
+            target: None,
+            training: serde_json::json!({}),
+            seed,
+            git_revision: "test".into(),
+            recontrol_version: "test".into(),
+        },
+        mlp,
+    };
+    model.save(dir).expect("save");
+    dir.to_owned()
+}
+
 /// Helpers for tests that run the `recontrol` binary (its path comes from the calling crate's
 /// `env!("CARGO_BIN_EXE_recontrol")`).
 pub mod cli {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::process::{Command, Output};
 
     /// Runs the binary with `args`.
@@ -127,6 +153,59 @@ pub mod cli {
     /// A path as a command-line argument.
     pub fn arg(path: &Path) -> &str {
         path.to_str().expect("utf-8 path")
+    }
+
+    /// A store of `rollouts` rollouts of the llama-mha fixture on bundled HH-RLHF prompts (12
+    /// new tokens), in `dir`; with `labelled`, labelled by a rule of 0.1 per character.
+    pub fn rule_store(binary: &str, dir: &Path, rollouts: usize, labelled: bool) -> PathBuf {
+        let out = dir.join(if labelled {
+            "labelled.h5"
+        } else {
+            "unlabelled.h5"
+        });
+        let hh = crate::repo_root().join("data/bundled/hh-rlhf/harmless-base/test.jsonl.gz");
+        let model = crate::lm_fixture("llama-mha");
+        let limit = rollouts.to_string();
+        let run = self::run(
+            binary,
+            &[
+                "rollout",
+                "--model",
+                arg(&model),
+                "--dataset",
+                arg(&hh),
+                "--limit",
+                &limit,
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "8",
+                "--out",
+                arg(&out),
+            ],
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+        if labelled {
+            let rules = dir.join("rules.toml");
+            std::fs::write(
+                &rules,
+                "[[term]]\nkind = \"length\"\nunit = \"chars\"\nweight = 0.1\n",
+            )
+            .expect("write");
+            let run = self::run(
+                binary,
+                &[
+                    "reward",
+                    "label",
+                    "--reward",
+                    arg(&rules),
+                    "--rollouts",
+                    arg(&out),
+                ],
+            );
+            assert!(run.status.success(), "{}", stderr(&run));
+        }
+        out
     }
 
     /// A clean failure: non-zero exit, no panic, and exactly one `error:` line, the last one,
