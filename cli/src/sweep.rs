@@ -9,7 +9,7 @@ use clap::Args;
 use recontrol_controller::generation::open_value_backend;
 use recontrol_controller::{ArgsReward, RenderedPrompts, SteeringVector, UpdateRule};
 use recontrol_eval::{CoherenceEncoder, EvalSettings, Judges};
-use recontrol_io::{AtomicDir, JsonlSink, Provenance};
+use recontrol_io::{AtomicDir, Provenance};
 use recontrol_lm::LanguageModel;
 use recontrol_sweep::{sweep, write_sweep, SweepMethod};
 use serde::Serialize;
@@ -209,14 +209,7 @@ impl SweepArgs {
             &mut method,
             judges,
             &settings,
-            &mut |i, records| {
-                let mut sink = JsonlSink::create(Some(&dir.join(format!("point-{i}.jsonl"))))?;
-                for r in records {
-                    sink.write(r)?;
-                }
-                sink.finish(&serde_json::json!({ "sweep_point": i }))?;
-                Ok(())
-            },
+            &mut |i, records| recontrol_sweep::write_point(&dir, i, records),
         )?;
         write_sweep(out.path(), &report)?;
         recontrol_io::write_json_atomic(

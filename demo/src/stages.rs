@@ -659,14 +659,7 @@ impl Pipeline<'_> {
             &mut sweep_method,
             judges,
             &self.config.eval,
-            &mut |i, records| {
-                let mut sink = JsonlSink::create(Some(&temp.join(format!("point-{i}.jsonl"))))?;
-                for r in records {
-                    sink.write(r)?;
-                }
-                sink.finish(&serde_json::json!({ "sweep_point": i }))?;
-                Ok(())
-            },
+            &mut |i, records| recontrol_sweep::write_point(&temp, i, records),
         )?;
         recontrol_sweep::write_sweep(dir.path(), &report)?;
         dir.commit()?;

@@ -475,6 +475,18 @@ pub fn write_sweep(out: &Path, report: &SweepReport) -> Result<()> {
     Ok(())
 }
 
+/// Writes one setting's generations as `point-<index>.jsonl` in `dir` (atomically, with its
+/// config file naming the point): what [`sweep`]'s callers hand it to keep every setting.
+pub fn write_point(dir: &Path, index: usize, records: &[GenerationRecord]) -> Result<()> {
+    let mut sink =
+        recontrol_io::JsonlSink::create(Some(&dir.join(format!("point-{index}.jsonl"))))?;
+    for r in records {
+        sink.write(r)?;
+    }
+    sink.finish(&serde_json::json!({ "sweep_point": index }))?;
+    Ok(())
+}
+
 /// Reads a `sweep.json`.
 pub fn read_sweep(path: &Path) -> Result<SweepReport> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::File {
