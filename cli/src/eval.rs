@@ -11,6 +11,7 @@ use recontrol_eval::{
     MethodGenerations,
 };
 use recontrol_io::Provenance;
+use recontrol_reward_model::LoadedReward;
 use serde::Serialize;
 
 use crate::args::DeviceArgs;
@@ -109,18 +110,28 @@ impl EvalArgs {
             ),
         };
 
+        let device = self.device.device;
         eprintln!("loading the reward {}", self.reward.display());
-        let mut reward = recontrol_reward_model::load_reward(&self.reward, self.device.device)
+        let mut reward = LoadedReward::load(&self.reward, device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let mut judge = self
             .judge
             .as_ref()
             .map(|path| {
                 eprintln!("loading the judge {}", path.display());
-                recontrol_reward_model::load_reward(path, self.device.device)
+                LoadedReward::load(path, device)
                     .with_context(|| format!("--judge {}", path.display()))
             })
             .transpose()?;
+        if let Some(judge) = judge.as_mut() {
+            if reward.share_features_with(judge)? {
+                eprintln!(
+                    "the reward and the judge share a backbone: each text runs through it once"
+                );
+            }
+        }
+        let mut reward = reward.boxed();
+        let mut judge = judge.map(LoadedReward::boxed);
         let encoder = CoherenceEncoder::load(&coherence_dir, self.device.device)
             .with_context(|| format!("coherence encoder {}", coherence_dir.display()))?;
         let judges = Judges {

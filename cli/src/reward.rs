@@ -220,7 +220,7 @@ impl TrainArgs {
                 m.heldout_accuracy, m.heldout_margin
             ));
         };
-        let outcome = train_reward(&lm, &prepared, &settings, control, &mut on_epoch)?;
+        let outcome = train_reward(&lm, None, &prepared, &settings, control, &mut on_epoch)?;
         tb.flush();
         progress.finish_and_clear();
         let (score, summary) = match outcome {

@@ -23,7 +23,7 @@ use recontrol_reward_model::stage::{
     epoch_scalars as reward_scalars, label_start, label_store, prepare_training_pairs,
     train_reward, LabelMode, RewardOutcome, RewardSummary,
 };
-use recontrol_reward_model::{load_reward, RewardModel};
+use recontrol_reward_model::{load_reward, FeatureMemo, LoadedReward, RewardModel};
 use recontrol_rollout::{collect_rollouts, select_prompts};
 use recontrol_sweep::{Setting, SweepMethod};
 use recontrol_value_net::stage::{epoch_scalars as value_scalars, train_value_model, ValueOutcome};
@@ -82,6 +82,7 @@ pub fn run_demo(config: &DemoConfig, run: &DemoRun<'_>) -> Result<DemoOutcome> {
         hh,
         harmfulqa,
         identity,
+        features: FeatureMemo::new(FeatureMemo::DEFAULT_CAPACITY_BYTES),
     };
     let chain = Stage::chain();
     let started = Instant::now();
@@ -190,6 +191,9 @@ struct Pipeline<'a> {
     harmfulqa: PathBuf,
     /// The model directory's identity (its files' digest): part of the model stage's key.
     identity: String,
+    /// Features of the model's frozen backbone computed so far: the policy reward model and
+    /// the judge train on it and share their held-out pairs.
+    features: FeatureMemo,
 }
 
 impl Pipeline<'_> {
@@ -373,7 +377,8 @@ impl Pipeline<'_> {
             resume,
             max_this_run: None,
         };
-        let outcome = train_reward(&lm, &prepared, settings, control, &mut |m| {
+        let memo = Some(&self.features);
+        let outcome = train_reward(&lm, memo, &prepared, settings, control, &mut |m| {
             for (tag, value) in reward_scalars(m) {
                 tb.add_scalar(tag, value as f32, m.epoch);
             }
@@ -760,8 +765,10 @@ impl Pipeline<'_> {
             )?),
             PromptSet::HarmfulQa => None,
         };
-        let mut reward = load_reward(&self.out(Stage::Reward), self.run.device)?;
-        let mut judge = load_reward(&self.out(Stage::Judge), self.run.device)?;
+        let mut reward = LoadedReward::load(&self.out(Stage::Reward), self.run.device)?;
+        let mut judge = LoadedReward::load(&self.out(Stage::Judge), self.run.device)?;
+        reward.share_features_with(&mut judge)?;
+        let (mut reward, mut judge) = (reward.boxed(), judge.boxed());
         let encoder = CoherenceEncoder::load(&self.config.model.dir, self.run.device)?;
         let judges = Judges {
             reward: reward.as_mut(),

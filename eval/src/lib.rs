@@ -266,15 +266,6 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// Rewards of `(prompt, response)` pairs, scored 16 at a time.
-fn score(reward: &mut dyn RewardSource, pairs: Vec<(String, String)>) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(16) {
-        out.extend(reward.score(chunk)?.into_iter().map(f64::from));
-    }
-    Ok(out)
-}
-
 /// Seconds per generated token of `records`, when they are timed and count their tokens.
 fn seconds_per_token(records: &[GenerationRecord]) -> Option<f64> {
     let seconds = generation_seconds(records);
@@ -292,38 +283,56 @@ struct Scores {
 
 impl Scores {
     /// Scores the responses of `methods` and the references of their prompts with `reward`
-    /// (`what` names it in the progress lines).
+    /// (`what` names it in the progress lines). A few prompts at a time, each with all its
+    /// responses in one call: a reward model then reads each prompt once for all of them.
     fn of(
         reward: &mut dyn RewardSource,
         methods: &[MethodGenerations],
         references: Option<&HashMap<String, String>>,
         what: &str,
     ) -> Result<Self> {
+        const PROMPTS_PER_CALL: usize = 4;
         let base = &methods[0].records;
-        let references = references
-            .map(|refs| {
-                score(
-                    reward,
-                    base.iter()
-                        .map(|g| (g.prompt.clone(), refs[&g.prompt].clone()))
-                        .collect(),
-                )
-            })
-            .transpose()?;
-        let mut scores = Vec::with_capacity(methods.len());
-        for m in methods {
-            eprintln!("scoring {} with {what}", m.name);
-            scores.push(score(
-                reward,
-                m.records
-                    .iter()
-                    .map(|g| (g.prompt.clone(), g.response.clone()))
-                    .collect(),
-            )?);
+        let per_prompt = methods.len() + usize::from(references.is_some());
+        let mut scores = vec![Vec::with_capacity(base.len()); methods.len()];
+        let mut reference_scores = references.map(|_| Vec::with_capacity(base.len()));
+        for start in (0..base.len()).step_by(PROMPTS_PER_CALL) {
+            let end = (start + PROMPTS_PER_CALL).min(base.len());
+            eprintln!(
+                "scoring prompts {}-{end} of {} ({per_prompt} responses each) with {what}",
+                start + 1,
+                base.len()
+            );
+            let mut pairs = Vec::with_capacity((end - start) * per_prompt);
+            for p in start..end {
+                let prompt = &base[p].prompt;
+                if let Some(refs) = references {
+                    pairs.push((prompt.clone(), refs[prompt].clone()));
+                }
+                pairs.extend(
+                    methods
+                        .iter()
+                        .map(|m| (prompt.clone(), m.records[p].response.clone())),
+                );
+            }
+            let rewards = reward.score(&pairs)?;
+            for row in rewards.chunks(per_prompt) {
+                let row: Vec<f64> = row.iter().copied().map(f64::from).collect();
+                let responses = match reference_scores.as_mut() {
+                    Some(r) => {
+                        r.push(row[0]);
+                        &row[1..]
+                    }
+                    None => &row[..],
+                };
+                for (m, &v) in responses.iter().enumerate() {
+                    scores[m].push(v);
+                }
+            }
         }
         Ok(Self {
             methods: scores,
-            references,
+            references: reference_scores,
         })
     }
 

@@ -143,7 +143,7 @@ pub enum AttentionWindow {
 }
 
 /// The validated runtime configuration of a model.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub vocab_size: usize,

@@ -356,11 +356,13 @@ impl Masks {
     ) -> Result<Mask> {
         let keys = past + seq;
         let window_matters = window.is_some_and(|w| keys > w);
-        if key_mask.is_none() && !window_matters {
-            // No padding: libtorch's own causal masking (one query needs none).
+        // No padding: libtorch's own causal masking (one query needs none). Several queries
+        // after cached positions need the offset mask built below (libtorch's causal flag
+        // aligns the diagonal to the top-left corner).
+        if key_mask.is_none() && !window_matters && (seq == 1 || past == 0) {
             return Ok(Mask {
                 tensor: None,
-                is_causal: seq > 1 && past == 0,
+                is_causal: seq > 1,
             });
         }
         // Query i sits at cache position past + i; key j is visible when j <= past + i,

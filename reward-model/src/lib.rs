@@ -5,6 +5,7 @@
 //!
 //! [`stage`] holds the stages as library calls: pair preparation, training, store labelling.
 
+pub mod features;
 pub mod loss;
 pub mod model;
 pub mod partition;
@@ -12,6 +13,7 @@ pub mod rules;
 pub mod stage;
 pub mod train;
 
+pub use features::FeatureMemo;
 pub use loss::bradley_terry_loss;
 pub use model::RewardModel;
 pub use partition::{Partition, PartitionError};
@@ -92,15 +94,46 @@ pub fn scored_text(prompt: &str, response: &str) -> String {
     format!("{prompt}{}", recontrol_data::truncate_response(response))
 }
 
+/// A loaded reward: rules or a model.
+#[derive(Debug)]
+pub enum LoadedReward {
+    Rules(RuleReward),
+    Model(Box<RewardModel>),
+}
+
+impl LoadedReward {
+    /// Loads a `.toml` file of rules, or a reward model directory (float32).
+    pub fn load(path: &Path, device: recontrol_lm::DeviceSpec) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+            Ok(Self::Rules(RuleReward::from_file(path)?))
+        } else {
+            Ok(Self::Model(Box::new(RewardModel::load(
+                path,
+                device,
+                recontrol_lm::DType::F32,
+            )?)))
+        }
+    }
+
+    /// When both are reward models on the same backbone (e.g. a policy reward model and a
+    /// judge), they share computed features, so a text both score runs through it once.
+    /// Returns whether they do.
+    pub fn share_features_with(&mut self, other: &mut LoadedReward) -> Result<bool> {
+        match (self, other) {
+            (Self::Model(a), Self::Model(b)) => a.share_features(b),
+            _ => Ok(false),
+        }
+    }
+
+    pub fn boxed(self) -> Box<dyn RewardSource> {
+        match self {
+            Self::Rules(r) => Box::new(r),
+            Self::Model(m) => m,
+        }
+    }
+}
+
 /// Loads a reward: a `.toml` file of rules, or a reward model directory.
 pub fn load_reward(path: &Path, device: recontrol_lm::DeviceSpec) -> Result<Box<dyn RewardSource>> {
-    if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
-        Ok(Box::new(RuleReward::from_file(path)?))
-    } else {
-        Ok(Box::new(RewardModel::load(
-            path,
-            device,
-            recontrol_lm::DType::F32,
-        )?))
-    }
+    Ok(LoadedReward::load(path, device)?.boxed())
 }

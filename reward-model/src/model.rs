@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use recontrol_io::AtomicDir;
-use recontrol_lm::{DType, DeviceSpec, LanguageModel, Positions, StepInput};
+use recontrol_lm::{DType, DeviceSpec, LanguageModel, StepInput};
 use recontrol_train::write_safetensors;
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -21,6 +21,9 @@ pub struct RewardModel {
     pub score: Tensor,
     /// Texts scored together.
     pub batch_size: usize,
+    /// Features computed before on this backbone, shared with other reward models on it
+    /// ([`RewardModel::share_features`]).
+    pub memo: Option<FeatureMemo>,
 }
 
 impl RewardModel {
@@ -60,6 +63,7 @@ impl RewardModel {
             lm,
             score,
             batch_size: 8,
+            memo: None,
         })
     }
 
@@ -70,6 +74,7 @@ impl RewardModel {
             lm,
             score,
             batch_size: 8,
+            memo: None,
         }
     }
 
@@ -128,7 +133,46 @@ impl RewardModel {
     /// Final post-norm hidden states `[n, hidden]` (float32, host) of the last token of each
     /// text; texts too long for the model lose their oldest tokens.
     pub fn features(&self, texts: &[String]) -> Result<Tensor> {
-        features(&self.lm, texts, self.batch_size)
+        features_with(&self.lm, texts, self.batch_size, self.memo.as_ref())
+    }
+
+    /// Whether `other` runs the same backbone: the same configuration, vocabulary, dtype and
+    /// device, and equal weights (compared tensor by tensor; only the heads may differ).
+    pub fn same_backbone(&self, other: &RewardModel) -> Result<bool> {
+        let (a, b) = (&self.lm.model, &other.lm.model);
+        if a.config() != b.config()
+            || a.kind() != b.kind()
+            || a.device() != b.device()
+            || !self.lm.tokenizer.same_vocabulary(&other.lm.tokenizer)
+        {
+            return Ok(false);
+        }
+        let (pa, pb) = (a.named_params(), b.named_params());
+        if pa.len() != pb.len() {
+            return Ok(false);
+        }
+        for ((na, ta), (nb, tb)) in pa.iter().zip(&pb) {
+            if na != nb || ta.size() != tb.size() || !ta.f_equal(tb)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Shares computed features with `other` when both run the same backbone
+    /// ([`RewardModel::same_backbone`]); returns whether they do.
+    pub fn share_features(&mut self, other: &mut RewardModel) -> Result<bool> {
+        if !self.same_backbone(other)? {
+            return Ok(false);
+        }
+        let memo = self
+            .memo
+            .clone()
+            .or_else(|| other.memo.clone())
+            .unwrap_or_else(|| FeatureMemo::new(FeatureMemo::DEFAULT_CAPACITY_BYTES));
+        self.memo = Some(memo.clone());
+        other.memo = Some(memo);
+        Ok(true)
     }
 
     /// Rewards of whole texts.
@@ -139,8 +183,13 @@ impl RewardModel {
             .score
             .f_to_kind(Kind::Float)?
             .f_to_device(tch::Device::Cpu)?;
-        let rewards =
-            Vec::<f32>::try_from(feats.f_matmul(&head.f_transpose(0, 1)?)?.f_squeeze_dim(1)?)?;
+        // Row by row (not one matmul, whose blocking can round equal rows differently): a
+        // text scores the same wherever it sits in the batch.
+        let rewards = Vec::<f32>::try_from(feats.f_mul(&head)?.f_sum_dim_intlist(
+            1,
+            false,
+            Kind::Float,
+        )?)?;
         if let Some((index, &value)) = rewards.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFinite { index, value });
         }
@@ -180,30 +229,38 @@ impl EncodedBatch {
     }
 }
 
-/// Tokenises texts (special tokens added, as HF does) into one left-padded batch on the
-/// model's device; texts too long for the model lose their oldest tokens (BOS kept), since
-/// the response at the end is what is judged.
-pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch> {
-    let device = lm.model.device();
+/// Token ids of a text as the reward model reads it: special tokens added (as HF does); a
+/// text too long for the model loses its oldest tokens (BOS kept), since the response at the
+/// end is what is judged.
+pub fn text_ids(lm: &LanguageModel, text: &str) -> Result<Vec<i64>> {
     let max = lm
         .model
         .config()
         .max_position_embeddings
         .unwrap_or(usize::MAX);
     let bos = lm.model.config().bos_token_id;
-    let ids: Vec<Vec<i64>> = texts
+    let mut ids = lm.tokenizer.encode(text, true)?;
+    if ids.len() > max {
+        let keep_bos = usize::from(bos.is_some() && ids.first().copied() == bos);
+        let tail = ids.split_off(ids.len() - (max - keep_bos));
+        ids.truncate(keep_bos);
+        ids.extend(tail);
+    }
+    Ok(ids)
+}
+
+/// Tokenises texts ([`text_ids`]) into one left-padded batch on the model's device.
+pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch> {
+    let ids = texts
         .iter()
-        .map(|t| {
-            let mut ids = lm.tokenizer.encode(t, true)?;
-            if ids.len() > max {
-                let keep_bos = usize::from(bos.is_some() && ids.first().copied() == bos);
-                let tail = ids.split_off(ids.len() - (max - keep_bos));
-                ids.truncate(keep_bos);
-                ids.extend(tail);
-            }
-            Ok(ids)
-        })
-        .collect::<Result<_>>()?;
+        .map(|t| text_ids(lm, t))
+        .collect::<Result<Vec<_>>>()?;
+    encode_ids(lm, ids)
+}
+
+/// Token id rows as one left-padded batch on the model's device, with HF's position ids.
+pub fn encode_ids(lm: &LanguageModel, ids: Vec<Vec<i64>>) -> Result<EncodedBatch> {
+    let device = lm.model.device();
     if ids.is_empty() {
         return Err(Error::EmptyBatch);
     }
@@ -218,7 +275,7 @@ pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch
         mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, row.len())));
         pos.extend(std::iter::repeat_n(1i64, pad).chain(0..row.len() as i64));
     }
-    let shape = [texts.len() as i64, width as i64];
+    let shape = [ids.len() as i64, width as i64];
     Ok(EncodedBatch {
         input_ids: Tensor::from_slice(&flat)
             .f_view(shape)?
@@ -233,33 +290,7 @@ pub fn encode_batch(lm: &LanguageModel, texts: &[String]) -> Result<EncodedBatch
     })
 }
 
-/// Last-token post-norm hidden states `[n, hidden]` (float32, host) of texts, in batches of
-/// texts of similar length (less padding), returned in the order of `texts`.
-pub fn features(lm: &LanguageModel, texts: &[String], batch_size: usize) -> Result<Tensor> {
-    let _guard = tch::no_grad_guard();
-    let mut order: Vec<usize> = (0..texts.len()).collect();
-    order.sort_by_key(|&i| texts[i].len());
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in order.chunks(batch_size.max(1)) {
-        let chunk: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
-        let batch = encode_batch(lm, &chunk)?;
-        let mut cache = lm.model.new_cache(batch.input_ids.size()[1] as usize);
-        let hidden = lm
-            .model
-            .forward_hidden(&batch.input(), &mut cache, Positions::Last)?;
-        out.push(
-            hidden
-                .f_to_kind(Kind::Float)?
-                .f_to_device(tch::Device::Cpu)?,
-        );
-    }
-    let sorted = Tensor::f_cat(&out, 0)?;
-    let mut inverse = vec![0i64; order.len()];
-    for (at, &i) in order.iter().enumerate() {
-        inverse[i] = at as i64;
-    }
-    Ok(sorted.f_index_select(0, &Tensor::from_slice(&inverse))?)
-}
+pub use crate::features::{features, features_with, FeatureMemo};
 
 /// `score.weight` `[1, hidden]` from a sequence-classification checkpoint.
 fn read_score_head(dir: &Path, hidden: i64, device: tch::Device, dtype: DType) -> Result<Tensor> {

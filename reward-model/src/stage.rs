@@ -9,6 +9,7 @@ use recontrol_lm::LanguageModel;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::features::FeatureMemo;
 use crate::partition::{pairs_digest, Partition};
 use crate::train::{
     length_baseline_accuracy, pair_features, train_head, train_top_k, EpochMetrics, PairTexts,
@@ -269,9 +270,13 @@ pub enum RewardOutcome {
 }
 
 /// Trains a Bradley-Terry head (and with `unfreeze_top_k`, the top decoder layers) on the
-/// backbone `lm` with the prepared pairs. `on_epoch` sees each epoch's metrics.
+/// backbone `lm` with the prepared pairs. `on_epoch` sees each epoch's metrics. A frozen
+/// backbone's features are read from and added to `memo` (e.g. the held-out pairs' features,
+/// which a policy reward model and a judge on the same backbone both need); with
+/// `unfreeze_top_k` the backbone changes and `memo` is not used.
 pub fn train_reward(
     lm: &LanguageModel,
+    memo: Option<&FeatureMemo>,
     pairs: &PreparedPairs,
     settings: &RewardSettings,
     control: RunControl<'_>,
@@ -285,8 +290,9 @@ pub fn train_reward(
             pairs.train.chosen.len(),
             pairs.heldout.chosen.len()
         );
-        let train_features = pair_features(lm, &pairs.train, settings.feature_batch_size)?;
-        let heldout_features = pair_features(lm, &pairs.heldout, settings.feature_batch_size)?;
+        let batch = settings.feature_batch_size;
+        let train_features = pair_features(lm, &pairs.train, batch, memo)?;
+        let heldout_features = pair_features(lm, &pairs.heldout, batch, memo)?;
         if !settings.l2_candidates.is_empty() {
             let tuning = tune_l2(
                 &train_features,

@@ -11,8 +11,9 @@ use recontrol_train::{cosine_lr, AdamW, AdamWConfig, EpochLoop, Finished, Flow};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::features::{features_with, FeatureMemo};
 use crate::loss::{accuracy_and_margin, bradley_terry_loss};
-use crate::model::{encode_batch, features};
+use crate::model::encode_batch;
 use crate::{Error, Result};
 
 /// Settings of a reward-model training run (recorded in checkpoints; a resume must match).
@@ -97,10 +98,20 @@ pub fn pair_features(
     lm: &LanguageModel,
     pairs: &PairTexts,
     batch_size: usize,
+    memo: Option<&FeatureMemo>,
 ) -> Result<(Tensor, Tensor)> {
+    // Together, so that a pair's chosen and rejected texts share their dialogue's features.
+    let n = pairs.chosen.len() as i64;
+    let both: Vec<String> = pairs
+        .chosen
+        .iter()
+        .chain(&pairs.rejected)
+        .cloned()
+        .collect();
+    let all = features_with(lm, &both, batch_size, memo)?;
     Ok((
-        features(lm, &pairs.chosen, batch_size)?,
-        features(lm, &pairs.rejected, batch_size)?,
+        all.f_narrow(0, 0, n)?,
+        all.f_narrow(0, n, all.size()[0] - n)?,
     ))
 }
 
@@ -281,7 +292,7 @@ pub fn train_top_k(
             )?)
         },
         &mut || {
-            let features = pair_features(lm, heldout, config.batch_size)?;
+            let features = pair_features(lm, heldout, config.batch_size, None)?;
             evaluate(&score.f_detach()?.f_to_device(tch::Device::Cpu)?, &features)
         },
         on_epoch,

@@ -87,3 +87,87 @@ fn a_causal_lm_is_not_a_reward_model() {
     .to_string();
     assert!(err.contains("no score.weight"), "{err}");
 }
+
+/// Replies to one dialogue run the dialogue through the backbone once (a shared prefix), and
+/// still score like HF scoring each text on its own: with the prefix shared, a text that
+/// begins another, a repeated text, and one that shares nothing.
+#[test]
+fn texts_that_share_a_dialogue_score_like_hf() {
+    use recontrol_reward_model::features::prefix_groups;
+    use recontrol_reward_model::model::text_ids;
+    let exp = expected();
+    let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).expect("texts");
+    let dialogue = format!("{}{}\n\nHuman: and then?\n\nAssistant:", texts[1], texts[2]);
+    let mut shared: Vec<String> = ["", " Sure.", " No, I can't.", " Let me think about it."]
+        .iter()
+        .map(|reply| format!("{dialogue}{reply}"))
+        .collect();
+    shared.push(shared[1].clone());
+    shared.push(texts[0].clone());
+    let mut rm = RewardModel::load(&fixture(), DeviceSpec::Cpu, DType::F32).expect("load");
+    let ids: Vec<Vec<i64>> = shared
+        .iter()
+        .map(|t| text_ids(&rm.lm, t).expect("ids"))
+        .collect();
+    assert!(
+        prefix_groups(&ids[..4])
+            .iter()
+            .any(|g| g.members.len() == 4 && g.prefix >= 16),
+        "the four replies share the dialogue"
+    );
+    let mut args = vec![fixture().to_str().expect("utf-8").to_owned()];
+    args.extend(shared.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let hf = python_json("tests/fixtures/reward/hf_score.py", &args);
+    let want: Vec<f64> = serde_json::from_value(hf["scores"].clone()).expect("scores");
+    for batch_size in [2, 16] {
+        rm.batch_size = batch_size;
+        let got = rm.score_texts(&shared).expect("score");
+        assert_close(&got, &want, &format!("batches of {batch_size}"));
+        assert_eq!(got[1], got[4], "a repeated text scores the same");
+    }
+}
+
+/// A policy reward model and a judge on one backbone (different heads) share features: the
+/// judge computes nothing the policy model computed, and scores as on its own.
+#[test]
+fn reward_models_on_one_backbone_share_features() {
+    let exp = expected();
+    let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).expect("texts");
+    let mut policy = RewardModel::load(&fixture(), DeviceSpec::Cpu, DType::F32).expect("load");
+    let backbone = RewardModel::load(&fixture(), DeviceSpec::Cpu, DType::F32).expect("load");
+    let head = &backbone.score * -2.0;
+    let mut judge = RewardModel::from_parts(backbone.lm, head);
+    let alone = judge.score_texts(&texts).expect("judge alone");
+    assert!(policy.share_features(&mut judge).expect("compare"));
+    let memo = policy.memo.clone().expect("a memo");
+    let first = policy.score_texts(&texts).expect("policy");
+    assert_eq!(memo.len(), texts.len());
+    let shared = judge.score_texts(&texts).expect("judge");
+    assert_eq!(memo.len(), texts.len(), "the judge added nothing");
+    assert_close(
+        &shared,
+        &alone.iter().map(|&s| f64::from(s)).collect::<Vec<_>>(),
+        "the judge with shared features",
+    );
+    assert_close(
+        &shared,
+        &first
+            .iter()
+            .map(|&s| -2.0 * f64::from(s))
+            .collect::<Vec<_>>(),
+        "the judge's head is -2 times the policy's",
+    );
+    // A different backbone shares nothing.
+    let other = recontrol_lm::LanguageModel::load_backbone(
+        &repo_root().join("tests/fixtures/generated/lm/llama3-gqa"),
+        DeviceSpec::Cpu,
+        DType::F32,
+    )
+    .expect("another backbone");
+    let hidden = other.model.config().hidden_size as i64;
+    let mut stranger =
+        RewardModel::from_parts(other, tch::Tensor::zeros([1, hidden], tch::kind::FLOAT_CPU));
+    assert!(!policy.share_features(&mut stranger).expect("compare"));
+    assert!(stranger.memo.is_none());
+}

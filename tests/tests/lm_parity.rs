@@ -107,6 +107,43 @@ fn hidden_states_and_logits_match_hf() {
     }
 }
 
+/// A prompt fed in two chunks (the second several tokens after cached ones, no padding) gives
+/// the states of one pass: the second chunk's queries see the cache and only earlier tokens.
+#[test]
+fn a_prompt_fed_in_two_chunks_matches_one_pass() {
+    for name in LM_FIXTURES {
+        let lm = load(name, DType::F32);
+        let ids = tokenize(&lm)
+            .into_iter()
+            .max_by_key(Vec::len)
+            .expect("a prompt");
+        let n = ids.len() as i64;
+        assert!(n >= 4, "{name}: prompt too short to split");
+        let all = Tensor::from_slice(&ids).view([1, n]).to_device(device());
+        let positions = Tensor::arange(n, (Kind::Int64, device())).view([1, n]);
+        let run = |from: i64, to: i64, cache: &mut recontrol_lm::KvCache| {
+            let input = StepInput {
+                input_ids: &all.narrow(1, from, to - from),
+                position_ids: &positions.narrow(1, from, to - from),
+                key_mask: None,
+            };
+            lm.model
+                .forward_hidden(&input, cache, Positions::All)
+                .expect("forward")
+        };
+        let whole = run(0, n, &mut lm.model.new_cache(n as usize));
+        let split = n / 2;
+        let mut cache = lm.model.new_cache(n as usize);
+        let _ = run(0, split, &mut cache);
+        let tail = run(split, n, &mut cache);
+        let d = (tail - whole.narrow(1, split, n - split))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(d < 1e-5, "{name}: the second chunk differs by {d}");
+    }
+}
+
 #[test]
 fn greedy_generation_matches_hf_batched_and_alone() {
     for name in LM_FIXTURES {
