@@ -94,6 +94,27 @@ impl KvCache {
         })
     }
 
+    /// A copy of this cache made of the rows `rows` (int64 indices on the cache's device, in
+    /// any order, repeats allowed): e.g. several continuations of each of several prefixes.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| match layer {
+                Some((k, v)) => Ok(Some((
+                    k.f_index_select(0, rows)?,
+                    v.f_index_select(0, rows)?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+            reserve: self.reserve,
+        })
+    }
+
     /// Overwrites positions `from..len` of every row `i` with those of row `source[i]` (int64,
     /// one entry per row, on the cache's device): after k candidates were fed to k copies of a
     /// row, every copy takes the chosen one's keys and values.
@@ -136,6 +157,28 @@ mod tests {
             assert!(values.f_equal(&(&want * 2.0))?);
         }
         assert_eq!(cache.len(), 7);
+        Ok(())
+    }
+
+    #[test]
+    fn selected_rows_copy_the_rows_asked_for_in_order() -> Result<()> {
+        let mut cache = KvCache::new(2, 4);
+        let k = Tensor::f_arange(3 * 2 * 2, (Kind::Float, Device::Cpu))?.f_view([3, 1, 2, 2])?;
+        for layer in 0..2 {
+            let _ = cache.append(layer, &k, &(&k * 10.0))?;
+        }
+        cache.advance(2);
+        let rows = Tensor::from_slice(&[2i64, 0, 0, 1]);
+        let mut picked = cache.select_rows(&rows)?;
+        assert_eq!(picked.len(), 2);
+        let new = Tensor::f_zeros([4, 1, 1, 2], (Kind::Float, Device::Cpu))?;
+        let (keys, values) = picked.append(1, &new, &new)?;
+        assert!(keys
+            .f_narrow(2, 0, 2)?
+            .f_equal(&k.f_index_select(0, &rows)?)?);
+        assert!(values
+            .f_narrow(2, 0, 2)?
+            .f_equal(&(k.f_index_select(0, &rows)? * 10.0))?);
         Ok(())
     }
 

@@ -33,11 +33,12 @@ fn common_prefix(a: &[i64], b: &[i64]) -> usize {
 
 /// Groups distinct token sequences by shared prefix. Sequences are visited in lexicographic
 /// order, so a run's shared prefix is that of its first and last member; a sequence joins the
-/// run while the run keeps at least [`MIN_SHARED_PREFIX`] tokens and three quarters of what it
-/// shared before (a dialogue's replies stay together; a different dialogue that only shares
-/// the system message starts its own run). Every group of two or more keeps at least one token
-/// of each member outside the prefix; single sequences come back as groups of one with
-/// prefix 0.
+/// run while the run keeps at least [`MIN_SHARED_PREFIX`] tokens, three quarters of what it
+/// shared before, and half of the longer of the run's first sequence and the new one (a
+/// dialogue's replies stay together; texts that share only a system message stay apart, since
+/// batching them by length saves more than their short common beginning). Every group of two
+/// or more keeps at least one token of each member outside the prefix; single sequences come
+/// back as groups of one with prefix 0.
 pub fn prefix_groups(ids: &[Vec<i64>]) -> Vec<PrefixGroup> {
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by(|&a, &b| ids[a].cmp(&ids[b]));
@@ -58,7 +59,8 @@ pub fn prefix_groups(ids: &[Vec<i64>]) -> Vec<PrefixGroup> {
             Some((mut members, shared)) => {
                 let with = common_prefix(&ids[members[0]], &ids[i]);
                 let keeps = shared == usize::MAX || with.saturating_mul(4) >= shared * 3;
-                if with >= MIN_SHARED_PREFIX && keeps {
+                let most = 2 * with >= ids[members[0]].len().max(ids[i].len());
+                if with >= MIN_SHARED_PREFIX && keeps && most {
                     members.push(i);
                     Some((members, with.min(shared)))
                 } else {
@@ -206,14 +208,25 @@ pub fn features_with(
             rows[i] = Some(hidden.f_get(at as i64)?);
         }
     }
-    for group in groups.iter().filter(|g| g.members.len() > 1) {
-        for chunk in group.members.chunks(batch_size) {
-            for (i, row) in chunk
-                .iter()
-                .zip(continue_prefix(lm, &unique, chunk, group.prefix)?)
-            {
-                rows[*i] = Some(row);
-            }
+    // Groups of several: at most `batch_size` groups at a time, prefixes of similar length
+    // together.
+    let mut shared: Vec<PrefixGroup> = groups
+        .into_iter()
+        .filter(|g| g.members.len() > 1)
+        .flat_map(|g| {
+            g.members
+                .chunks(batch_size)
+                .map(|m| PrefixGroup {
+                    members: m.to_vec(),
+                    prefix: g.prefix,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    shared.sort_by_key(|g| g.prefix);
+    for chunk in shared.chunks(batch_size) {
+        for (i, row) in continue_prefixes(lm, &unique, chunk, batch_size)? {
+            rows[i] = Some(row);
         }
     }
     if let Some(memo) = memo {
@@ -235,83 +248,100 @@ pub fn features_with(
     Ok(Tensor::f_stack(&rows, 0)?)
 }
 
-/// Features of `members`, which share their first `prefix` tokens: the prefix once, then every
-/// member's rest in one right-padded batch after a copy of the prefix's cache (a real token
-/// never sees the padding after it).
-fn continue_prefix(
+/// Features of the members of `groups`, each group sharing its first `prefix` tokens: the
+/// groups' prefixes in one left-padded batch, then the members' rests, sorted by length, in
+/// right-padded batches of at most `batch_size` after copies of their groups' cache rows (a
+/// real token never sees the padding after it). Returns `(index into ids, features)` pairs.
+fn continue_prefixes(
     lm: &LanguageModel,
     ids: &[Vec<i64>],
-    members: &[usize],
-    prefix: usize,
-) -> Result<Vec<Tensor>> {
+    groups: &[PrefixGroup],
+    batch_size: usize,
+) -> Result<Vec<(usize, Tensor)>> {
     let device = lm.model.device();
-    let rests: Vec<&[i64]> = members.iter().map(|&m| &ids[m][prefix..]).collect();
-    let width = rests.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut cache = lm.model.new_cache(prefix + width);
-    let (n, p, w) = (members.len() as i64, prefix as i64, width as i64);
-    if prefix > 0 {
-        let head = Tensor::from_slice(&ids[members[0]][..prefix])
-            .f_view([1, p])?
+    let heads: Vec<Vec<i64>> = groups
+        .iter()
+        .map(|g| ids[g.members[0]][..g.prefix].to_vec())
+        .collect();
+    let head = encode_ids(lm, heads)?;
+    let mut members: Vec<(usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, group)| group.members.iter().map(move |&m| (g, m)))
+        .collect();
+    let rest = |&(g, m): &(usize, usize)| &ids[m][groups[g].prefix..];
+    members.sort_by_key(|member| rest(member).len());
+    let longest = members.last().map_or(0, |m| rest(m).len());
+    let mut cache = lm
+        .model
+        .new_cache(head.input_ids.size()[1] as usize + longest);
+    // Only the keys and values it leaves in the cache are needed.
+    let _ = lm
+        .model
+        .forward_hidden(&head.input(), &mut cache, Positions::Last)?;
+    let mut out = Vec::with_capacity(members.len());
+    for batch in members.chunks(batch_size.max(1)) {
+        let of_group =
+            Tensor::from_slice(&batch.iter().map(|&(g, _)| g as i64).collect::<Vec<_>>())
+                .f_to_device(device)?;
+        let mut rows = cache.select_rows(&of_group)?;
+        let width = batch.iter().map(|m| rest(m).len()).max().unwrap_or(0);
+        let (n, w) = (batch.len() as i64, width as i64);
+        let (mut flat, mut mask, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        for member in batch {
+            let tokens = rest(member);
+            let pad = width - tokens.len();
+            flat.extend(
+                tokens
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(lm.pad_token_id, pad)),
+            );
+            mask.extend(
+                std::iter::repeat_n(true, tokens.len()).chain(std::iter::repeat_n(false, pad)),
+            );
+            let from = groups[member.0].prefix as i64;
+            positions.extend(from..from + w);
+        }
+        let input_ids = Tensor::from_slice(&flat)
+            .f_view([n, w])?
             .f_to_device(device)?;
-        let positions = Tensor::f_arange(p, (Kind::Int64, device))?.f_view([1, p])?;
-        // Only the keys and values it leaves in the cache are needed.
-        let _ = lm.model.forward_hidden(
-            &StepInput {
-                input_ids: &head,
-                position_ids: &positions,
-                key_mask: None,
-            },
-            &mut cache,
-            Positions::Last,
+        let position_ids = Tensor::from_slice(&positions)
+            .f_view([n, w])?
+            .f_to_device(device)?;
+        let key_mask = Tensor::f_cat(
+            &[
+                head.key_mask.f_index_select(0, &of_group)?,
+                Tensor::from_slice(&mask)
+                    .f_view([n, w])?
+                    .f_to_device(device)?,
+            ],
+            1,
         )?;
-        cache = cache.repeat_rows(members.len())?;
+        let hidden = lm.model.forward_hidden(
+            &StepInput {
+                input_ids: &input_ids,
+                position_ids: &position_ids,
+                key_mask: Some(&key_mask),
+            },
+            &mut rows,
+            Positions::All,
+        )?;
+        let last: Vec<i64> = batch.iter().map(|m| rest(m).len() as i64 - 1).collect();
+        let index = Tensor::from_slice(&last)
+            .f_to_device(device)?
+            .f_view([n, 1, 1])?
+            .f_expand([n, 1, hidden.size()[2]], false)?;
+        let picked = hidden
+            .f_gather(1, &index, false)?
+            .f_squeeze_dim(1)?
+            .f_to_kind(Kind::Float)?
+            .f_to_device(tch::Device::Cpu)?;
+        for (r, &(_, m)) in batch.iter().enumerate() {
+            out.push((m, picked.f_get(r as i64)?));
+        }
     }
-    let (mut flat, mut mask) = (Vec::new(), Vec::new());
-    for rest in &rests {
-        let pad = width - rest.len();
-        flat.extend(
-            rest.iter()
-                .copied()
-                .chain(std::iter::repeat_n(lm.pad_token_id, pad)),
-        );
-        mask.extend(std::iter::repeat_n(true, rest.len()).chain(std::iter::repeat_n(false, pad)));
-    }
-    let input_ids = Tensor::from_slice(&flat)
-        .f_view([n, w])?
-        .f_to_device(device)?;
-    let position_ids = Tensor::f_arange_start(p, p + w, (Kind::Int64, device))?
-        .f_view([1, w])?
-        .f_expand([n, w], false)?
-        .f_contiguous()?;
-    let key_mask = Tensor::f_cat(
-        &[
-            Tensor::f_ones([n, p], (Kind::Bool, device))?,
-            Tensor::from_slice(&mask)
-                .f_view([n, w])?
-                .f_to_device(device)?,
-        ],
-        1,
-    )?;
-    let hidden = lm.model.forward_hidden(
-        &StepInput {
-            input_ids: &input_ids,
-            position_ids: &position_ids,
-            key_mask: Some(&key_mask),
-        },
-        &mut cache,
-        Positions::All,
-    )?;
-    let last: Vec<i64> = rests.iter().map(|r| r.len() as i64 - 1).collect();
-    let index = Tensor::from_slice(&last)
-        .f_to_device(device)?
-        .f_view([n, 1, 1])?
-        .f_expand([n, 1, hidden.size()[2]], false)?;
-    let picked = hidden
-        .f_gather(1, &index, false)?
-        .f_squeeze_dim(1)?
-        .f_to_kind(Kind::Float)?
-        .f_to_device(tch::Device::Cpu)?;
-    (0..n).map(|r| Ok(picked.f_get(r)?)).collect()
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -369,6 +399,13 @@ mod tests {
         let groups = prefix_groups(&ids);
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].prefix, 29);
+    }
+
+    #[test]
+    fn texts_that_share_only_a_system_message_stay_apart() {
+        let system = seq(1000, 24);
+        let ids: Vec<Vec<i64>> = (0..4).map(|i| with(&system, &seq(100 * i, 80))).collect();
+        assert!(prefix_groups(&ids).iter().all(|g| g.members.len() == 1));
     }
 
     #[test]
