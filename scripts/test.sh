@@ -7,4 +7,14 @@ scripts/setup.sh
 scripts/fixtures.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# A one-node Slurm cluster for cli/tests/slurm.rs; where it cannot start, those tests print why
+# they skip (with it up, RECONTROL_REQUIRE_SLURM makes them fail rather than skip).
+slurm_dir="$root/target/slurm-local"
+if exports="$(scripts/slurm-local.sh start "$slurm_dir")"; then
+    eval "$exports"
+    export RECONTROL_REQUIRE_SLURM=1
+    trap 'scripts/slurm-local.sh stop "$slurm_dir"' EXIT
+else
+    echo "test.sh: no local Slurm cluster (reason above): the Slurm tests will skip" >&2
+fi
 cargo test --workspace --locked

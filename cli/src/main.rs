@@ -11,6 +11,7 @@ mod output;
 mod pretrain;
 mod reward;
 mod rollout;
+mod slurm;
 mod steer;
 mod sweep;
 mod value;
@@ -49,8 +50,11 @@ enum Command {
     Sweep(Box<sweep::SweepArgs>),
     /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
     Eval(Box<eval::EvalArgs>),
-    /// The whole pipeline on the embedded default (CPU, minutes): default model, rollouts,
-    /// reward, value, export, four methods generated and evaluated, and an OOD run.
+    /// Run a stage on a Slurm cluster: a job array of shards and a dependent merge.
+    Slurm(slurm::SlurmCommand),
+    /// The whole pipeline on the embedded default (CPU, about half an hour): SmolLM2, rollouts,
+    /// policy reward model and judge, value, export, eight methods tuned on validation prompts,
+    /// generated and evaluated (the paper's Table 1), and an OOD run.
     Demo(demo::DemoArgs),
     /// Show the libtorch and ONNX Runtime this binary finds, and the devices they see.
     Env(env::EnvArgs),
@@ -80,6 +84,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Steer(args) => args.run(),
         Command::Sweep(args) => args.run(),
         Command::Eval(args) => args.run(),
+        Command::Slurm(args) => args.run(),
         Command::Demo(args) => args.run(),
         Command::Env(args) => args.run(),
     }

@@ -317,14 +317,22 @@ pub struct LabelArgs {
 impl LabelArgs {
     fn run(self) -> Result<()> {
         let flag = || format!("--rollouts {}", self.rollouts.display());
-        let store = Store::open_rw(&self.rollouts).with_context(flag)?;
-        let rewards = store.rewards()?;
+        let rewards = Store::open(&self.rollouts).with_context(flag)?.rewards()?;
         let mode = match (self.overwrite, self.resume) {
             (true, _) => LabelMode::Overwrite,
             (false, true) => LabelMode::Resume,
             (false, false) => LabelMode::Fresh,
         };
         let start = label_start(&rewards, mode).with_context(flag)?;
+        if start == rewards.len() && mode == LabelMode::Resume {
+            // A finished run resumed (a requeued job): the store is not even opened for writing.
+            eprintln!(
+                "{}: already labelled: nothing to do",
+                self.rollouts.display()
+            );
+            return Ok(());
+        }
+        let store = Store::open_rw(&self.rollouts).with_context(flag)?;
         let mut reward = load_reward(&self.reward, self.device.device)
             .with_context(|| format!("--reward {}", self.reward.display()))?;
         let progress = ProgressBar::new(rewards.len() as u64).with_style(

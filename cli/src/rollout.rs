@@ -11,6 +11,7 @@ use recontrol_lm::LanguageModel;
 use recontrol_rollout::{
     collect_rollouts, select_prompts, PromptSelection, RolloutSettings, Shard,
 };
+use recontrol_slurm::ShardSpec;
 use serde::Serialize;
 
 use crate::args::{DatasetArgs, DeviceArgs, GenerationArgs, PromptArgs, SplitArgs};
@@ -63,9 +64,10 @@ pub struct RolloutArgs {
     /// Rollouts per prompt (useful with sampling).
     #[arg(long, default_value_t = 1)]
     pub samples_per_prompt: usize,
-    /// Take every N-th record starting at K (0-based), for N machines writing one store each.
-    #[arg(long)]
-    pub shard: Option<Shard>,
+    /// Take every N-th record starting at K (0-based), for N machines writing one store each;
+    /// `auto`: this Slurm array task's (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT).
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<ShardSpec>,
     /// Continue an interrupted run with the same flags.
     #[arg(long)]
     pub resume: bool,
@@ -140,16 +142,35 @@ impl RolloutArgs {
         }
     }
 
-    fn run(self) -> Result<()> {
-        let (Some(model_dir), Some(dataset_path), Some(out)) =
-            (&self.model, &self.dataset, &self.out)
-        else {
+    /// The checks made before anything is read: flag values, and that the model directory and
+    /// the dataset exist (also run by `slurm submit` before it submits).
+    pub fn check_inputs(&self) -> Result<()> {
+        let (Some(model_dir), Some(dataset_path)) = (&self.model, &self.dataset) else {
             anyhow::bail!("--model, --dataset and --out are required");
         };
         self.generation.sampling()?;
         if self.samples_per_prompt == 0 {
             anyhow::bail!("--samples-per-prompt must be at least 1");
         }
+        if !model_dir.join("config.json").is_file() {
+            anyhow::bail!(
+                "--model {}: not a model directory (no config.json)",
+                model_dir.display()
+            );
+        }
+        if !dataset_path.is_file() {
+            anyhow::bail!("--dataset {}: no such file", dataset_path.display());
+        }
+        Ok(())
+    }
+
+    fn run(self) -> Result<()> {
+        let (Some(model_dir), Some(dataset_path), Some(out)) =
+            (&self.model, &self.dataset, &self.out)
+        else {
+            anyhow::bail!("--model, --dataset and --out are required");
+        };
+        self.check_inputs()?;
         let dataset = self.data.read(dataset_path)?;
         if dataset.report.skipped_malformed > 0 {
             eprintln!(
@@ -158,9 +179,19 @@ impl RolloutArgs {
                 dataset_path.display()
             );
         }
+        let shard = self
+            .shard
+            .map(|spec| spec.resolve(&|name| std::env::var(name).ok()))
+            .transpose()?;
+        if let (Some(ShardSpec::Auto), Some(s)) = (self.shard, shard) {
+            eprintln!(
+                "--shard auto: shard {}/{} (Slurm array task)",
+                s.index, s.count
+            );
+        }
         let selection = PromptSelection {
             limit: self.limit,
-            shard: self.shard,
+            shard,
             ..self.split.selection()?
         };
         let records = select_prompts(&dataset, &selection)?;
@@ -191,6 +222,16 @@ impl RolloutArgs {
         )
         .with_context(|| format!("--out {}", out.display()))?;
         progress.finish_and_clear();
+        if report.already_complete {
+            eprintln!(
+                "{}: already complete with these settings ({} rollouts): nothing to do",
+                out.display(),
+                report.rollouts
+            );
+            if config_path(out).exists() {
+                return Ok(());
+            }
+        }
         if report.truncated_prompts > 0 {
             eprintln!(
                 "{} prompts were longer than the model's positions allow with --max-new-tokens {}: their oldest tokens were dropped",
@@ -215,6 +256,7 @@ impl RolloutArgs {
             &RunRecord {
                 command: "rollout",
                 args: &self,
+                shard,
                 prompts: total,
                 provenance: provenance(),
             },
@@ -227,6 +269,8 @@ impl RolloutArgs {
 struct RunRecord<'a> {
     command: &'static str,
     args: &'a RolloutArgs,
+    /// The shard taken (resolved from the scheduler with `--shard auto`).
+    shard: Option<Shard>,
     prompts: usize,
     provenance: Provenance,
 }

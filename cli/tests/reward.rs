@@ -341,6 +341,24 @@ fn labelling_fills_rewards_refuses_labelled_stores_and_resumes() {
         .expect("rewards")
         .iter()
         .all(|r| r.is_finite()));
+    // Resuming a finished run (a requeued job) succeeds and labels nothing.
+    let before = std::fs::read(&store).expect("store");
+    let run = recontrol(&[
+        "reward",
+        "label",
+        "--reward",
+        s(&rules),
+        "--rollouts",
+        s(&store),
+        "--resume",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("already labelled: nothing to do"),
+        "{}",
+        stderr(&run)
+    );
+    assert_eq!(std::fs::read(&store).expect("store"), before);
 
     // A reward model with another tokenizer than the rollouts' model: texts are re-tokenised.
     let other = dir.path().join("other-backbone");

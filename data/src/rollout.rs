@@ -61,8 +61,6 @@ pub enum RolloutError {
     },
     #[error("{out}: exists; remove it or choose another --out")]
     Exists { out: PathBuf },
-    #[error("{out}: the store is already complete; nothing to resume")]
-    AlreadyComplete { out: PathBuf },
     #[error("{out}: an interrupted run left {parts}; pass --resume to continue it, or remove it")]
     Interrupted { out: PathBuf, parts: PathBuf },
     /// The interrupted run's store settings differ from this one's.
@@ -108,6 +106,38 @@ pub struct RolloutSummary {
     /// Parts found complete and kept (non-zero after a resume).
     pub parts_reused: usize,
     pub parts_written: usize,
+    /// The store was complete before this run (a resumed job that had finished): nothing was
+    /// done.
+    pub already_complete: bool,
+}
+
+/// A resumed job whose store is complete: a no-op when the store holds this plan's rollouts
+/// (same store settings, the same prompts in the same order), else the reason it does not.
+fn already_complete(plan: &RolloutPlan, out: &Path) -> Result<RolloutSummary, RolloutError> {
+    let store = Store::open(out)?;
+    if let Some(why) = store.meta().incompatibility(&plan.meta) {
+        return Err(RolloutError::Incompatible {
+            out: out.to_owned(),
+            why: Box::new(why),
+        });
+    }
+    let texts = store.texts()?;
+    let same_prompts = texts.len() == plan.prompts.len()
+        && texts
+            .iter()
+            .zip(&plan.prompts)
+            .all(|((prompt, _), planned)| *prompt == planned.text);
+    if !same_prompts {
+        return Err(RolloutError::PlanDiffers {
+            out: out.to_owned(),
+        });
+    }
+    Ok(RolloutSummary {
+        rollouts: texts.len(),
+        parts_reused: 0,
+        parts_written: 0,
+        already_complete: true,
+    })
 }
 
 /// `OUT.parts`.
@@ -154,12 +184,12 @@ pub fn run(
         });
     }
     if out.exists() {
-        let out = out.to_owned();
-        return Err(if resume {
-            RolloutError::AlreadyComplete { out }
-        } else {
-            RolloutError::Exists { out }
-        });
+        if !resume {
+            return Err(RolloutError::Exists {
+                out: out.to_owned(),
+            });
+        }
+        return already_complete(plan, out);
     }
     let dir = parts_dir(out);
     let plan_path = dir.join("plan.json");
@@ -247,6 +277,7 @@ pub fn run(
         rollouts,
         parts_reused: reused,
         parts_written: written,
+        already_complete: false,
     })
 }
 
@@ -375,8 +406,21 @@ mod tests {
         assert_eq!(summary.rollouts, 11);
         assert_eq!(contents(&out), contents(&clean));
         assert!(!parts_dir(&out).exists());
-        let err = run(&plan(11), &out, true, &mut fake, &mut |_, _| {}).expect_err("complete");
-        assert!(err.to_string().contains("already complete"), "{err}");
+        // Resuming a finished job (a requeued array task) does nothing and succeeds ...
+        let before = std::fs::read(&out).expect("store bytes");
+        let again = run(&plan(11), &out, true, &mut fake, &mut |_, _| {})?;
+        assert!(again.already_complete);
+        assert_eq!((again.rollouts, again.parts_written), (11, 0));
+        assert_eq!(std::fs::read(&out).expect("store bytes"), before);
+        // ... unless the finished store is another plan's.
+        let err = run(&plan(10), &out, true, &mut fake, &mut |_, _| {}).expect_err("other plan");
+        assert!(
+            err.to_string()
+                .contains("prompts or generation settings differ"),
+            "{err}"
+        );
+        let err = run(&other, &out, true, &mut fake, &mut |_, _| {}).expect_err("other model");
+        assert!(err.to_string().contains("cannot resume: model"), "{err}");
         Ok(())
     }
 }

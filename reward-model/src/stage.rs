@@ -415,7 +415,8 @@ fn tune_l2(
 pub enum LabelMode {
     /// Label an unlabelled store; a (partly) labelled one is refused.
     Fresh,
-    /// Finish a partly labelled store (an interrupted run) from its first unlabelled rollout.
+    /// Finish a partly labelled store (an interrupted run) from its first unlabelled rollout;
+    /// a fully labelled store is left as it is.
     Resume,
     /// Relabel every rollout.
     Overwrite,
@@ -427,6 +428,8 @@ pub fn label_start(rewards: &[f32], mode: LabelMode) -> Result<usize, LabelRefus
     let n = rewards.len();
     match mode {
         LabelMode::Overwrite => Ok(0),
+        // A finished run resumed (a requeued job): nothing left to do.
+        LabelMode::Resume if labelled == n => Ok(n),
         _ if labelled == n && n > 0 => Err(LabelRefusal::AlreadyLabelled),
         LabelMode::Fresh if labelled > 0 => Err(LabelRefusal::PartlyLabelled { labelled, n }),
         // Labelling goes in order: resume at the first unlabelled rollout.
@@ -628,9 +631,10 @@ mod tests {
             Err(LabelRefusal::PartlyLabelled { labelled: 1, n: 3 })
         );
         assert_eq!(
-            label_start(&[1.0, 2.0], LabelMode::Resume),
+            label_start(&[1.0, 2.0], LabelMode::Fresh),
             Err(LabelRefusal::AlreadyLabelled)
         );
+        assert_eq!(label_start(&[1.0, 2.0], LabelMode::Resume), Ok(2));
         assert_eq!(label_start(&[1.0, 2.0], LabelMode::Overwrite), Ok(0));
         assert_eq!(label_start(&[], LabelMode::Fresh), Ok(0));
     }

@@ -80,6 +80,8 @@ pub struct RolloutReport {
     pub parts_reused: usize,
     /// Prompts whose oldest tokens were dropped to fit the model's positions.
     pub truncated_prompts: usize,
+    /// The store was complete before this (resumed) call: nothing was done.
+    pub already_complete: bool,
 }
 
 /// Rolls out `records` of the dataset at `dataset_path` with `lm` into the store `out` (or,
@@ -150,6 +152,7 @@ pub fn collect_rollouts(
         bytes: recontrol_data::store::file_size(out),
         parts_reused: summary.parts_reused,
         truncated_prompts: source.truncated,
+        already_complete: summary.already_complete,
     })
 }
 
