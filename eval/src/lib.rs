@@ -304,8 +304,8 @@ impl Scores {
                 base.len()
             );
             let mut pairs = Vec::with_capacity((end - start) * per_prompt);
-            for p in start..end {
-                let prompt = &base[p].prompt;
+            for (p, record) in base.iter().enumerate().take(end).skip(start) {
+                let prompt = &record.prompt;
                 if let Some(refs) = references {
                     pairs.push((prompt.clone(), refs[prompt].clone()));
                 }
