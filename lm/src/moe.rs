@@ -226,7 +226,7 @@ mod tests {
         for e in 0..3 {
             let p = |n: &str| hub[&format!("l.block_sparse_moe.experts.{e}.{n}.weight")].tr();
             let y = (flat.matmul(&p("w1")).silu() * flat.matmul(&p("w3"))).matmul(&p("w2"));
-            want = want + y * dense_w.select(1, e).unsqueeze(-1);
+            want += y * dense_w.select(1, e).unsqueeze(-1);
         }
         let d = (got.reshape([-1, 4]) - &want).abs().max().double_value(&[]);
         assert!(d < 1e-5, "sparse vs dense: {d}");
