@@ -46,6 +46,20 @@ fn generate(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) {
 
 #[test]
 fn controlled_tokens_match_the_reference_with_both_backends() {
+    check_against_the_reference(&["llama-mha", "qwen2"]);
+}
+
+/// The families added in issue 17 whose RE-Control tokens are checked against the reference:
+/// Falcon (the paper's second model; multi-query and the new decoder architecture) and
+/// Mixtral (a mixture of experts).
+#[test]
+fn controlled_tokens_match_the_reference_on_falcon_and_mixtral() {
+    check_against_the_reference(&["falcon-7b", "falcon-40b", "mixtral"]);
+}
+
+/// For each fixture model: plain, onnx (8 fused steps and 5 looped ones) and torch backends
+/// against `reference_generate.py`.
+fn check_against_the_reference(models: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let prompts: Vec<String> = lm_prompts().into_iter().take(3).collect();
     let prompts_json = dir.path().join("prompts.json");
@@ -60,7 +74,7 @@ fn controlled_tokens_match_the_reference_with_both_backends() {
         .map(|p| serde_json::json!({ "prompt": p }).to_string())
         .collect();
     std::fs::write(&prompts_jsonl, lines.join("\n")).expect("write");
-    for (m, name) in ["llama-mha", "qwen2"].into_iter().enumerate() {
+    for (m, name) in models.iter().copied().enumerate() {
         let model = lm_fixture(name);
         let lm = LanguageModel::load(&model, DeviceSpec::Cpu, DType::F32).expect("lm");
         let value = value_dir(

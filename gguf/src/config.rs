@@ -132,6 +132,16 @@ impl ModelConfig {
                 v => Ok(v),
             }
         };
+        // llama.cpp writes Mixtral as `llama` with experts; the importer maps dense layers only.
+        if let Some(experts @ 1..) = metadata.get_u64(&key("expert_count"))? {
+            return Err(Error::UnsupportedArchitecture {
+                architecture: format!(
+                    "{} with {experts} experts (a mixture of experts such as Mixtral; load its Hugging Face directory instead)",
+                    metadata.architecture()?
+                ),
+                supported: SUPPORTED_ARCHITECTURES.to_owned(),
+            });
+        }
         let hidden_size = require("embedding_length")?;
         let num_heads = require("attention.head_count")?;
         let num_kv_heads = match metadata.get_u64(&key("attention.head_count_kv"))? {
@@ -372,6 +382,26 @@ mod tests {
             Architecture::Llama
         );
         Ok(())
+    }
+
+    #[test]
+    fn families_loaded_only_from_hf_directories_are_refused_by_name() {
+        for arch in ["falcon", "qwen3", "phi3", "gemma2", "gemma3"] {
+            let m = metadata(vec![("general.architecture", Value::String(arch.into()))]);
+            let err = ModelConfig::from_gguf(&m, &[]).expect_err(arch).to_string();
+            assert!(
+                err.starts_with(&format!("architecture {arch} is not supported")),
+                "{err}"
+            );
+        }
+        let m = metadata(vec![("llama.expert_count", Value::U32(8))]);
+        let err = ModelConfig::from_gguf(&m, &[])
+            .expect_err("experts")
+            .to_string();
+        assert!(
+            err.contains("llama with 8 experts") && err.contains("Mixtral"),
+            "{err}"
+        );
     }
 
     #[test]

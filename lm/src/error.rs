@@ -46,6 +46,15 @@ pub enum Error {
     #[error("{dir}: tensor {name:?} is missing from the checkpoint")]
     MissingTensor { dir: PathBuf, name: String },
 
+    #[error(
+        "{layer}: the mixture-of-experts weights are incomplete: {missing} is missing (a layer of {experts} experts needs block_sparse_moe.gate.weight and block_sparse_moe.experts.N.w1/w2/w3 for every N, or mlp.gate.weight, mlp.experts.gate_up_proj and mlp.experts.down_proj)"
+    )]
+    MissingExpertTensors {
+        layer: String,
+        missing: String,
+        experts: usize,
+    },
+
     #[error("{dir}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
     TensorShape {
         dir: PathBuf,

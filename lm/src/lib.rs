@@ -5,7 +5,11 @@
 //! `model.safetensors.index.json`), `tokenizer.json`, and optionally `tokenizer_config.json`
 //! (special tokens, chat template), `chat_template.jinja` and `generation_config.json` (eos ids).
 //! Architectures: `llama` (Llama 2, Vicuna, Llama 3 with GQA and llama3 rope scaling, tied or
-//! untied embeddings), `mistral` (sliding-window attention) and `qwen2` (q/k/v biases).
+//! untied embeddings), `mistral` (sliding-window attention), `qwen2` (q/k/v biases), `qwen3`
+//! (per-head q/k norms), `mixtral` (sparse mixture of experts), `falcon` (rotary
+//! Falcon-7B style multi-query and the new decoder architecture of Falcon-40B/180B),
+//! `phi3` (fused projections, LongRoPE), `gemma2` and `gemma3_text` (scaled embeddings, (1 + w)
+//! norms around each branch, GeGLU, soft-capping, interleaved sliding-window layers).
 //!
 //! The API is shaped for RE-Control: [`CausalLm::forward_hidden`] returns the final hidden
 //! state after the last norm, [`CausalLm::logits`] computes logits from a (possibly edited)
@@ -22,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attention;
 pub mod bpe;
 mod cache;
 pub mod config;
@@ -30,7 +35,10 @@ mod device;
 mod error;
 mod generate;
 mod hook;
+mod layers;
+mod mlp;
 mod model;
+mod moe;
 pub mod pretrain;
 mod rope;
 pub mod sampling;

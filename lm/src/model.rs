@@ -1,5 +1,8 @@
-//! The Llama-family decoder (Llama 2/3, Vicuna, Mistral, Qwen2) as structs of layers, built from
-//! a checkpoint with tensor paths named exactly like Hugging Face's keys.
+//! The decoder every supported family shares, as structs of layers built from a checkpoint
+//! with tensor paths named exactly like Hugging Face's keys. A family's differences are
+//! options of [`ModelConfig`] read by the components: the norms and activations in
+//! [`crate::layers`], attention extras in [`crate::attention`], the MLP kinds in
+//! [`crate::mlp`] and [`crate::moe`], and the block layout and tensor names here.
 //!
 //! The forward pass is split where RE-Control acts: [`CausalLm::forward_hidden`] returns the final
 //! hidden state after the last norm, [`CausalLm::logits`] turns a hidden state into logits.
@@ -8,210 +11,139 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::attention::{Attention, Masks, ProjectionNames, Rotary};
 use crate::cache::KvCache;
-use crate::config::{AttentionWindow, ModelConfig};
+use crate::config::{Architecture, AttentionWindow, BlockKind, ModelConfig};
 use crate::device::DType;
 use crate::error::{Error, Result};
-use crate::rope::{apply_rotary, Rope};
+use crate::layers::Norm;
+use crate::mlp::Mlp;
+use crate::rope::Rope;
 use crate::weights::{ParamSource, Weights};
 
-/// `y = x W^T + b`.
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+/// Where a family keeps its tensors.
+#[derive(Debug, Clone, Copy)]
+struct TensorNames {
+    embed: &'static str,
+    /// Layer `i` lives under `{layers}.{i}`.
+    layers: &'static str,
+    final_norm: &'static str,
+    attention: &'static str,
+    projections: ProjectionNames,
+    /// The MLP under a layer (a mixture of experts names its own paths).
+    mlp: &'static str,
 }
 
-impl Linear {
-    fn load(
-        w: &dyn ParamSource,
-        prefix: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = w.get(
-            &format!("{prefix}.weight"),
-            &[out_dim as i64, in_dim as i64],
-        )?;
-        let bias = if bias {
-            Some(w.get(&format!("{prefix}.bias"), &[out_dim as i64])?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
-    }
-
-    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
-        if let Some(b) = &self.bias {
-            out.push((format!("{prefix}.bias"), b.shallow_clone()));
+impl TensorNames {
+    fn of(arch: Architecture) -> Self {
+        match arch {
+            Architecture::Falcon => Self {
+                embed: "transformer.word_embeddings.weight",
+                layers: "transformer.h",
+                final_norm: "transformer.ln_f",
+                attention: "self_attention",
+                projections: ProjectionNames {
+                    fused: "query_key_value",
+                    out: "dense",
+                },
+                mlp: "mlp",
+            },
+            _ => Self {
+                embed: "model.embed_tokens.weight",
+                layers: "model.layers",
+                final_norm: "model.norm",
+                attention: "self_attn",
+                projections: ProjectionNames {
+                    fused: "qkv_proj",
+                    out: "o_proj",
+                },
+                mlp: "mlp",
+            },
         }
     }
 }
 
-/// RMSNorm with the variance in float32, as transformers' `LlamaRMSNorm`.
+/// The norms of a block, by [`BlockKind`].
 #[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+enum BlockNorms {
+    Sequential {
+        input_layernorm: Norm,
+        post_attention_layernorm: Norm,
+    },
+    Sandwich {
+        input_layernorm: Norm,
+        post_attention_layernorm: Norm,
+        pre_feedforward_layernorm: Norm,
+        post_feedforward_layernorm: Norm,
+    },
+    /// `ln_mlp` is `None` when both branches share `ln_attn` (`input_layernorm`).
+    Parallel { ln_attn: Norm, ln_mlp: Option<Norm> },
 }
 
-impl RmsNorm {
-    fn load(w: &dyn ParamSource, prefix: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[dim as i64])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let kind = x.kind();
-        let x32 = x.f_to_kind(Kind::Float)?;
-        let variance = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
-        let normed = x32.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
-    }
-
-    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
-    }
-}
-
-/// Multi-head attention with grouped key/value heads and rotary positions.
-#[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    num_heads: i64,
-    num_kv_heads: i64,
-    head_dim: i64,
-    window: AttentionWindow,
-}
-
-impl Attention {
-    fn load(
-        w: &dyn ParamSource,
-        prefix: &str,
-        cfg: &ModelConfig,
-        window: AttentionWindow,
-    ) -> Result<Self> {
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        Ok(Self {
-            q_proj: Linear::load(
-                w,
-                &format!("{prefix}.q_proj"),
-                h,
-                cfg.num_heads * d,
-                cfg.qkv_bias,
-            )?,
-            k_proj: Linear::load(
-                w,
-                &format!("{prefix}.k_proj"),
-                h,
-                cfg.num_kv_heads * d,
-                cfg.qkv_bias,
-            )?,
-            v_proj: Linear::load(
-                w,
-                &format!("{prefix}.v_proj"),
-                h,
-                cfg.num_kv_heads * d,
-                cfg.qkv_bias,
-            )?,
-            o_proj: Linear::load(
-                w,
-                &format!("{prefix}.o_proj"),
-                cfg.num_heads * d,
-                h,
-                cfg.o_bias,
-            )?,
-            num_heads: cfg.num_heads as i64,
-            num_kv_heads: cfg.num_kv_heads as i64,
-            head_dim: d as i64,
-            window,
-        })
-    }
-
-    /// `x` `[batch, seq, hidden]` -> `[batch, seq, hidden]`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rotary: &(Tensor, Tensor),
-        masks: &Masks,
-        cache: Option<&mut KvCache>,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (b, s) = (x.size()[0], x.size()[1]);
-        let heads = |t: Tensor, n: i64| -> Result<Tensor> {
-            Ok(t.f_view([b, s, n, self.head_dim])?.f_transpose(1, 2)?)
-        };
-        // [batch, heads, seq, head_dim]
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let (cos, sin) = rotary;
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
-        // [batch, kv_heads, past + seq, head_dim]
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let mask = masks.get(self.window);
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask.tensor.as_ref(),
-            0.0,
-            mask.is_causal,
-            (self.head_dim as f64).powf(-0.5),
-            self.num_kv_heads != self.num_heads,
-        )?;
-        let out = out
-            .f_transpose(1, 2)?
-            .f_reshape([b, s, self.num_heads * self.head_dim])?;
-        self.o_proj.forward(&out)
-    }
-}
-
-/// `down(silu(gate(x)) * up(x))`.
-#[derive(Debug)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn load(w: &dyn ParamSource, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), h, i, bias)?,
-            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), h, i, bias)?,
-            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, h, bias)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.f_silu()?;
-        self.down_proj
-            .forward(&gate.f_mul(&self.up_proj.forward(x)?)?)
+impl BlockNorms {
+    /// Parameters by checkpoint name: the norms that come before the attention in the
+    /// checkpoint's order (`first`), or the others.
+    fn params(&self, prefix: &str, first: bool, out: &mut Vec<(String, Tensor)>) {
+        let mut add = |name: &str, n: &Norm| n.params(&format!("{prefix}.{name}"), out);
+        match (self, first) {
+            (
+                Self::Sequential {
+                    input_layernorm, ..
+                },
+                true,
+            )
+            | (
+                Self::Sandwich {
+                    input_layernorm, ..
+                },
+                true,
+            ) => add("input_layernorm", input_layernorm),
+            (
+                Self::Sequential {
+                    post_attention_layernorm,
+                    ..
+                },
+                false,
+            ) => add("post_attention_layernorm", post_attention_layernorm),
+            (
+                Self::Sandwich {
+                    post_attention_layernorm,
+                    pre_feedforward_layernorm,
+                    post_feedforward_layernorm,
+                    ..
+                },
+                false,
+            ) => {
+                add("post_attention_layernorm", post_attention_layernorm);
+                add("pre_feedforward_layernorm", pre_feedforward_layernorm);
+                add("post_feedforward_layernorm", post_feedforward_layernorm);
+            }
+            (
+                Self::Parallel {
+                    ln_attn,
+                    ln_mlp: Some(ln_mlp),
+                },
+                true,
+            ) => {
+                add("ln_attn", ln_attn);
+                add("ln_mlp", ln_mlp);
+            }
+            (
+                Self::Parallel {
+                    ln_attn,
+                    ln_mlp: None,
+                },
+                true,
+            ) => add("input_layernorm", ln_attn),
+            (Self::Parallel { .. }, false) => {}
+        }
     }
 }
 
 #[derive(Debug)]
 struct DecoderLayer {
-    input_layernorm: RmsNorm,
+    norms: BlockNorms,
     self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
 
@@ -221,65 +153,126 @@ impl DecoderLayer {
         prefix: &str,
         cfg: &ModelConfig,
         window: AttentionWindow,
+        names: &TensorNames,
     ) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        Ok(Self {
-            input_layernorm: RmsNorm::load(w, &format!("{prefix}.input_layernorm"), h, eps)?,
-            self_attn: Attention::load(w, &format!("{prefix}.self_attn"), cfg, window)?,
-            post_attention_layernorm: RmsNorm::load(
+        let norm = |name: &str| {
+            Norm::load(
                 w,
-                &format!("{prefix}.post_attention_layernorm"),
-                h,
-                eps,
-            )?,
-            mlp: Mlp::load(w, &format!("{prefix}.mlp"), cfg)?,
+                &format!("{prefix}.{name}"),
+                cfg.hidden_size,
+                cfg.norm,
+                cfg.rms_norm_eps,
+            )
+        };
+        let attention = || {
+            let path = format!("{prefix}.{}", names.attention);
+            Attention::load(w, &path, cfg, window, names.projections)
+        };
+        let mlp = || Mlp::load(w, &format!("{prefix}.{}", names.mlp), prefix, cfg);
+        // In the checkpoint's order (a fresh model for pretraining draws its weights in it).
+        Ok(match cfg.block {
+            BlockKind::Sequential => {
+                let input_layernorm = norm("input_layernorm")?;
+                let self_attn = attention()?;
+                let post_attention_layernorm = norm("post_attention_layernorm")?;
+                let norms = BlockNorms::Sequential {
+                    input_layernorm,
+                    post_attention_layernorm,
+                };
+                Self {
+                    norms,
+                    self_attn,
+                    mlp: mlp()?,
+                }
+            }
+            BlockKind::Sandwich => {
+                let input_layernorm = norm("input_layernorm")?;
+                let self_attn = attention()?;
+                let post_attention_layernorm = norm("post_attention_layernorm")?;
+                let pre_feedforward_layernorm = norm("pre_feedforward_layernorm")?;
+                let mlp = mlp()?;
+                let norms = BlockNorms::Sandwich {
+                    input_layernorm,
+                    post_attention_layernorm,
+                    pre_feedforward_layernorm,
+                    post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+                };
+                Self {
+                    norms,
+                    self_attn,
+                    mlp,
+                }
+            }
+            BlockKind::Parallel { two_norms } => {
+                let norms = if two_norms {
+                    BlockNorms::Parallel {
+                        ln_attn: norm("ln_attn")?,
+                        ln_mlp: Some(norm("ln_mlp")?),
+                    }
+                } else {
+                    BlockNorms::Parallel {
+                        ln_attn: norm("input_layernorm")?,
+                        ln_mlp: None,
+                    }
+                };
+                Self {
+                    norms,
+                    self_attn: attention()?,
+                    mlp: mlp()?,
+                }
+            }
         })
     }
 
     fn forward(
         &self,
         x: &Tensor,
-        rotary: &(Tensor, Tensor),
+        rotary: &Rotary,
         masks: &Masks,
         cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
-        let attn = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            rotary,
-            masks,
-            cache,
-            layer,
-        )?;
-        let x = x.f_add(&attn)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok(x.f_add(&mlp)?)
+        let attn = |h: &Tensor| self.self_attn.forward(h, rotary, masks, cache, layer);
+        match &self.norms {
+            BlockNorms::Sequential {
+                input_layernorm,
+                post_attention_layernorm,
+            } => {
+                let x = x.f_add(&attn(&input_layernorm.forward(x)?)?)?;
+                let mlp = self.mlp.forward(&post_attention_layernorm.forward(&x)?)?;
+                Ok(x.f_add(&mlp)?)
+            }
+            BlockNorms::Sandwich {
+                input_layernorm,
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                post_feedforward_layernorm,
+            } => {
+                let a = post_attention_layernorm.forward(&attn(&input_layernorm.forward(x)?)?)?;
+                let x = x.f_add(&a)?;
+                let m = self.mlp.forward(&pre_feedforward_layernorm.forward(&x)?)?;
+                Ok(x.f_add(&post_feedforward_layernorm.forward(&m)?)?)
+            }
+            // x + (mlp(.) + attn(.)), in transformers' order.
+            BlockNorms::Parallel { ln_attn, ln_mlp } => {
+                let h = ln_attn.forward(x)?;
+                let a = attn(&h)?;
+                let m = match ln_mlp {
+                    Some(n) => self.mlp.forward(&n.forward(x)?)?,
+                    None => self.mlp.forward(&h)?,
+                };
+                Ok(m.f_add(&a)?.f_add(x)?)
+            }
+        }
     }
 
-    fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        self.input_layernorm
-            .params(&format!("{prefix}.input_layernorm"), out);
-        let a = &self.self_attn;
-        for (name, linear) in [
-            ("q_proj", &a.q_proj),
-            ("k_proj", &a.k_proj),
-            ("v_proj", &a.v_proj),
-            ("o_proj", &a.o_proj),
-        ] {
-            linear.params(&format!("{prefix}.self_attn.{name}"), out);
-        }
-        self.post_attention_layernorm
-            .params(&format!("{prefix}.post_attention_layernorm"), out);
-        let m = &self.mlp;
-        for (name, linear) in [
-            ("gate_proj", &m.gate_proj),
-            ("up_proj", &m.up_proj),
-            ("down_proj", &m.down_proj),
-        ] {
-            linear.params(&format!("{prefix}.mlp.{name}"), out);
-        }
+    fn params(&self, prefix: &str, names: &TensorNames, out: &mut Vec<(String, Tensor)>) {
+        self.norms.params(prefix, true, out);
+        self.self_attn
+            .params(&format!("{prefix}.{}", names.attention), out);
+        self.norms.params(prefix, false, out);
+        self.mlp
+            .params(&format!("{prefix}.{}", names.mlp), prefix, out);
     }
 }
 
@@ -304,101 +297,20 @@ pub struct StepInput<'a> {
     pub key_mask: Option<&'a Tensor>,
 }
 
-/// An attention mask for one window kind: either a boolean tensor `[batch, 1, seq, keys]`
-/// (true = attend) or none at all with or without libtorch's causal flag.
-#[derive(Debug)]
-struct Mask {
-    tensor: Option<Tensor>,
-    is_causal: bool,
-}
-
-#[derive(Debug)]
-struct Masks {
-    full: Mask,
-    /// Per window size (a model has at most one).
-    sliding: Option<(usize, Mask)>,
-}
-
-impl Masks {
-    fn get(&self, window: AttentionWindow) -> &Mask {
-        match (window, &self.sliding) {
-            (AttentionWindow::Sliding(w), Some((sw, mask))) if *sw == w => mask,
-            _ => &self.full,
-        }
-    }
-
-    /// Builds the masks for `seq` new queries after `past` cached positions.
-    fn new(
-        key_mask: Option<&Tensor>,
-        windows: &[AttentionWindow],
-        past: i64,
-        seq: i64,
-        device: Device,
-    ) -> Result<Self> {
-        let sliding_window = windows.iter().find_map(|w| match w {
-            AttentionWindow::Sliding(w) => Some(*w),
-            AttentionWindow::Full => None,
-        });
-        let full = Self::build(key_mask, None, past, seq, device)?;
-        let sliding = match sliding_window {
-            Some(w) => Some((w, Self::build(key_mask, Some(w as i64), past, seq, device)?)),
-            None => None,
-        };
-        Ok(Self { full, sliding })
-    }
-
-    fn build(
-        key_mask: Option<&Tensor>,
-        window: Option<i64>,
-        past: i64,
-        seq: i64,
-        device: Device,
-    ) -> Result<Mask> {
-        let keys = past + seq;
-        let window_matters = window.is_some_and(|w| keys > w);
-        // No padding: libtorch's own causal masking (one query needs none). Several queries
-        // after cached positions need the offset mask built below (libtorch's causal flag
-        // aligns the diagonal to the top-left corner).
-        if key_mask.is_none() && !window_matters && (seq == 1 || past == 0) {
-            return Ok(Mask {
-                tensor: None,
-                is_causal: seq > 1,
-            });
-        }
-        // Query i sits at cache position past + i; key j is visible when j <= past + i,
-        // (window) past + i - j < w, and j holds a real token. A padding query also sees
-        // itself, so that no row is entirely masked (that would give NaN, and NaN * 0 is NaN).
-        let q_pos = Tensor::f_arange_start(past, keys, (Kind::Int64, device))?.f_unsqueeze(1)?;
-        let k_pos = Tensor::f_arange(keys, (Kind::Int64, device))?.f_unsqueeze(0)?;
-        let mut allowed = k_pos.f_le_tensor(&q_pos)?; // [seq, keys]
-        if let Some(w) = window {
-            allowed = allowed.f_logical_and(&q_pos.f_sub(&k_pos)?.f_lt(w)?)?;
-        }
-        let allowed = match key_mask {
-            Some(m) => allowed
-                .f_unsqueeze(0)?
-                .f_logical_and(&m.f_unsqueeze(1)?)?
-                .f_logical_or(&k_pos.f_eq_tensor(&q_pos)?.f_unsqueeze(0)?)?,
-            None => allowed.f_unsqueeze(0)?,
-        };
-        Ok(Mask {
-            tensor: Some(allowed.f_unsqueeze(1)?), // [batch | 1, 1, seq, keys]
-            is_causal: false,
-        })
-    }
-}
-
 /// A causal language model hosted in libtorch.
 #[derive(Debug)]
 pub struct CausalLm {
     config: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    norm: Norm,
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied; `None` for a
     /// backbone loaded without its head (sequence-classification checkpoints have none).
     lm_head: Option<Tensor>,
     rope: Rope,
+    /// Gemma 3's rotary table of the sliding-window layers.
+    local_rope: Option<Rope>,
+    names: TensorNames,
     device: Device,
     kind: Kind,
 }
@@ -444,16 +356,24 @@ impl CausalLm {
     ) -> Result<Self> {
         let kind = dtype.kind();
         let (v, h) = (config.vocab_size as i64, config.hidden_size as i64);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let names = TensorNames::of(config.architecture);
+        let embed_tokens = w.get(names.embed, &[v, h])?;
         let layers = config
             .windows
             .iter()
             .enumerate()
             .map(|(i, &window)| {
-                DecoderLayer::load(w, &format!("model.layers.{i}"), &config, window)
+                let prefix = format!("{}.{i}", names.layers);
+                DecoderLayer::load(w, &prefix, &config, window, &names)
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(w, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        let norm = Norm::load(
+            w,
+            names.final_norm,
+            config.hidden_size,
+            config.norm,
+            config.rms_norm_eps,
+        )?;
         // Tied embeddings: the checkpoint's lm_head (if any) is ignored, as transformers does.
         let lm_head = if !with_lm_head {
             None
@@ -463,6 +383,10 @@ impl CausalLm {
             Some(w.get("lm_head.weight", &[v, h])?)
         };
         let rope = Rope::new(&config.rope, config.head_dim, device)?;
+        let local_rope = match &config.local_rope {
+            Some(r) => Some(Rope::new(r, config.head_dim, device)?),
+            None => None,
+        };
         Ok(Self {
             config,
             embed_tokens,
@@ -470,6 +394,8 @@ impl CausalLm {
             norm,
             lm_head,
             rope,
+            local_rope,
+            names,
             device,
             kind,
         })
@@ -488,6 +414,32 @@ impl CausalLm {
     /// The activation kind.
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` (Gemma: times `sqrt(hidden)` in the weights'
+    /// dtype, as transformers).
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        Ok(match self.config.embed_scale {
+            Some(scale) => {
+                let scale = Tensor::from(scale as f32)
+                    .f_to_kind(self.embed_tokens.kind())?
+                    .f_to_device(self.device)?;
+                x.f_mul(&scale)?
+            }
+            None => x,
+        })
+    }
+
+    /// The rotary tables for `positions` `[batch, seq]`.
+    fn rotary(&self, positions: &Tensor) -> Result<Rotary> {
+        Ok(Rotary {
+            global: self.rope.cos_sin(positions, self.kind)?,
+            local: match &self.local_rope {
+                Some(r) => Some(r.cos_sin(positions, self.kind)?),
+                None => None,
+            },
+        })
     }
 
     /// A cache sized for `capacity` positions.
@@ -513,8 +465,8 @@ impl CausalLm {
             seq,
             self.device,
         )?;
-        let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
-        let mut x = Tensor::f_embedding(&self.embed_tokens, input.input_ids, -1, false, false)?;
+        let rotary = self.rotary(input.position_ids)?;
+        let mut x = self.embed(input.input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &rotary, &masks, Some(&mut *cache), i)?;
         }
@@ -539,8 +491,8 @@ impl CausalLm {
         let _guard = tch::no_grad_guard();
         let seq = input.input_ids.size()[1];
         let masks = Masks::new(input.key_mask, &self.config.windows, 0, seq, self.device)?;
-        let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
-        let mut x = Tensor::f_embedding(&self.embed_tokens, input.input_ids, -1, false, false)?;
+        let rotary = self.rotary(input.position_ids)?;
+        let mut x = self.embed(input.input_ids)?;
         for (i, layer) in self.layers.iter().enumerate().take(upto) {
             x = layer.forward(&x, &rotary, &masks, None, i)?;
         }
@@ -553,7 +505,7 @@ impl CausalLm {
     pub fn forward_suffix(&self, x: &Tensor, input: &StepInput<'_>, from: usize) -> Result<Tensor> {
         let seq = input.input_ids.size()[1];
         let masks = Masks::new(input.key_mask, &self.config.windows, 0, seq, self.device)?;
-        let rotary = self.rope.cos_sin(input.position_ids, self.kind)?;
+        let rotary = self.rotary(input.position_ids)?;
         let mut x = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate().skip(from) {
             x = layer.forward(&x, &rotary, &masks, None, i)?;
@@ -569,31 +521,34 @@ impl CausalLm {
         let positions = Tensor::f_arange(seq, (Kind::Int64, self.device))?
             .f_unsqueeze(0)?
             .f_expand([batch, seq], false)?;
-        let rotary = self.rope.cos_sin(&positions, self.kind)?;
-        let mut x = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)?;
+        let rotary = self.rotary(&positions)?;
+        let mut x = self.embed(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &rotary, &masks, None, i)?;
         }
         self.logits(&self.norm.forward(&x)?)
     }
 
-    /// Logits `[..., vocab]` (in the model's dtype) from final hidden states `[..., hidden]`.
+    /// Logits `[..., vocab]` (in the model's dtype) from final hidden states `[..., hidden]`
+    /// (Gemma 2: soft-capped, `cap * tanh(logit / cap)`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().ok_or(Error::NoLmHead)?;
-        Ok(hidden.f_linear(head, None::<&Tensor>)?)
+        let logits = hidden.f_linear(head, None::<&Tensor>)?;
+        Ok(match self.config.final_softcap {
+            Some(cap) => logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?,
+            None => logits,
+        })
     }
 
     /// Every parameter by its HF checkpoint name (`lm_head.weight` only when untied), sharing
     /// storage with the model.
     pub fn named_params(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_owned(),
-            self.embed_tokens.shallow_clone(),
-        )];
+        let names = &self.names;
+        let mut out = vec![(names.embed.to_owned(), self.embed_tokens.shallow_clone())];
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.params(&format!("model.layers.{i}"), &mut out);
+            layer.params(&format!("{}.{i}", names.layers), names, &mut out);
         }
-        self.norm.params("model.norm", &mut out);
+        self.norm.params(names.final_norm, &mut out);
         if let (Some(head), false) = (&self.lm_head, self.config.tie_word_embeddings) {
             out.push(("lm_head.weight".to_owned(), head.shallow_clone()));
         }

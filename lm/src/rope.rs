@@ -13,6 +13,10 @@ use crate::error::Result;
 pub struct Rope {
     /// `[head_dim / 2]`, float32.
     inv_freq: Tensor,
+    /// LongRoPE: the frequencies of a forward pass whose positions reach past the given
+    /// pretraining length, and the factor of cos and sin.
+    long: Option<(Tensor, i64)>,
+    attention_factor: f64,
 }
 
 impl Rope {
@@ -23,16 +27,37 @@ impl Rope {
         let exponent = Tensor::f_arange_start_step(0, head_dim as i64, 2, (Kind::Int64, device))?
             .f_to_kind(Kind::Float)?
             .f_div_scalar(dim)?;
-        let inv_freq = Tensor::f_pow_scalar(cfg.theta, &exponent)?.f_reciprocal()?;
-        let inv_freq = match cfg.scaling {
+        let powers = Tensor::f_pow_scalar(cfg.theta, &exponent)?;
+        let inv_freq = powers.f_reciprocal()?;
+        let (mut long, mut attention_factor) = (None, 1.0);
+        let inv_freq = match &cfg.scaling {
             RopeScaling::None => inv_freq,
-            RopeScaling::Linear { factor } => inv_freq.f_div_scalar(factor)?,
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor: factor,
+            } => {
+                // transformers' `_compute_longrope_parameters`: 1 / (ext * theta^(2i / dim)).
+                let with = |ext: &[f64]| -> Result<Tensor> {
+                    let ext = Tensor::from_slice(ext)
+                        .f_to_kind(Kind::Float)?
+                        .f_to_device(device)?;
+                    Ok(ext.f_mul(&powers)?.f_reciprocal()?)
+                };
+                long = Some((with(long_factor)?, *original_max_position_embeddings as i64));
+                attention_factor = *factor;
+                with(short_factor)?
+            }
+            RopeScaling::Linear { factor } => inv_freq.f_div_scalar(*factor)?,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings: old_len,
             } => {
+                let (factor, low_freq_factor, high_freq_factor, old_len) =
+                    (*factor, *low_freq_factor, *high_freq_factor, *old_len);
                 // transformers' `_compute_llama3_parameters`.
                 let low_freq_wavelen = old_len / low_freq_factor;
                 let high_freq_wavelen = old_len / high_freq_factor;
@@ -57,7 +82,23 @@ impl Rope {
                 smoothed.f_where_self(&is_medium, &inv_freq_llama)?
             }
         };
-        Ok(Self { inv_freq })
+        Ok(Self {
+            inv_freq,
+            long,
+            attention_factor,
+        })
+    }
+
+    /// The inverse frequencies for a forward pass over `positions`: LongRoPE's long ones when
+    /// a position reaches past the pretraining length (transformers decides per forward pass,
+    /// on the largest position id).
+    fn frequencies(&self, positions: &Tensor) -> Result<&Tensor> {
+        if let Some((long, original)) = &self.long {
+            if positions.numel() > 0 && positions.f_max()?.f_int64_value(&[])? + 1 > *original {
+                return Ok(long);
+            }
+        }
+        Ok(&self.inv_freq)
     }
 
     /// `(cos, sin)`, each `[batch, 1, seq, head_dim]` in `kind`, for `positions` `[batch, seq]`.
@@ -66,10 +107,19 @@ impl Rope {
         let freqs = positions
             .f_to_kind(Kind::Float)?
             .f_unsqueeze(-1)?
-            .f_mul(&self.inv_freq)?;
+            .f_mul(self.frequencies(positions)?)?;
         // [batch, 1, seq, head_dim]
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?;
-        Ok((emb.f_cos()?.f_to_kind(kind)?, emb.f_sin()?.f_to_kind(kind)?))
+        let (cos, sin) = (emb.f_cos()?, emb.f_sin()?);
+        let (cos, sin) = if self.attention_factor == 1.0 {
+            (cos, sin)
+        } else {
+            (
+                cos.f_mul_scalar(self.attention_factor)?,
+                sin.f_mul_scalar(self.attention_factor)?,
+            )
+        };
+        Ok((cos.f_to_kind(kind)?, sin.f_to_kind(kind)?))
     }
 }
 
@@ -124,6 +174,42 @@ mod tests {
         assert_eq!(b[0], s[0]);
         // Lowest frequency: wavelength far above 32, divided by the factor.
         assert!((s[7] - b[7] / 8.0).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn longrope_switches_to_long_factors_past_the_pretraining_length() -> Result<()> {
+        let cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::LongRope {
+                short_factor: vec![1.0, 2.0],
+                long_factor: vec![4.0, 8.0],
+                original_max_position_embeddings: 8,
+                attention_factor: 1.5,
+            },
+        };
+        let rope = Rope::new(&cfg, 4, Device::Cpu)?;
+        let base = [1.0f64, 1.0 / 100.0]; // 1 / 10000^(2i / 4)
+        let freq = |positions: &[i64]| -> Result<Vec<f32>> {
+            let t = Tensor::from_slice(positions).f_view([1, positions.len() as i64])?;
+            Ok(Vec::<f32>::try_from(rope.frequencies(&t)?)?)
+        };
+        // Positions 0..=7 (length 8): the short factors; one more: the long ones.
+        let short = freq(&[0, 7])?;
+        let long = freq(&[0, 8])?;
+        for i in 0..2 {
+            assert!(
+                (short[i] as f64 - base[i] / [1.0, 2.0][i]).abs() < 1e-7,
+                "{short:?}"
+            );
+            assert!(
+                (long[i] as f64 - base[i] / [4.0, 8.0][i]).abs() < 1e-7,
+                "{long:?}"
+            );
+        }
+        // cos and sin carry the attention factor: cos(0) = 1.5.
+        let (cos, _) = rope.cos_sin(&Tensor::from_slice(&[0i64]).f_view([1, 1])?, Kind::Float)?;
+        assert!((cos.f_max()?.f_double_value(&[])? - 1.5).abs() < 1e-6);
         Ok(())
     }
 }

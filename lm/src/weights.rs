@@ -249,6 +249,25 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
+/// Parameters from a map, for building layers in unit tests without a checkpoint.
+#[cfg(test)]
+pub(crate) struct MapSource(pub(crate) HashMap<String, Tensor>);
+
+#[cfg(test)]
+impl ParamSource for MapSource {
+    fn get_opt(&self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+        Ok(self.0.get(name).map(|t| {
+            assert_eq!(t.size(), shape, "{name}");
+            t.shallow_clone()
+        }))
+    }
+
+    fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.get_opt(name, shape)?
+            .ok_or_else(|| Error::Checkpoint(format!("{name} missing")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,7 +78,7 @@ impl RewardModel {
         }
     }
 
-    /// Writes an HF `LlamaForSequenceClassification` directory (config, float32 safetensors with
+    /// Writes an HF `*ForSequenceClassification` directory of the backbone's family (config, float32 safetensors with
     /// the backbone and `score.weight`, tokenizer files) into the new folder `out`, which appears
     /// only when complete. `extra` files (name, JSON) are written beside them.
     pub fn save(&self, out: &Path, extra: &[(&str, Value)]) -> Result<()> {
@@ -95,11 +95,12 @@ impl RewardModel {
         let fields = config
             .as_object_mut()
             .ok_or_else(|| Error::invalid(&base_config, "not a JSON object"))?;
-        let arch = match self.lm.model.config().architecture {
-            recontrol_lm::Architecture::Llama => "LlamaForSequenceClassification",
-            recontrol_lm::Architecture::Mistral => "MistralForSequenceClassification",
-            recontrol_lm::Architecture::Qwen2 => "Qwen2ForSequenceClassification",
-        };
+        let arch = self
+            .lm
+            .model
+            .config()
+            .architecture
+            .sequence_classification_class();
         fields.insert("architectures".into(), serde_json::json!([arch]));
         fields.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
         fields.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));

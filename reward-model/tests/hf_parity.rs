@@ -171,3 +171,42 @@ fn reward_models_on_one_backbone_share_features() {
     assert!(!policy.share_features(&mut stranger).expect("compare"));
     assert!(stranger.memo.is_none());
 }
+
+/// A reward model on each family added in issue 17 (a seeded head on the tiny fixture LM)
+/// saves as that family's `*ForSequenceClassification` and scores the same in HF.
+#[test]
+fn reward_models_of_every_family_load_in_hf_with_the_same_scores() {
+    let exp = expected();
+    let texts: Vec<String> = serde_json::from_value(exp["texts"].clone()).expect("texts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, name) in recontrol_tests::LM_FIXTURES_ADDED.iter().enumerate() {
+        let lm = recontrol_lm::LanguageModel::load_backbone(
+            &recontrol_tests::lm_fixture(name),
+            DeviceSpec::Cpu,
+            DType::F32,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let class = lm
+            .model
+            .config()
+            .architecture
+            .sequence_classification_class();
+        tch::manual_seed(i as i64);
+        let hidden = lm.model.config().hidden_size as i64;
+        let head = tch::Tensor::randn([1, hidden], (tch::Kind::Float, tch::Device::Cpu)) * 0.1;
+        let out = dir.path().join(name);
+        RewardModel::from_parts(lm, head)
+            .save(&out, &[])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ours = RewardModel::load(&out, DeviceSpec::Cpu, DType::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .score_texts(&texts)
+            .expect("score");
+        let mut args = vec![out.to_str().expect("utf-8")];
+        args.extend(texts.iter().map(String::as_str));
+        let hf = python_json("tests/fixtures/reward/hf_score.py", &args);
+        assert_eq!(hf["architecture"], class, "{name}");
+        let theirs: Vec<f64> = serde_json::from_value(hf["scores"].clone()).expect("scores");
+        assert_close(&ours, &theirs, name);
+    }
+}

@@ -11,7 +11,30 @@ use tch::Tensor;
 
 /// The tiny HF models written by `tests/fixtures/lm/make_fixtures.py`, one per supported
 /// architecture variant.
-pub const LM_FIXTURES: [&str; 4] = ["llama-mha", "llama3-gqa", "mistral", "qwen2"];
+pub const LM_FIXTURES: [&str; 11] = [
+    "llama-mha",
+    "llama3-gqa",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "mixtral",
+    "falcon-7b",
+    "falcon-40b",
+    "phi3",
+    "gemma2",
+    "gemma3",
+];
+
+/// The fixtures of the families added after the first four (issue 17).
+pub const LM_FIXTURES_ADDED: [&str; 7] = [
+    "qwen3",
+    "mixtral",
+    "falcon-7b",
+    "falcon-40b",
+    "phi3",
+    "gemma2",
+    "gemma3",
+];
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
