@@ -296,14 +296,19 @@ fn labelling_fills_rewards_refuses_labelled_stores_and_resumes() {
     assert_eq!(summary["labelled"], 10);
     drop(st);
 
-    let run = recontrol(&[
-        "reward",
-        "label",
-        "--reward",
-        s(&rules),
-        "--rollouts",
-        s(&store),
-    ]);
+    let label = |extra: &[&str]| {
+        let mut args = vec![
+            "reward",
+            "label",
+            "--reward",
+            s(&rules),
+            "--rollouts",
+            s(&store),
+        ];
+        args.extend_from_slice(extra);
+        recontrol(&args)
+    };
+    let run = label(&[]);
     assert_fails_with(&run, "already labelled; pass --overwrite");
 
     // A partly labelled store (an interrupted run) needs --resume, which labels the rest.
@@ -311,24 +316,9 @@ fn labelling_fills_rewards_refuses_labelled_stores_and_resumes() {
         .expect("rw")
         .write_rewards(6, &[f32::NAN; 4])
         .expect("unlabel");
-    let run = recontrol(&[
-        "reward",
-        "label",
-        "--reward",
-        s(&rules),
-        "--rollouts",
-        s(&store),
-    ]);
+    let run = label(&[]);
     assert_fails_with(&run, "partly labelled (6 of 10)");
-    let run = recontrol(&[
-        "reward",
-        "label",
-        "--reward",
-        s(&rules),
-        "--rollouts",
-        s(&store),
-        "--resume",
-    ]);
+    let run = label(&["--resume"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(
         stderr(&run).contains("labelled 4 rollouts"),
@@ -343,15 +333,7 @@ fn labelling_fills_rewards_refuses_labelled_stores_and_resumes() {
         .all(|r| r.is_finite()));
     // Resuming a finished run (a requeued job) succeeds and labels nothing.
     let before = std::fs::read(&store).expect("store");
-    let run = recontrol(&[
-        "reward",
-        "label",
-        "--reward",
-        s(&rules),
-        "--rollouts",
-        s(&store),
-        "--resume",
-    ]);
+    let run = label(&["--resume"]);
     assert!(run.status.success(), "{}", stderr(&run));
     assert!(
         stderr(&run).contains("already labelled: nothing to do"),

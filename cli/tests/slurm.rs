@@ -96,6 +96,14 @@ fn rollout_args(model: &Path) -> Vec<String> {
     .collect()
 }
 
+/// `recontrol rollout` with the stage's flags and `extra` (e.g. `--out FILE`).
+fn rollout_command<'a>(stage: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["rollout"];
+    args.extend(stage.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    args
+}
+
 fn sorted(path: &Path) -> Vec<Rollout> {
     let st = Store::open(path).expect("open store");
     let mut rows: Vec<Rollout> = (0..st.len())
@@ -158,11 +166,8 @@ fn a_requeued_task_resumes_its_shard_and_the_merge_equals_one_process() {
     let model = lm_fixture("qwen2");
     let stage = rollout_args(&model);
     let whole = dir.path().join("whole.h5");
-    let mut args: Vec<&str> = vec!["rollout"];
-    args.extend(stage.iter().map(String::as_str));
-    args.extend(["--out", s(&whole)]);
     let started = Instant::now();
-    let run = recontrol(&args);
+    let run = recontrol(&rollout_command(&stage, &["--out", s(&whole)]));
     assert!(run.status.success(), "{}", stderr(&run));
     let one_process = started.elapsed();
 
@@ -227,10 +232,10 @@ fn a_requeued_task_resumes_its_shard_and_the_merge_equals_one_process() {
     // A requeued task whose shard is complete exits 0 without redoing it.
     let shard0 = merged.with_extension("h5.slurm").join("shards/shard-0.h5");
     let before = std::fs::read(&shard0).expect("shard");
-    let mut args: Vec<&str> = vec!["rollout"];
-    args.extend(stage.iter().map(String::as_str));
-    args.extend(["--shard", "0/4", "--resume", "--out", s(&shard0)]);
-    let again = recontrol(&args);
+    let again = recontrol(&rollout_command(
+        &stage,
+        &["--shard", "0/4", "--resume", "--out", s(&shard0)],
+    ));
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(std::fs::read(&shard0).expect("shard"), before);
 }
@@ -251,10 +256,7 @@ fn shards_labelled_in_the_array_equal_one_labelled_store() {
     let mut stage = rollout_args(&model);
     stage[5] = "32".into(); // --limit
     let whole = dir.path().join("whole.h5");
-    let mut args: Vec<&str> = vec!["rollout"];
-    args.extend(stage.iter().map(String::as_str));
-    args.extend(["--out", s(&whole)]);
-    let run = recontrol(&args);
+    let run = recontrol(&rollout_command(&stage, &["--out", s(&whole)]));
     assert!(run.status.success(), "{}", stderr(&run));
     let run = recontrol(&[
         "reward",
@@ -353,9 +355,7 @@ fn shard_auto_outside_an_array_is_a_clear_error() {
     let model = lm_fixture("qwen2");
     let stage = rollout_args(&model);
     let out = dir.path().join("r.h5");
-    let mut args: Vec<&str> = vec!["rollout"];
-    args.extend(stage.iter().map(String::as_str));
-    args.extend(["--shard", "auto", "--out", s(&out)]);
+    let args = rollout_command(&stage, &["--shard", "auto", "--out", s(&out)]);
     let run = Command::new(env!("CARGO_BIN_EXE_recontrol"))
         .args(&args)
         .env_remove("SLURM_ARRAY_TASK_ID")
