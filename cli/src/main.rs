@@ -11,6 +11,7 @@ mod output;
 mod pretrain;
 mod reward;
 mod rollout;
+mod serve;
 mod slurm;
 mod steer;
 mod sweep;
@@ -50,6 +51,8 @@ enum Command {
     Sweep(Box<sweep::SweepArgs>),
     /// Evaluate generation files: reward (bootstrap CI), diversity, coherence, win rates, time.
     Eval(Box<eval::EvalArgs>),
+    /// Serve a model over the OpenAI API, each request optionally steered by a value head.
+    Serve(Box<serve::ServeArgs>),
     /// Run a stage on a Slurm cluster: a job array of shards and a dependent merge.
     Slurm(slurm::SlurmCommand),
     /// The whole pipeline on the embedded default (CPU, about half an hour): SmolLM2, rollouts,
@@ -84,6 +87,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Steer(args) => args.run(),
         Command::Sweep(args) => args.run(),
         Command::Eval(args) => args.run(),
+        Command::Serve(args) => args.run(),
         Command::Slurm(args) => args.run(),
         Command::Demo(args) => args.run(),
         Command::Env(args) => args.run(),

@@ -130,6 +130,72 @@ impl KvCache {
         Ok(())
     }
 
+    /// Joins caches row-wise (rows of `parts[0]` first), each part left-padded with zeros to
+    /// the longest part's length: the cache of a batch that rows join mid-decoding (continuous
+    /// batching). The padding must be masked out of attention by the caller's key mask, as for
+    /// a left-padded prompt batch. Parts that hold nothing yet are skipped.
+    pub fn join_rows(parts: &[&KvCache]) -> Result<Self> {
+        let filled: Vec<&KvCache> = parts.iter().copied().filter(|c| !c.is_empty()).collect();
+        let (Some(first), Some(len)) = (filled.first(), filled.iter().map(|c| c.len).max()) else {
+            let first = parts.first().map_or(0, |c| c.layers.len());
+            return Ok(Self::new(first, parts.first().map_or(0, |c| c.reserve)));
+        };
+        let reserve = filled.iter().map(|c| c.reserve).max().unwrap_or(0);
+        // Room for the next steps; `append` grows it when needed.
+        let capacity = (len + 64) as i64;
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for layer in 0..first.layers.len() {
+            let mut keys = Vec::with_capacity(filled.len());
+            let mut values = Vec::with_capacity(filled.len());
+            for part in &filled {
+                let Some((k, v)) = &part.layers[layer] else {
+                    return Err(crate::Error::InvalidGeneration(format!(
+                        "cache layer {layer} is empty in a part holding {} positions",
+                        part.len
+                    )));
+                };
+                let pad = (len - part.len) as i64;
+                let place = |t: &Tensor| -> Result<Tensor> {
+                    let mut size = t.size();
+                    size[2] = capacity;
+                    let out = Tensor::f_zeros(&size, (t.kind(), t.device()))?;
+                    out.f_narrow(2, pad, part.len as i64)?.f_copy_(&t.f_narrow(
+                        2,
+                        0,
+                        part.len as i64,
+                    )?)?;
+                    Ok(out)
+                };
+                keys.push(place(k)?);
+                values.push(place(v)?);
+            }
+            layers.push(Some((Tensor::f_cat(&keys, 0)?, Tensor::f_cat(&values, 0)?)));
+        }
+        Ok(Self {
+            layers,
+            len,
+            reserve,
+        })
+    }
+
+    /// Drops the first `count` positions of every row (e.g. columns that are padding for every
+    /// row left in a continuous batch).
+    pub fn drop_front(&mut self, count: usize) -> Result<()> {
+        let count = count.min(self.len);
+        if count == 0 {
+            return Ok(());
+        }
+        let kept = (self.len - count) as i64;
+        for (kb, vb) in self.layers.iter_mut().flatten() {
+            for buffer in [kb, vb] {
+                let moved = buffer.f_narrow(2, count as i64, kept)?.f_contiguous()?;
+                buffer.f_narrow(2, 0, kept)?.f_copy_(&moved)?;
+            }
+        }
+        self.len -= count;
+        Ok(())
+    }
+
     /// Marks `new` positions as written by every layer (called once per forward pass).
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
@@ -179,6 +245,43 @@ mod tests {
         assert!(values
             .f_narrow(2, 0, 2)?
             .f_equal(&(k.f_index_select(0, &rows)? * 10.0))?);
+        Ok(())
+    }
+
+    #[test]
+    fn joined_rows_are_right_aligned_and_front_columns_drop() -> Result<()> {
+        let filled = |rows: i64, len: i64, base: f64| -> Result<KvCache> {
+            let mut cache = KvCache::new(1, 2);
+            let k = (Tensor::f_arange(rows * len, (Kind::Float, Device::Cpu))? + base)
+                .f_view([rows, 1, len, 1])?;
+            let _ = cache.append(0, &k, &(&k * -1.0))?;
+            cache.advance(len as usize);
+            Ok(cache)
+        };
+        let (a, b) = (filled(1, 3, 0.0)?, filled(2, 1, 100.0)?);
+        let mut joined = KvCache::join_rows(&[&a, &KvCache::new(1, 2), &b])?;
+        assert_eq!(joined.len(), 3);
+        let column = |c: &mut KvCache| -> Result<Vec<f32>> {
+            let empty = Tensor::f_zeros([3, 1, 0, 1], (Kind::Float, Device::Cpu))?;
+            let (keys, values) = c.append(0, &empty, &empty)?;
+            assert!(values.f_equal(&(&keys * -1.0))?);
+            Ok(Vec::<f32>::try_from(keys.f_flatten(0, -1)?)?)
+        };
+        // Row 0 as it was; rows 1 and 2 (one position each) at the right, zeros before.
+        assert_eq!(
+            column(&mut joined)?,
+            vec![0.0, 1.0, 2.0, 0.0, 0.0, 100.0, 0.0, 0.0, 101.0]
+        );
+        // It keeps growing like any cache.
+        let new = Tensor::f_full([3, 1, 2, 1], 7.0, (Kind::Float, Device::Cpu))?;
+        let _ = joined.append(0, &new, &(&new * -1.0))?;
+        joined.advance(2);
+        joined.drop_front(2)?;
+        assert_eq!(joined.len(), 3);
+        assert_eq!(
+            column(&mut joined)?,
+            vec![2.0, 7.0, 7.0, 100.0, 7.0, 7.0, 101.0, 7.0, 7.0]
+        );
         Ok(())
     }
 
