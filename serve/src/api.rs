@@ -136,6 +136,9 @@ pub enum Prompt {
     Ids(Vec<i64>),
 }
 
+/// Renders chat turns `(role, text)` with the model's chat template.
+pub type Render<'a> = dyn Fn(&[(String, String)]) -> Result<String, ApiError> + 'a;
+
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -184,7 +187,7 @@ impl Generate {
         body: &[u8],
         endpoint: Endpoint,
         limits: &Limits,
-        render: &dyn Fn(&[(String, String)]) -> Result<String, ApiError>,
+        render: &Render<'_>,
     ) -> Result<Self, ApiError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(format!("the request body is not valid JSON: {e}"), None)

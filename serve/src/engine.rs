@@ -58,7 +58,7 @@ impl RowControl {
     }
 
     /// Rows with equal keys are edited together.
-    fn key(&self) -> (usize, u64, usize, Option<u64>) {
+    fn key(&self) -> GroupKey {
         (
             self.head,
             self.alpha.to_bits(),
@@ -67,6 +67,9 @@ impl RowControl {
         )
     }
 }
+
+/// Head, alpha bits, steps and edit-bound bits: rows edited together.
+type GroupKey = (usize, u64, usize, Option<u64>);
 
 /// One row to decode: a prompt's choice.
 #[derive(Debug)]
@@ -410,8 +413,7 @@ impl Engine {
     /// Edits the states of the rows that steer, grouped by head and settings; each row's trace.
     fn edit(&mut self, b: &mut Batch) -> EngineResult<Vec<Option<TraceStep>>> {
         let mut traces = vec![None; b.rows.len()];
-        let mut groups: BTreeMap<(usize, u64, usize, Option<u64>), (RowControl, Vec<i64>)> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<GroupKey, (RowControl, Vec<i64>)> = BTreeMap::new();
         for (i, row) in b.rows.iter().enumerate() {
             if let Some(c) = row.job.control {
                 groups

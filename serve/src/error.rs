@@ -12,8 +12,6 @@ use serde_json::json;
 pub enum Error {
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
-    #[error(transparent)]
-    Controller(#[from] recontrol_controller::Error),
     #[error("--value {spec:?}: expected NAME=ARTIFACT (an export directory, .onnx file or value directory)")]
     ValueSpec { spec: String },
     #[error("--value {name}: the name is given twice")]
@@ -23,7 +21,7 @@ pub enum Error {
         name: String,
         path: PathBuf,
         #[source]
-        source: recontrol_controller::Error,
+        source: Box<recontrol_controller::Error>,
     },
     #[error("--{flag} must be {expected}, got {got}")]
     Setting {

@@ -540,7 +540,7 @@ impl Assembler {
         let mut choice = match self.endpoint {
             Endpoint::Chat => {
                 let delta = match (text, self.choices[index].tokens.is_empty()) {
-                    (Some(t), true) if t.is_empty() => json!({"role": "assistant", "content": ""}),
+                    (Some(""), true) => json!({"role": "assistant", "content": ""}),
                     (Some(t), _) => json!({"content": t}),
                     (None, _) => json!({}),
                 };

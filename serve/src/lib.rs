@@ -269,7 +269,7 @@ fn load(config: &ServeConfig, shared: Arc<Shared>) -> Result<(Engine, ModelInfo)
             Error::ValueHead {
                 name: name.clone(),
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
         described.push((name.clone(), path.display().to_string(), backend.describe()));
