@@ -47,22 +47,22 @@ impl From<DTypeArg> for DType {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct GenerationArgs {
     /// Maximum number of new tokens per prompt.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::args::num::at_least_one)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only from the k most likely tokens.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub top_k: Option<usize>,
     /// Sample only from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::probability, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Seed of the sampling (each prompt draws from its own stream of it).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Prompts decoded together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::args::num::at_least_one)]
     pub batch_size: usize,
     /// Keep generating after end-of-sequence tokens (benchmarks).
     #[arg(long)]
@@ -181,7 +181,7 @@ pub struct SplitArgs {
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
     /// Share of prompts on the test side.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::args::num::fraction, allow_negative_numbers = true)]
     pub test_fraction: f64,
 }
 
@@ -262,9 +262,115 @@ pub struct EpochRunArgs {
     #[arg(long)]
     pub resume: bool,
     /// Stop after this many epochs of this invocation, keeping a checkpoint.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub max_epochs_per_run: Option<usize>,
     /// TensorBoard folder; default OUT.work/logs.
     #[arg(long)]
     pub logdir: Option<std::path::PathBuf>,
+}
+
+/// Parsers of numeric flags, so that a value out of range is refused while parsing, before any
+/// file is read; clap names the flag and the value, these say what was expected. Floats are
+/// declared with `allow_negative_numbers`, so that `--temperature -1` reads as a (refused) value,
+/// not as an unknown flag.
+pub mod num {
+    fn parse<T: std::str::FromStr>(s: &str, expected: &str) -> Result<T, String> {
+        s.trim()
+            .parse()
+            .map_err(|_| format!("expected {expected}, got {s:?}"))
+    }
+
+    fn float(s: &str, expected: &str, ok: impl Fn(f64) -> bool) -> Result<f64, String> {
+        let v: f64 = parse(s, expected)?;
+        if v.is_finite() && ok(v) {
+            Ok(v)
+        } else {
+            Err(format!("expected {expected}, got {s}"))
+        }
+    }
+
+    /// An integer >= 1.
+    pub fn at_least_one(s: &str) -> Result<usize, String> {
+        match parse::<usize>(s, "an integer >= 1")? {
+            0 => Err("expected an integer >= 1, got 0".to_owned()),
+            v => Ok(v),
+        }
+    }
+
+    /// Any finite number.
+    pub fn finite(s: &str) -> Result<f64, String> {
+        float(s, "a finite number", |_| true)
+    }
+
+    /// A finite number (single precision).
+    pub fn finite_f32(s: &str) -> Result<f32, String> {
+        finite(s).and_then(|v| {
+            let narrow = v as f32;
+            if narrow.is_finite() {
+                Ok(narrow)
+            } else {
+                Err(format!("expected a finite 32-bit number, got {s}"))
+            }
+        })
+    }
+
+    /// A finite number >= 0.
+    pub fn non_negative(s: &str) -> Result<f64, String> {
+        float(s, "a finite number >= 0", |v| v >= 0.0)
+    }
+
+    /// A finite number > 0.
+    pub fn positive(s: &str) -> Result<f64, String> {
+        float(s, "a finite number > 0", |v| v > 0.0)
+    }
+
+    /// A finite number > 0 (single precision).
+    pub fn positive_f32(s: &str) -> Result<f32, String> {
+        positive(s).map(|v| v as f32)
+    }
+
+    /// A probability mass in (0, 1].
+    pub fn probability(s: &str) -> Result<f64, String> {
+        float(s, "a number in (0, 1]", |v| v > 0.0 && v <= 1.0)
+    }
+
+    /// A fraction in [0, 1).
+    pub fn fraction(s: &str) -> Result<f64, String> {
+        float(s, "a number in [0, 1)", |v| (0.0..1.0).contains(&v))
+    }
+
+    /// A number in [0, 1].
+    pub fn unit(s: &str) -> Result<f64, String> {
+        float(s, "a number in [0, 1]", |v| (0.0..=1.0).contains(&v))
+    }
+
+    /// A quantile of a two-sided split, in (0, 0.5].
+    pub fn half_quantile(s: &str) -> Result<f64, String> {
+        float(s, "a number in (0, 0.5]", |v| v > 0.0 && v <= 0.5)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn values_out_of_range_say_what_was_expected() {
+            assert_eq!(at_least_one("3"), Ok(3));
+            assert!(at_least_one("0").is_err_and(|e| e.contains(">= 1")));
+            assert!(at_least_one("-2").is_err());
+            assert_eq!(non_negative("0"), Ok(0.0));
+            for bad in ["-1", "NaN", "inf", "x"] {
+                assert!(non_negative(bad).is_err_and(|e| e.contains(">= 0")), "{bad}");
+            }
+            assert!(positive("0").is_err());
+            assert_eq!(probability("1"), Ok(1.0));
+            assert!(probability("1.5").is_err());
+            assert!(probability("0").is_err());
+            assert!(fraction("1").is_err());
+            assert_eq!(fraction("0"), Ok(0.0));
+            assert!(half_quantile("0.6").is_err());
+            assert!(finite_f32("1e300").is_err());
+            assert!(finite("-3.5").is_ok());
+        }
+    }
 }

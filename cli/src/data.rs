@@ -37,7 +37,7 @@ pub struct PromptsArgs {
     #[serde(flatten)]
     pub split: SplitArgs,
     /// Keep the first N prompts of the split.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub limit: Option<usize>,
     /// Prompt format (chat templates need a model: use `rollout`/`generate` for those).
     #[arg(long, value_enum, default_value_t = PromptFormatArg::Hh)]

@@ -43,14 +43,14 @@ pub struct ExportArgs {
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
     /// Gradient steps per decoding step in controller.onnx (the paper: 30 on HH-RLHF).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = crate::args::num::at_least_one)]
     pub steps: usize,
     /// The default step size recorded with the artifacts (alpha is an input of
     /// controller.onnx; the paper: 0.5).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::args::num::finite_f32, allow_negative_numbers = true)]
     pub alpha: f32,
     /// Bound each row's total edit ||h_edited - h||_2 (projected after every step).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::positive_f32, allow_negative_numbers = true)]
     pub max_edit_norm: Option<f32>,
 }
 

@@ -71,11 +71,11 @@ pub struct BaselineArgs {
     #[arg(long)]
     pub steer: Option<PathBuf>,
     /// The steering vector's multiplier s in h' = h + s * v.
-    #[arg(long, default_value_t = 1.0, requires = "steer")]
+    #[arg(long, default_value_t = 1.0, requires = "steer", value_parser = crate::args::num::finite, allow_negative_numbers = true)]
     pub steer_scale: f64,
     /// Best-of-N: decode N samples per prompt (the sampling flags apply; sample j of prompt p
     /// draws from stream p * N + j of --seed) and return the one --reward scores highest.
-    #[arg(long, requires = "reward")]
+    #[arg(long, requires = "reward", value_parser = crate::args::num::at_least_one)]
     pub best_of: Option<usize>,
     /// The reward best-of-N scores with: a reward model directory or a rules .toml, scored
     /// exactly as `recontrol reward score` does.
@@ -87,10 +87,10 @@ pub struct BaselineArgs {
     #[arg(long)]
     pub args: Option<PathBuf>,
     /// Candidates ARGS rescores at each step (the paper: 10).
-    #[arg(long, default_value_t = 10, requires = "args")]
+    #[arg(long, default_value_t = 10, requires = "args", value_parser = crate::args::num::at_least_one)]
     pub args_k: usize,
     /// Weight of the reward against the logit (the ARGS paper: 1.5 on HH-RLHF).
-    #[arg(long, default_value_t = 1.5, requires = "args")]
+    #[arg(long, default_value_t = 1.5, requires = "args", value_parser = crate::args::num::finite, allow_negative_numbers = true)]
     pub args_weight: f64,
     /// Value-guided decoding (controlled decoding with a prefix scorer): rerank the top --cd-k
     /// tokens by logit + --cd-weight * V(h(c)), h(c) the next final hidden state on token c,
@@ -99,10 +99,10 @@ pub struct BaselineArgs {
     #[arg(long)]
     pub value_guided: Option<PathBuf>,
     /// Candidates value-guided decoding rescores at each step.
-    #[arg(long, default_value_t = 10, requires = "value_guided")]
+    #[arg(long, default_value_t = 10, requires = "value_guided", value_parser = crate::args::num::at_least_one)]
     pub cd_k: usize,
     /// Weight of the value against the logit.
-    #[arg(long, default_value_t = 1.0, requires = "value_guided")]
+    #[arg(long, default_value_t = 1.0, requires = "value_guided", value_parser = crate::args::num::finite, allow_negative_numbers = true)]
     pub cd_weight: f64,
 }
 
@@ -135,10 +135,10 @@ pub struct ControlArgs {
     #[arg(long)]
     pub value: Option<PathBuf>,
     /// Step size of each update (the paper: 0.5 on HH-RLHF).
-    #[arg(long, default_value_t = 0.5, requires = "value")]
+    #[arg(long, default_value_t = 0.5, requires = "value", value_parser = crate::args::num::finite, allow_negative_numbers = true)]
     pub alpha: f64,
     /// Updates per decoding step (the paper: 30).
-    #[arg(long, default_value_t = 30, requires = "value")]
+    #[arg(long, default_value_t = 30, requires = "value", value_parser = crate::args::num::at_least_one)]
     pub steps: usize,
     /// How the value head runs (for --value and --value-guided).
     #[arg(long, value_enum, default_value_t = GradBackendArg::Onnx)]
@@ -146,10 +146,10 @@ pub struct ControlArgs {
     #[arg(long, value_enum, default_value_t = UpdateArg::Sgd, requires = "value")]
     pub update: UpdateArg,
     /// Clip each row's gradient to this L2 norm before every update.
-    #[arg(long, requires = "value")]
+    #[arg(long, requires = "value", value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub clip_grad_norm: Option<f64>,
     /// Bound each row's total edit ||h' - h||_2 (projected after every update).
-    #[arg(long, requires = "value")]
+    #[arg(long, requires = "value", value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub max_edit_norm: Option<f64>,
     /// Use a value head or steering vector made from another model's states (same hidden size).
     #[arg(long)]

@@ -140,60 +140,60 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
     /// Share of documents held out.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::args::num::fraction, allow_negative_numbers = true)]
     pub test_fraction: f64,
     /// A tokenizer.json to use instead of training one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Vocabulary size of the trained tokenizer.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::args::num::at_least_one)]
     pub vocab_size: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().layers)]
+    #[arg(long, default_value_t = PretrainConfig::default().layers, value_parser = crate::args::num::at_least_one)]
     pub layers: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().hidden)]
+    #[arg(long, default_value_t = PretrainConfig::default().hidden, value_parser = crate::args::num::at_least_one)]
     pub hidden: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().heads)]
+    #[arg(long, default_value_t = PretrainConfig::default().heads, value_parser = crate::args::num::at_least_one)]
     pub heads: usize,
     /// Key/value heads (grouped-query attention when fewer than --heads); default --heads.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub kv_heads: Option<usize>,
     /// MLP width; default 8/3 of --hidden rounded up to a multiple of 16.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub intermediate: Option<usize>,
-    #[arg(long, default_value_t = PretrainConfig::default().seq_len)]
+    #[arg(long, default_value_t = PretrainConfig::default().seq_len, value_parser = crate::args::num::at_least_one)]
     pub seq_len: usize,
     /// Positions the written model accepts.
-    #[arg(long, default_value_t = PretrainConfig::default().max_positions)]
+    #[arg(long, default_value_t = PretrainConfig::default().max_positions, value_parser = crate::args::num::at_least_one)]
     pub max_positions: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = PretrainConfig::default().batch_size, value_parser = crate::args::num::at_least_one)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().steps)]
+    #[arg(long, default_value_t = PretrainConfig::default().steps, value_parser = crate::args::num::at_least_one)]
     pub steps: usize,
     /// Peak learning rate (after warmup; cosine decay to --min-lr).
-    #[arg(long, default_value_t = PretrainConfig::default().lr)]
+    #[arg(long, default_value_t = PretrainConfig::default().lr, value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub lr: f64,
-    #[arg(long, default_value_t = PretrainConfig::default().min_lr)]
+    #[arg(long, default_value_t = PretrainConfig::default().min_lr, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub min_lr: f64,
     #[arg(long, default_value_t = PretrainConfig::default().warmup)]
     pub warmup: usize,
     /// Gradient-norm clip.
-    #[arg(long, default_value_t = PretrainConfig::default().clip)]
+    #[arg(long, default_value_t = PretrainConfig::default().clip, value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub clip: f64,
-    #[arg(long, default_value_t = AdamWConfig::default().weight_decay)]
+    #[arg(long, default_value_t = AdamWConfig::default().weight_decay, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = PretrainConfig::default().eval_every)]
+    #[arg(long, default_value_t = PretrainConfig::default().eval_every, value_parser = crate::args::num::at_least_one)]
     pub eval_every: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().eval_sequences)]
+    #[arg(long, default_value_t = PretrainConfig::default().eval_sequences, value_parser = crate::args::num::at_least_one)]
     pub eval_sequences: usize,
-    #[arg(long, default_value_t = PretrainConfig::default().checkpoint_every)]
+    #[arg(long, default_value_t = PretrainConfig::default().checkpoint_every, value_parser = crate::args::num::at_least_one)]
     pub checkpoint_every: usize,
     /// Continue an interrupted run (same flags) from OUT.work/checkpoint.safetensors.
     #[arg(long)]
     pub resume: bool,
     /// Stop after this many steps of this invocation, keeping a checkpoint (time-boxed jobs).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub max_steps_per_run: Option<usize>,
     /// TensorBoard folder; default OUT.work/logs.
     #[arg(long)]

@@ -64,22 +64,22 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
     /// Share of pairs held out for accuracy.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::args::num::fraction, allow_negative_numbers = true)]
     pub test_fraction: f64,
-    #[arg(long, default_value_t = RewardTrainConfig::default().epochs)]
+    #[arg(long, default_value_t = RewardTrainConfig::default().epochs, value_parser = crate::args::num::at_least_one)]
     pub epochs: usize,
-    #[arg(long, default_value_t = RewardTrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = RewardTrainConfig::default().batch_size, value_parser = crate::args::num::at_least_one)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = RewardTrainConfig::default().lr)]
+    #[arg(long, default_value_t = RewardTrainConfig::default().lr, value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub lr: f64,
-    #[arg(long, default_value_t = RewardTrainConfig::default().min_lr)]
+    #[arg(long, default_value_t = RewardTrainConfig::default().min_lr, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub min_lr: f64,
     #[arg(long, default_value_t = RewardTrainConfig::default().warmup_steps)]
     pub warmup_steps: usize,
-    #[arg(long, default_value_t = RewardTrainConfig::default().weight_decay)]
+    #[arg(long, default_value_t = RewardTrainConfig::default().weight_decay, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// L2 penalty on the head, added to the loss (`l2 * ||w||^2`).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::args::num::non_negative, allow_negative_numbers = true)]
     pub l2: f64,
     /// Choose --l2 among these (comma-separated) on a validation fifth of the training pairs.
     #[arg(long, value_delimiter = ',')]
@@ -98,10 +98,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub unfreeze_top_k: usize,
     /// Texts run through the backbone together when computing features.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::args::num::at_least_one)]
     pub feature_batch_size: usize,
     /// Train on at most this many pairs of the train side.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub max_train_pairs: Option<usize>,
     /// Train on part K of N of the training pairs: a partition seeded by --split-seed, so
     /// models trained on different parts saw disjoint pairs (e.g. a policy reward on 1/2 and
@@ -308,7 +308,7 @@ pub struct LabelArgs {
     #[arg(long)]
     pub resume: bool,
     /// Rollouts scored and written at a time.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::num::at_least_one)]
     pub chunk: usize,
     #[command(flatten)]
     pub device: DeviceArgs,

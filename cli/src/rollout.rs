@@ -59,10 +59,10 @@ pub struct RolloutArgs {
     #[serde(flatten)]
     pub split: SplitArgs,
     /// Use at most this many prompts (the first ones of the split).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub limit: Option<usize>,
     /// Rollouts per prompt (useful with sampling).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::num::at_least_one)]
     pub samples_per_prompt: usize,
     /// Take every N-th record starting at K (0-based), for N machines writing one store each;
     /// `auto`: this Slurm array task's (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT).
@@ -75,7 +75,7 @@ pub struct RolloutArgs {
     #[arg(long, value_enum, default_value_t = StateDtypeArg::F32)]
     pub state_dtype: StateDtypeArg,
     /// Rollouts per crash-safe part (rounded up to whole batches); a crash loses at most one part.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::args::num::at_least_one)]
     pub rollouts_per_part: usize,
     #[command(flatten)]
     #[serde(flatten)]

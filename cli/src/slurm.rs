@@ -37,7 +37,7 @@ pub enum Stage {
 pub struct SubmitArgs {
     pub stage: Stage,
     /// Array tasks (shards).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::num::at_least_one)]
     pub tasks: usize,
     /// The merged output (the shards go to OUT.slurm/shards/, the scripts and logs beside).
     #[arg(long)]

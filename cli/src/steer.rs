@@ -41,7 +41,7 @@ pub struct FitArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Fraction of rollouts in each of the top and bottom groups, in (0, 0.5].
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.25, value_parser = crate::args::num::half_quantile, allow_negative_numbers = true)]
     pub quantile: f64,
 }
 

@@ -69,14 +69,14 @@ pub struct SweepArgs {
     /// ARGS with this reward model or rules, over --args-weight.
     #[arg(long)]
     pub args: Option<PathBuf>,
-    #[arg(long, default_value_t = 10, requires = "args")]
+    #[arg(long, default_value_t = 10, requires = "args", value_parser = crate::args::num::at_least_one)]
     pub args_k: usize,
     #[arg(long, value_delimiter = ',', default_values_t = [0.5, 1.5, 5.0], requires = "args")]
     pub args_weight: Vec<f64>,
     /// Value-guided decoding with this value head, over --cd-weight.
     #[arg(long)]
     pub value_guided: Option<PathBuf>,
-    #[arg(long, default_value_t = 10, requires = "value_guided")]
+    #[arg(long, default_value_t = 10, requires = "value_guided", value_parser = crate::args::num::at_least_one)]
     pub cd_k: usize,
     #[arg(long, value_delimiter = ',', default_values_t = [0.5, 1.0, 3.0], requires = "value_guided")]
     pub cd_weight: Vec<f64>,

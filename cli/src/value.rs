@@ -86,23 +86,23 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub layers: usize,
     /// Width of each hidden layer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::args::num::at_least_one)]
     pub hidden: usize,
     #[arg(long, value_enum, default_value_t = ActivationArg::Relu)]
     pub activation: ActivationArg,
     #[arg(long, value_enum, default_value_t = TargetArg::Td0)]
     pub target: TargetArg,
     /// Lambda of `--target lambda`, in [0, 1].
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = crate::args::num::unit, allow_negative_numbers = true)]
     pub lambda: f64,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::args::num::at_least_one)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = crate::args::num::positive, allow_negative_numbers = true)]
     pub lr: f64,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::num::at_least_one)]
     pub batch_size: usize,
     /// Share of rollouts held out for validation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::args::num::fraction, allow_negative_numbers = true)]
     pub val_fraction: f64,
     /// Epochs without a better validation loss before stopping.
     #[arg(long, default_value_t = 5)]

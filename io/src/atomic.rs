@@ -12,6 +12,7 @@ use tempfile::NamedTempFile;
 use crate::{Error, Result};
 
 /// The folder `path` is written in (its parent, or `.` for a bare name), which must exist.
+/// A file output (`temp_file_beside`) must not be a folder.
 pub(crate) fn existing_folder(path: &Path) -> Result<&Path> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -29,6 +30,11 @@ pub(crate) fn existing_folder(path: &Path) -> Result<&Path> {
 /// An empty temporary file (`.recontrol-XXXXXX.part`) in the folder of `path`; removed when
 /// dropped unless persisted.
 pub(crate) fn temp_file_beside(path: &Path) -> Result<NamedTempFile> {
+    if path.is_dir() {
+        return Err(Error::IsAFolder {
+            path: path.to_owned(),
+        });
+    }
     let dir = existing_folder(path)?;
     tempfile::Builder::new()
         .prefix(".recontrol-")

@@ -27,6 +27,9 @@ pub enum Error {
     #[error("{file}: folder {dir} does not exist")]
     MissingFolder { file: PathBuf, dir: PathBuf },
 
+    #[error("{path}: is a folder; expected a file name")]
+    IsAFolder { path: PathBuf },
+
     #[error("{path}: exists; remove it or choose another name")]
     Exists { path: PathBuf },
 
