@@ -13,6 +13,10 @@ pub struct KvCache {
     len: usize,
     /// Positions to reserve on the first write.
     reserve: usize,
+    /// The token ids and position ids fed so far, each `[batch, len]` int64, when the model
+    /// may have to run them again ([`KvCache::keeping_tokens`]); `None` before the first pass.
+    tokens: Option<(Tensor, Tensor)>,
+    keeps_tokens: bool,
 }
 
 impl KvCache {
@@ -23,7 +27,17 @@ impl KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
             reserve: capacity,
+            tokens: None,
+            keeps_tokens: false,
         }
+    }
+
+    /// This cache, also keeping the ids and positions it is fed: for Phi-3's LongRoPE, whose
+    /// first forward pass past the pretraining length runs the whole sequence again
+    /// ([`crate::CausalLm::forward_hidden`]).
+    pub(crate) fn keeping_tokens(mut self) -> Self {
+        self.keeps_tokens = true;
+        self
     }
 
     /// Positions stored.
@@ -87,10 +101,16 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        let tokens = match &self.tokens {
+            Some((ids, pos)) => Some((repeat(ids)?, repeat(pos)?)),
+            None => None,
+        };
         Ok(Self {
             layers,
             len: self.len,
             reserve: self.reserve,
+            tokens,
+            keeps_tokens: self.keeps_tokens,
         })
     }
 
@@ -108,10 +128,16 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
+        let tokens = match &self.tokens {
+            Some((ids, pos)) => Some((ids.f_index_select(0, rows)?, pos.f_index_select(0, rows)?)),
+            None => None,
+        };
         Ok(Self {
             layers,
             len: self.len,
             reserve: self.reserve,
+            tokens,
+            keeps_tokens: self.keeps_tokens,
         })
     }
 
@@ -120,12 +146,19 @@ impl KvCache {
     /// row, every copy takes the chosen one's keys and values.
     pub fn copy_rows(&mut self, source: &Tensor, from: usize) -> Result<()> {
         let (start, count) = (from as i64, (self.len - from.min(self.len)) as i64);
-        for (kb, vb) in self.layers.iter_mut().flatten() {
-            for buffer in [kb, vb] {
-                let mut span = buffer.f_narrow(2, start, count)?;
-                let chosen = span.f_index_select(0, source)?;
-                span.f_copy_(&chosen)?;
-            }
+        let copy = |buffer: &Tensor, dim: i64| -> Result<()> {
+            let mut span = buffer.f_narrow(dim, start, count)?;
+            let chosen = span.f_index_select(0, source)?;
+            span.f_copy_(&chosen)?;
+            Ok(())
+        };
+        for (kb, vb) in self.layers.iter().flatten() {
+            copy(kb, 2)?;
+            copy(vb, 2)?;
+        }
+        if let Some((ids, pos)) = &self.tokens {
+            copy(ids, 1)?;
+            copy(pos, 1)?;
         }
         Ok(())
     }
@@ -199,6 +232,33 @@ impl KvCache {
     /// Marks `new` positions as written by every layer (called once per forward pass).
     pub(crate) fn advance(&mut self, new: usize) {
         self.len += new;
+    }
+
+    /// Records the ids and positions `[batch, new]` of a forward pass, if this cache keeps them.
+    pub(crate) fn record(&mut self, input_ids: &Tensor, position_ids: &Tensor) -> Result<()> {
+        if !self.keeps_tokens {
+            return Ok(());
+        }
+        self.tokens = Some(match self.tokens.take() {
+            Some((ids, pos)) => (
+                Tensor::f_cat(&[&ids, input_ids], 1)?,
+                Tensor::f_cat(&[&pos, position_ids], 1)?,
+            ),
+            // `cat` copies: rows copied in place later never write into the caller's input.
+            None => (
+                Tensor::f_cat(&[input_ids], 1)?,
+                Tensor::f_cat(&[position_ids], 1)?,
+            ),
+        });
+        Ok(())
+    }
+
+    /// Empties the cache (its buffers stay allocated) and returns the ids and positions it was
+    /// fed, `None` if it kept none.
+    pub(crate) fn restart(&mut self) -> Option<(Tensor, Tensor)> {
+        let tokens = self.tokens.take()?;
+        self.len = 0;
+        Some(tokens)
     }
 }
 
@@ -312,6 +372,47 @@ mod tests {
         assert!(keys
             .f_narrow(2, 0, 3)?
             .f_equal(&k.f_repeat_interleave_self_int(3, 0, None::<i64>)?)?);
+        Ok(())
+    }
+
+    /// Feeds `ids` `[rows, new]` (positions 0, 1, ...) to layer 0 of `cache`.
+    fn feed(cache: &mut KvCache, ids: &[&[i64]]) -> Result<()> {
+        let (rows, new) = (ids.len() as i64, ids[0].len() as i64);
+        let flat: Vec<i64> = ids.concat();
+        let ids = Tensor::from_slice(&flat).f_view([rows, new])?;
+        let start = cache.len() as i64;
+        let positions = Tensor::f_arange_start(start, start + new, (Kind::Int64, Device::Cpu))?
+            .f_expand([rows, new], false)?;
+        let kv = Tensor::f_zeros([rows, 1, new, 2], (Kind::Float, Device::Cpu))?;
+        let _ = cache.append(0, &kv, &kv)?;
+        cache.advance(new as usize);
+        cache.record(&ids, &positions)
+    }
+
+    #[test]
+    fn kept_tokens_follow_row_copies_until_a_restart() -> Result<()> {
+        let mut cache = KvCache::new(1, 4).keeping_tokens();
+        feed(&mut cache, &[&[10, 11], &[20, 21]])?;
+        let mut wide = cache.repeat_rows(2)?;
+        feed(&mut wide, &[&[1], &[2], &[3], &[4]])?;
+        // Each group takes its second candidate.
+        wide.copy_rows(&Tensor::from_slice(&[1i64, 1, 3, 3]), 2)?;
+        let picked = wide.select_rows(&Tensor::from_slice(&[2i64, 0]))?;
+        let (ids, positions) = wide.restart().expect("kept tokens");
+        assert!(wide.is_empty());
+        let ids = Vec::<i64>::try_from(ids.f_flatten(0, -1)?)?;
+        assert_eq!(ids, [10, 11, 2, 10, 11, 2, 20, 21, 4, 20, 21, 4]);
+        assert_eq!(Vec::<i64>::try_from(positions.f_get(3)?)?, [0, 1, 2]);
+        let (ids, _) = picked.tokens.expect("kept tokens");
+        assert_eq!(
+            Vec::<i64>::try_from(ids.f_flatten(0, -1)?)?,
+            [20, 21, 4, 10, 11, 2]
+        );
+        // A cache that keeps nothing cannot restart, and stays as it was.
+        let mut plain = KvCache::new(1, 4);
+        feed(&mut plain, &[&[10, 11]])?;
+        assert!(plain.restart().is_none());
+        assert_eq!(plain.len(), 2);
         Ok(())
     }
 }

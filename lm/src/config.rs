@@ -670,11 +670,16 @@ fn rope_from(
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         },
         "longrope" | "su" => {
-            let original = params
-                .get("original_max_position_embeddings")
-                .and_then(Value::as_u64)
-                .map(|n| n as usize)
-                .or(hf.original_max_position_embeddings)
+            // The top-level value first: transformers copies it over the dict's (Phi-3 keeps
+            // it outside the rope dict; `standardize_rope_params`).
+            let original = hf
+                .original_max_position_embeddings
+                .or_else(|| {
+                    params
+                        .get("original_max_position_embeddings")
+                        .and_then(Value::as_u64)
+                        .map(|n| n as usize)
+                })
                 .filter(|&n| n > 1)
                 .ok_or_else(|| {
                     format!("rope type {kind:?} needs original_max_position_embeddings above 1")
@@ -1008,6 +1013,30 @@ mod tests {
         let want = (1.0 + 16f64.ln() / 16f64.ln()).sqrt();
         assert!((attention_factor - want).abs() < 1e-12);
         assert_eq!((c.qkv, c.mlp), (QkvLayout::Fused, MlpKind::GatedFused));
+        // The top-level pretraining length wins over the rope dict's, as in transformers.
+        let mut both = v.clone();
+        both["rope_scaling"]["original_max_position_embeddings"] = 32.into();
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } = parse(both.clone())?.rope.scaling
+        else {
+            panic!("longrope expected");
+        };
+        assert_eq!(original_max_position_embeddings, 16);
+        // Only in the dict: taken from there (transformers' Phi3Config would take its default,
+        // 4096, which no checkpoint it writes relies on: it always writes the top-level one).
+        if let Some(fields) = both.as_object_mut() {
+            fields.remove("original_max_position_embeddings");
+        }
+        let RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } = parse(both)?.rope.scaling
+        else {
+            panic!("longrope expected");
+        };
+        assert_eq!(original_max_position_embeddings, 32);
         v["rope_scaling"]["long_factor"] = serde_json::json!([2.0]);
         let err = parse(v).expect_err("short list").to_string();
         assert!(

@@ -104,6 +104,11 @@ pub enum Error {
         max: usize,
     },
 
+    #[error(
+        "a forward pass crosses LongRoPE's original_max_position_embeddings ({original}) on a KV cache that kept no token ids to run again: make the cache with CausalLm::new_cache"
+    )]
+    CacheKeptNoTokens { original: i64 },
+
     #[error("this model was loaded without its LM head (a backbone); it has no logits")]
     NoLmHead,
 

@@ -442,14 +442,25 @@ impl CausalLm {
         })
     }
 
-    /// A cache sized for `capacity` positions.
+    /// A cache sized for `capacity` positions; with LongRoPE it also keeps the ids it is fed
+    /// (see [`CausalLm::forward_hidden`]).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.layers.len(), capacity)
+        let cache = KvCache::new(self.layers.len(), capacity);
+        match self.rope.long_after() {
+            Some(_) => cache.keeping_tokens(),
+            None => cache,
+        }
     }
 
     /// Runs the decoder over the new tokens (appending their keys and values to `cache`) and
     /// returns the final hidden state after the last norm: `[batch, hidden]` for
     /// [`Positions::Last`], `[batch, seq, hidden]` for [`Positions::All`].
+    ///
+    /// LongRoPE (Phi-3): the first pass whose positions reach past the pretraining length, on a
+    /// cache filled before it (with the short factors), runs the cached tokens again with the
+    /// new ones from an empty cache, so that every key is rotated with the long factors from
+    /// then on, as transformers' generation does. Transparent to the caller, whose `cache`
+    /// must come from [`CausalLm::new_cache`].
     pub fn forward_hidden(
         &self,
         input: &StepInput<'_>,
@@ -457,6 +468,61 @@ impl CausalLm {
         positions: Positions,
     ) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
+        if self.crosses_to_long(input, cache)? {
+            return self.rerun_long(input, cache, positions);
+        }
+        self.forward_cached(input, cache, positions)
+    }
+
+    /// Whether `input` takes LongRoPE's long factors while `cache` holds keys rotated with the
+    /// short ones: transformers' `Phi3ForCausalLM.prepare_inputs_for_generation` drops its
+    /// cache when the input reaches `original_max_position_embeddings + 1` tokens while the
+    /// cache holds at most `original_max_position_embeddings`. A cache that short holds only
+    /// short-factor keys (a position never exceeds its cache index); a longer one was filled
+    /// by long passes.
+    fn crosses_to_long(&self, input: &StepInput<'_>, cache: &KvCache) -> Result<bool> {
+        match self.rope.long_after() {
+            Some(original) if !cache.is_empty() && cache.len() as i64 <= original => {
+                self.rope.is_long(input.position_ids)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Empties `cache` and runs the tokens it was fed followed by `input` in one pass (with the
+    /// long factors); returns the states of `input`'s positions.
+    fn rerun_long(
+        &self,
+        input: &StepInput<'_>,
+        cache: &mut KvCache,
+        positions: Positions,
+    ) -> Result<Tensor> {
+        let original = self.rope.long_after().unwrap_or_default();
+        let (past_ids, past_positions) = cache
+            .restart()
+            .ok_or(Error::CacheKeptNoTokens { original })?;
+        let past = past_ids.size()[1];
+        let input_ids = Tensor::f_cat(&[&past_ids, input.input_ids], 1)?; // [batch, past + seq]
+        let position_ids = Tensor::f_cat(&[&past_positions, input.position_ids], 1)?;
+        let whole = StepInput {
+            input_ids: &input_ids,
+            position_ids: &position_ids,
+            key_mask: input.key_mask,
+        };
+        let hidden = self.forward_cached(&whole, cache, positions)?;
+        Ok(match positions {
+            Positions::Last => hidden,
+            Positions::All => hidden.f_narrow(1, past, input.input_ids.size()[1])?,
+        })
+    }
+
+    /// [`CausalLm::forward_hidden`] without the LongRoPE re-run.
+    fn forward_cached(
+        &self,
+        input: &StepInput<'_>,
+        cache: &mut KvCache,
+        positions: Positions,
+    ) -> Result<Tensor> {
         let seq = input.input_ids.size()[1];
         let masks = Masks::new(
             input.key_mask,
@@ -471,6 +537,7 @@ impl CausalLm {
             x = layer.forward(&x, &rotary, &masks, Some(&mut *cache), i)?;
         }
         cache.advance(seq as usize);
+        cache.record(input.input_ids, input.position_ids)?;
         let x = match positions {
             // The norm acts per position, so selecting first saves work.
             Positions::Last => x.f_select(1, seq - 1)?,

@@ -89,16 +89,29 @@ impl Rope {
         })
     }
 
-    /// The inverse frequencies for a forward pass over `positions`: LongRoPE's long ones when
-    /// a position reaches past the pretraining length (transformers decides per forward pass,
-    /// on the largest position id).
-    fn frequencies(&self, positions: &Tensor) -> Result<&Tensor> {
-        if let Some((long, original)) = &self.long {
-            if positions.numel() > 0 && positions.f_max()?.f_int64_value(&[])? + 1 > *original {
-                return Ok(long);
+    /// LongRoPE's pretraining length (`original_max_position_embeddings`): a forward pass whose
+    /// positions reach past it takes the long factors. `None` for other rotations.
+    pub fn long_after(&self) -> Option<i64> {
+        self.long.as_ref().map(|(_, original)| *original)
+    }
+
+    /// Whether a forward pass over `positions` takes LongRoPE's long factors: transformers
+    /// decides per pass, on the largest position id (`max(position_ids) + 1 > original`).
+    pub fn is_long(&self, positions: &Tensor) -> Result<bool> {
+        match self.long_after() {
+            Some(original) if positions.numel() > 0 => {
+                Ok(positions.f_max()?.f_int64_value(&[])? + 1 > original)
             }
+            _ => Ok(false),
         }
-        Ok(&self.inv_freq)
+    }
+
+    /// The inverse frequencies for a forward pass over `positions`.
+    fn frequencies(&self, positions: &Tensor) -> Result<&Tensor> {
+        match &self.long {
+            Some((long, _)) if self.is_long(positions)? => Ok(long),
+            _ => Ok(&self.inv_freq),
+        }
     }
 
     /// `(cos, sin)`, each `[batch, 1, seq, head_dim]` in `kind`, for `positions` `[batch, seq]`.

@@ -5,11 +5,14 @@
 //! tokenised, identical ones are computed once, and texts whose token ids share a long prefix
 //! form a group: the prefix runs through the backbone once and each text's remaining tokens
 //! continue from a copy of its keys and values. The result equals the one-pass features up to
-//! float rounding (the same positions, the same causal attention).
+//! float rounding (the same positions, the same causal attention). With a LongRoPE backbone,
+//! whose long factors apply to a whole pass once one position is past its pretraining length,
+//! texts on either side of that length run apart.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use recontrol_lm::config::RopeScaling;
 use recontrol_lm::{LanguageModel, Positions, StepInput};
 use tch::{Kind, Tensor};
 
@@ -178,6 +181,51 @@ pub fn features_with(
         .map(|ids| memo.and_then(|m| m.get(ids)))
         .collect();
     let missing: Vec<usize> = (0..unique.len()).filter(|&i| rows[i].is_none()).collect();
+    // LongRoPE (Phi-3) takes its long factors for a whole pass once one row reaches past the
+    // pretraining length: texts on either side of it run apart, each getting the factors it
+    // gets alone.
+    let long_after = match &lm.model.config().rope.scaling {
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } => Some(*original_max_position_embeddings),
+        _ => None,
+    };
+    let (long, short): (Vec<usize>, Vec<usize>) = missing
+        .iter()
+        .partition(|&&i| long_after.is_some_and(|n| unique[i].len() > n));
+    for part in [short, long] {
+        compute_features(lm, &unique, &part, batch_size, &mut rows)?;
+    }
+    if let Some(memo) = memo {
+        for &i in &missing {
+            if let Some(row) = &rows[i] {
+                memo.insert(&unique[i], row);
+            }
+        }
+    }
+    let rows: Vec<Tensor> = slot
+        .iter()
+        .map(|&s| {
+            rows[s]
+                .as_ref()
+                .map(Tensor::shallow_clone)
+                .ok_or(Error::EmptyBatch)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Tensor::f_stack(&rows, 0)?)
+}
+
+/// Computes the features of the unique texts `missing` into `rows`: groups of one in
+/// left-padded batches of similar length, groups that share a prefix through
+/// [`continue_prefixes`].
+fn compute_features(
+    lm: &LanguageModel,
+    unique: &[Vec<i64>],
+    missing: &[usize],
+    batch_size: usize,
+    rows: &mut [Option<Tensor>],
+) -> Result<()> {
     let groups: Vec<PrefixGroup> = {
         let ids: Vec<Vec<i64>> = missing.iter().map(|&i| unique[i].clone()).collect();
         prefix_groups(&ids)
@@ -225,27 +273,11 @@ pub fn features_with(
         .collect();
     shared.sort_by_key(|g| g.prefix);
     for chunk in shared.chunks(batch_size) {
-        for (i, row) in continue_prefixes(lm, &unique, chunk, batch_size)? {
+        for (i, row) in continue_prefixes(lm, unique, chunk, batch_size)? {
             rows[i] = Some(row);
         }
     }
-    if let Some(memo) = memo {
-        for &i in &missing {
-            if let Some(row) = &rows[i] {
-                memo.insert(&unique[i], row);
-            }
-        }
-    }
-    let rows: Vec<Tensor> = slot
-        .iter()
-        .map(|&s| {
-            rows[s]
-                .as_ref()
-                .map(Tensor::shallow_clone)
-                .ok_or(Error::EmptyBatch)
-        })
-        .collect::<Result<_>>()?;
-    Ok(Tensor::f_stack(&rows, 0)?)
+    Ok(())
 }
 
 /// Features of the members of `groups`, each group sharing its first `prefix` tokens: the
@@ -300,8 +332,11 @@ fn continue_prefixes(
             mask.extend(
                 std::iter::repeat_n(true, tokens.len()).chain(std::iter::repeat_n(false, pad)),
             );
+            // Padding repeats the last real position: a pass's largest position is a real
+            // one (LongRoPE picks its factors on it).
             let from = groups[member.0].prefix as i64;
-            positions.extend(from..from + w);
+            let last = from + tokens.len() as i64 - 1;
+            positions.extend((from..=last).chain(std::iter::repeat_n(last, pad)));
         }
         let input_ids = Tensor::from_slice(&flat)
             .f_view([n, w])?

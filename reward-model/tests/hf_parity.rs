@@ -128,6 +128,80 @@ fn texts_that_share_a_dialogue_score_like_hf() {
     }
 }
 
+/// A LongRoPE backbone (`phi3-crossing`, original_max_position_embeddings 60) takes its long
+/// factors for a whole pass once one position is past 60: texts on either side of it, some
+/// continuing a shared dialogue shorter than it, get in any batch the features they get one
+/// at a time (each alone is HF's forward pass, checked in `tests/tests/lm_parity.rs`).
+#[test]
+fn longrope_features_do_not_depend_on_the_batch() {
+    use recontrol_reward_model::features::{features, prefix_groups};
+    use recontrol_reward_model::model::text_ids;
+    let texts: Vec<String> = serde_json::from_value(expected()["texts"].clone()).expect("texts");
+    let dialogue = format!("{}\n\nHuman: and then?\n\nAssistant:", texts[1]);
+    let mut shared: Vec<String> = [
+        "",
+        " Sure.",
+        " No, I can't.",
+        " Let me think about it some more, please wait.",
+        " Let me think about it some more, please wait: the capital of France is a long story.",
+        " No. I can't tell you more than that about the capital of France, sorry.",
+    ]
+    .iter()
+    .map(|reply| format!("{dialogue}{reply}"))
+    .collect();
+    // A second dialogue, shorter, whose longer replies widen the batch of the first one's.
+    let other = format!("{}\n\nHuman: why?\n\nAssistant:", texts[2]);
+    shared.extend(
+        [
+            " Because it is wrong.",
+            " Because it is wrong to hurt people, and I do not want to help.",
+        ]
+        .iter()
+        .map(|reply| format!("{other}{reply}")),
+    );
+    shared.extend([texts[0].clone(), texts[3].clone()]);
+    let lm = recontrol_lm::LanguageModel::load(
+        &recontrol_tests::lm_fixture("phi3-crossing"),
+        DeviceSpec::Cpu,
+        DType::F32,
+    )
+    .expect("phi3-crossing");
+    let ids: Vec<Vec<i64>> = shared
+        .iter()
+        .map(|t| text_ids(&lm, t).expect("ids"))
+        .collect();
+    let (long, short): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
+        ids.iter().cloned().partition(|i| i.len() > 60);
+    assert!(
+        long.len() > 2 && short.len() > 2,
+        "texts on both sides of 60 tokens"
+    );
+    assert_eq!(
+        prefix_groups(&short)
+            .iter()
+            .filter(|g| g.members.len() > 1)
+            .count(),
+        2,
+        "two dialogues below 60 tokens"
+    );
+    assert!(
+        prefix_groups(&long)
+            .iter()
+            .any(|g| g.members.len() > 1 && g.prefix <= 60),
+        "long texts continue a shared prefix shorter than 60 tokens"
+    );
+    let alone: Vec<tch::Tensor> = shared
+        .iter()
+        .map(|t| features(&lm, std::slice::from_ref(t), 1).expect("features"))
+        .collect();
+    let alone = tch::Tensor::cat(&alone, 0);
+    for batch_size in [3, 16] {
+        let together = features(&lm, &shared, batch_size).expect("features");
+        let d = (&together - &alone).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "batches of {batch_size}: features differ by {d}");
+    }
+}
+
 /// A policy reward model and a judge on one backbone (different heads) share features: the
 /// judge computes nothing the policy model computed, and scores as on its own.
 #[test]

@@ -2,9 +2,10 @@
 //! architecture variant (fixtures: `tests/fixtures/lm/make_fixtures.py`). The models run on
 //! `$RECONTROL_TEST_DEVICE` (default `cpu`; e.g. `cuda:0` on a GPU machine).
 
+use recontrol_lm::config::RopeScaling;
 use recontrol_lm::{
     generate, ChatMessage, DType, DeviceSpec, HiddenStateHook, HookContext, HookError,
-    LanguageModel, Positions, Sampling, StepInput,
+    LanguageModel, Positions, PromptBatch, RowProgress, Sampling, StepInput,
 };
 use recontrol_tests::{lm_expected, lm_fixture, lm_fixtures_root, lm_prompts, LM_FIXTURES};
 use tch::{Kind, Tensor};
@@ -171,6 +172,129 @@ fn greedy_generation_matches_hf_batched_and_alone() {
             );
         }
     }
+}
+
+/// The LongRoPE fixture whose generations cross `original_max_position_embeddings`.
+const CROSSING: &str = "phi3-crossing";
+
+fn original_max_position_embeddings(lm: &LanguageModel) -> i64 {
+    match &lm.model.config().rope.scaling {
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            ..
+        } => *original_max_position_embeddings as i64,
+        other => panic!("{CROSSING}: not LongRoPE: {other:?}"),
+    }
+}
+
+/// Max |logits - HF| of the greedy steps of the batch before and after it crosses
+/// `original_max_position_embeddings`, and the number of steps after: the prompts prefilled
+/// into a cache of `copies` copies of each row, then `step_hidden(step, hf_tokens, rows,
+/// cache)` feeds HF's tokens of a step and returns the rows' final hidden states
+/// `[batch, hidden]`.
+fn step_logit_diffs(
+    lm: &LanguageModel,
+    copies: usize,
+    mut step_hidden: impl FnMut(usize, &[i64], &mut RowProgress, &mut recontrol_lm::KvCache) -> Tensor,
+) -> (f64, f64, usize) {
+    let exp = lm_expected(CROSSING);
+    let hf_tokens = &exp["greedy_batch"]; // [batch, 32]
+    let hf_logits = exp["greedy_batch_logits"].to_device(device()); // [steps, batch, vocab]
+    let config = lm.generation_config(32, Sampling::Greedy);
+    let batch = PromptBatch::new(&lm.model, &tokenize(lm), &config).expect("batch");
+    let mut rows = RowProgress::new(&batch, &config);
+    let mut prefix = lm.model.new_cache(batch.width + 32);
+    let mut hidden = lm
+        .model
+        .forward_hidden(&batch.input(), &mut prefix, Positions::Last)
+        .expect("prefill");
+    let mut cache = prefix.repeat_rows(copies).expect("copies");
+    let original = original_max_position_embeddings(lm);
+    let (mut before, mut after, mut steps_after) = (0f64, 0f64, 0);
+    for step in 0..hf_logits.size()[0] {
+        let logits = lm.model.logits(&hidden).expect("logits");
+        let d = (logits - hf_logits.get(step)).abs().max().double_value(&[]);
+        // These logits come from the pass that reached position width + step - 1.
+        if batch.width as i64 + step > original {
+            after = after.max(d);
+            steps_after += 1;
+        } else {
+            before = before.max(d);
+        }
+        let next = Vec::<i64>::try_from(hf_tokens.select(1, step)).expect("tokens");
+        if rows.record(&next) {
+            break;
+        }
+        hidden = step_hidden(step as usize, &next, &mut rows, &mut cache);
+    }
+    (before, after, steps_after)
+}
+
+/// Phi-3's LongRoPE across `original_max_position_embeddings`: fed HF's tokens, the model gives
+/// HF's logits at every greedy step, before the batch crosses it and after (where transformers
+/// runs the whole sequence again and `forward_hidden` does too). HF's tokens are not those of a
+/// cache kept across the crossing, so the greedy parity above fails without the re-run.
+#[test]
+fn longrope_logits_match_hf_across_the_crossing() {
+    let lm = load(CROSSING, DType::F32);
+    let (before, after, steps_after) = step_logit_diffs(&lm, 1, |_, next, rows, cache| {
+        let fed = rows.advance(next).expect("advance");
+        lm.model
+            .forward_hidden(&fed.input(), cache, Positions::Last)
+            .expect("step")
+    });
+    println!("{CROSSING}: max |logits - hf| before the crossing {before:.2e}, after {after:.2e}");
+    assert!(before < 1e-4 && after < 1e-4, "{before} {after}");
+    assert!(steps_after > 0, "no step after the crossing");
+    let exp = lm_expected(CROSSING);
+    let rows = |key: &str| -> Vec<Vec<i64>> {
+        (0..exp[key].size()[0])
+            .map(|i| hf_row(&exp[key].get(i)))
+            .collect()
+    };
+    assert_ne!(rows("greedy_batch"), rows("greedy_batch_kept_cache"));
+}
+
+/// The row copies of the reranking methods ([`recontrol_lm::KvCache::repeat_rows`],
+/// [`recontrol_lm::KvCache::copy_rows`]) keep the tokens that the re-run at the crossing
+/// needs: two candidates per row, HF's token and another, the chosen copy alternating; the
+/// chosen copies give HF's logits at every step.
+#[test]
+fn reranking_row_copies_rerun_the_chosen_tokens_at_the_crossing() {
+    let lm = load(CROSSING, DType::F32);
+    let vocab = lm.model.config().vocab_size as i64;
+    let (before, after, _) = step_logit_diffs(&lm, 2, |step, next, rows, cache| {
+        rows.advance_position().expect("advance");
+        let chosen = step % 2;
+        let candidates: Vec<i64> = next
+            .iter()
+            .flat_map(|&t| {
+                let other = (t + 1) % vocab;
+                if chosen == 0 {
+                    [t, other]
+                } else {
+                    [other, t]
+                }
+            })
+            .collect();
+        let input = rows.step_tokens(&candidates, 2).expect("candidates");
+        let hidden = lm
+            .model
+            .forward_hidden(&input.input(), cache, Positions::Last)
+            .expect("step");
+        let picked: Vec<i64> = (0..next.len() as i64)
+            .map(|r| 2 * r + chosen as i64)
+            .collect();
+        let picked = Tensor::from_slice(&picked).to_device(device());
+        let source = picked.repeat_interleave_self_int(2, 0, None::<i64>);
+        let at = cache.len() - 1;
+        cache.copy_rows(&source, at).expect("copy rows");
+        hidden.index_select(0, &picked)
+    });
+    println!(
+        "{CROSSING} with row copies: max |logits - hf| before {before:.2e}, after {after:.2e}"
+    );
+    assert!(before < 1e-4 && after < 1e-4, "{before} {after}");
 }
 
 #[test]
