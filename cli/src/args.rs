@@ -360,7 +360,10 @@ pub mod num {
             assert!(at_least_one("-2").is_err());
             assert_eq!(non_negative("0"), Ok(0.0));
             for bad in ["-1", "NaN", "inf", "x"] {
-                assert!(non_negative(bad).is_err_and(|e| e.contains(">= 0")), "{bad}");
+                assert!(
+                    non_negative(bad).is_err_and(|e| e.contains(">= 0")),
+                    "{bad}"
+                );
             }
             assert!(positive("0").is_err());
             assert_eq!(probability("1"), Ok(1.0));

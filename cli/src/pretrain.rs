@@ -254,11 +254,12 @@ impl PretrainArgs {
                 self.out.display()
             );
         }
+        let dirs = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
         let WorkDirs {
             work,
             checkpoint,
             logdir,
-        } = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
+        } = dirs.clone();
         let device = self.device.resolve()?;
 
         let docs = corpus_documents(
@@ -273,6 +274,7 @@ impl PretrainArgs {
             docs.train.len(),
             docs.heldout.len()
         );
+        dirs.create()?;
         let mut progress = Progress::new(&logdir, settings.steps);
         let mut on_event = |e: TrainEvent| progress.event(e);
         let run = PretrainRun {

@@ -157,9 +157,10 @@ impl TrainArgs {
             );
         }
         let settings = self.settings();
+        let dirs = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
         let WorkDirs {
             checkpoint, logdir, ..
-        } = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
+        } = dirs.clone();
 
         let dataset = self.data.read(&self.pairs)?;
         let pairs = dataset.pairs.as_ref().with_context(|| {
@@ -199,6 +200,7 @@ impl TrainArgs {
             );
         }
 
+        dirs.create()?;
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
         let progress = ProgressBar::new(settings.epochs as u64).with_style(
             ProgressStyle::with_template("{bar:30} epoch {pos}/{len}  {msg}")

@@ -155,14 +155,18 @@ impl TrainArgs {
                 .check()
                 .map_err(|e| anyhow::anyhow!("--lambda: {e}"))?;
         }
+        let dirs = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
         let WorkDirs {
             checkpoint, logdir, ..
-        } = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;
+        } = dirs.clone();
         let store = Store::open(&self.rollouts)
+            .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
+        recontrol_value_net::train::check_labelled(&store)
             .with_context(|| format!("--rollouts {}", self.rollouts.display()))?;
         let device = self.device.device.resolve()?;
         let provenance = provenance();
         let producer = Producer::from(&provenance);
+        dirs.create()?;
         let mut tb = tensorboard_rs::summary_writer::SummaryWriter::new(&logdir);
         let outcome = train_value_model(
             &store,

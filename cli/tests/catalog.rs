@@ -14,7 +14,7 @@ use std::process::Output;
 
 use recontrol_tests::cli::{self, arg as s, rule_store, stderr};
 use recontrol_tests::{copy_dir, gguf_fixtures_root, lm_fixture, repo_root, value_dir};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 const BIN: &str = env!("CARGO_BIN_EXE_recontrol");
 
@@ -47,10 +47,19 @@ fn case(
 }
 
 fn check(case: &Case) -> Result<(), String> {
+    // A case's output never comes from an earlier case.
+    if let Some(out) = case.output.as_ref().filter(|o| o.is_file()) {
+        let _ = std::fs::remove_file(out);
+    }
     let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
-    let run: Output = cli::run(BIN, &args);
+    let run = run_bounded(&args)?;
     let err = stderr(&run);
-    let label = format!("[{} / {}] recontrol {}", case.command, case.what, args.join(" "));
+    let label = format!(
+        "[{} / {}] recontrol {}",
+        case.command,
+        case.what,
+        args.join(" ")
+    );
     if run.status.success() {
         return Err(format!("{label}: succeeded\n{err}"));
     }
@@ -95,6 +104,31 @@ fn check(case: &Case) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Runs the binary, killing it after two minutes (a server that wrongly starts, a job that
+/// wrongly runs).
+fn run_bounded(args: &[&str]) -> Result<Output, String> {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {BIN}: {e}"))?;
+    let start = std::time::Instant::now();
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "recontrol {}: still running after 120 s",
+                args.join(" ")
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// Writes `text` to `dir/name`.
@@ -159,7 +193,11 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
     let identity = recontrol_lm::model_identity(&model).expect("identity");
     let value = value_dir(&d.join("value"), 64, &identity, 0);
     let prompts = file(d, "prompts.jsonl", "{\"prompt\": \"hi\"}\n");
-    let gens = file(d, "gens.jsonl", "{\"prompt\": \"hi\", \"response\": \"yo\"}\n");
+    let gens = file(
+        d,
+        "gens.jsonl",
+        "{\"prompt\": \"hi\", \"response\": \"yo\"}\n",
+    );
 
     // Bad model directories.
     let m_noconfig = model_copy(d, "m-noconfig", |p| {
@@ -178,7 +216,9 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
         })
     });
     let m_shape = model_copy(d, "m-shape", |p| {
-        edit_json(&p.join("config.json"), |v| v["intermediate_size"] = 7.into())
+        edit_json(&p.join("config.json"), |v| {
+            v["intermediate_size"] = 7.into()
+        })
     });
     let m_trunc = model_copy(d, "m-trunc", |p| {
         let st = p.join("model.safetensors");
@@ -209,15 +249,27 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
         std::fs::remove_file(p.join("tokenizer.json")).expect("rm")
     });
     let m_genconf = model_copy(d, "m-genconf", |p| {
-        std::fs::write(p.join("generation_config.json"), "{\"eos_token_id\": \"x\"}").expect("w")
+        std::fs::write(
+            p.join("generation_config.json"),
+            "{\"eos_token_id\": \"x\"}",
+        )
+        .expect("w")
     });
 
     // Bad data files.
-    let p_malformed = file(d, "p-malformed.jsonl", "{\"prompt\": \"a\"}\n{\"prompt\": \n");
+    let p_malformed = file(
+        d,
+        "p-malformed.jsonl",
+        "{\"prompt\": \"a\"}\n{\"prompt\": \n",
+    );
     let p_nofield = file(d, "p-nofield.jsonl", "{\"text\": \"a\"}\n");
     let p_wrongtype = file(d, "p-wrongtype.jsonl", "{\"prompt\": 5}\n");
     let p_empty = file(d, "p-empty.jsonl", "");
-    let hh_bad = file(d, "hh-bad.jsonl", "{\"chosen\": \"\\n\\nHuman: a\"}\n{oops\n");
+    let hh_bad = file(
+        d,
+        "hh-bad.jsonl",
+        "{\"chosen\": \"\\n\\nHuman: a\"}\n{oops\n",
+    );
     let hh_type = file(d, "hh-type.jsonl", "{\"chosen\": 3, \"rejected\": []}\n");
     let hqa_bad = file(d, "harmfulqa.json", "{\"topic\": {\"sub\": [\"q\"]");
     let gens_bad = file(d, "gens-bad.jsonl", "{\"prompt\": \"hi\"}\n");
@@ -280,7 +332,17 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
     let out_jsonl = o("out.jsonl");
     let oj = s(&out_jsonl);
     let gen = |extra: &[&str]| -> Vec<String> {
-        let mut a = vec!["generate", "--model", m, "--prompts", s(&prompts), "--max-new-tokens", "2", "--out", oj];
+        let mut a = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompts",
+            s(&prompts),
+            "--max-new-tokens",
+            "2",
+            "--out",
+            oj,
+        ];
         a.extend_from_slice(extra);
         a.into_iter().map(str::to_owned).collect()
     };
@@ -307,21 +369,37 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
         // generate: model directories.
         gen_model("no config.json", &m_noconfig, &["config.json"]),
         gen_model("config.json not JSON", &m_badjson, &["config.json"]),
-        gen_model("config.json wrong type", &m_wrongtype, &["config.json", "hidden_size"]),
+        gen_model(
+            "config.json wrong type",
+            &m_wrongtype,
+            &["config.json", "field `hidden_size`"],
+        ),
         gen_model("unknown architecture", &m_arch, &["gpt_neox"]),
         gen_model("weights of another shape", &m_shape, &["shape"]),
         gen_model("truncated safetensors", &m_trunc, &["model.safetensors"]),
         gen_model("garbage safetensors", &m_garbage, &["model.safetensors"]),
         gen_model("a tensor missing", &m_missing, &["down_proj"]),
         gen_model("NaN in weights", &m_nan, &["q_proj", "NaN"]),
-        gen_model("Inf in weights", &m_inf, &["model.norm.weight", "NaN or Inf"]),
+        gen_model(
+            "Inf in weights",
+            &m_inf,
+            &["model.norm.weight", "NaN or Inf"],
+        ),
         gen_model("tokenizer.json malformed", &m_badtok, &["tokenizer.json"]),
         gen_model("no tokenizer.json", &m_notok, &["tokenizer.json"]),
-        gen_model("generation_config.json wrong type", &m_genconf, &["generation_config.json"]),
+        gen_model(
+            "generation_config.json wrong type",
+            &m_genconf,
+            &["generation_config.json"],
+        ),
         gen_model("model directory missing", &d.join("nope"), &["nope"]),
         // generate: prompts.
         {
-            let mut c = gen_case("prompts malformed", &[], &["p-malformed.jsonl", "line 2"]);
+            let mut c = gen_case(
+                "prompts malformed",
+                &[],
+                &["p-malformed.jsonl:2", "malformed JSON"],
+            );
             c.args[4] = s(&p_malformed).to_owned();
             c
         },
@@ -331,40 +409,108 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
             c
         },
         {
-            let mut c = gen_case("prompt of the wrong type", &[], &["p-wrongtype.jsonl", "prompt"]);
+            let mut c = gen_case(
+                "prompt of the wrong type",
+                &[],
+                &["p-wrongtype.jsonl", "prompt"],
+            );
             c.args[4] = s(&p_wrongtype).to_owned();
             c
         },
         {
-            let mut c = gen_case("no prompts", &[], &["p-empty.jsonl", "no prompts"]);
+            let mut c = gen_case("no prompts", &[], &["p-empty.jsonl", "no records"]);
             c.args[4] = s(&p_empty).to_owned();
             c
         },
         // generate: flags.
-        gen_case("negative temperature", &["--temperature", "-1"], &["--temperature", ">= 0"]),
-        gen_case("NaN temperature", &["--temperature", "NaN"], &["--temperature"]),
+        gen_case(
+            "negative temperature",
+            &["--temperature", "-1"],
+            &["--temperature", ">= 0"],
+        ),
+        gen_case(
+            "NaN temperature",
+            &["--temperature", "NaN"],
+            &["--temperature"],
+        ),
         gen_case("top-p above 1", &["--top-p", "1.5"], &["--top-p", "(0, 1]"]),
         gen_case("top-k 0", &["--top-k", "0"], &["--top-k", ">= 1"]),
         gen_case("batch size 0", &["--batch-size", "0"], &["--batch-size"]),
-        gen_case("no new tokens", &["--max-new-tokens", "0"], &["--max-new-tokens"]),
-        gen_case("NaN alpha", &["--value", s(&value), "--alpha", "NaN"], &["--alpha"]),
-        gen_case("inf alpha", &["--value", s(&value), "--alpha", "inf"], &["--alpha"]),
-        gen_case("zero steps", &["--value", s(&value), "--steps", "0"], &["--steps"]),
-        gen_case("negative edit bound", &["--value", s(&value), "--max-edit-norm", "-2"], &["--max-edit-norm"]),
+        gen_case(
+            "no new tokens",
+            &["--max-new-tokens", "0"],
+            &["--max-new-tokens"],
+        ),
+        gen_case(
+            "NaN alpha",
+            &["--value", s(&value), "--alpha", "NaN"],
+            &["--alpha"],
+        ),
+        gen_case(
+            "inf alpha",
+            &["--value", s(&value), "--alpha", "inf"],
+            &["--alpha"],
+        ),
+        gen_case(
+            "zero steps",
+            &["--value", s(&value), "--steps", "0"],
+            &["--steps"],
+        ),
+        gen_case(
+            "negative edit bound",
+            &["--value", s(&value), "--max-edit-norm", "-2"],
+            &["--max-edit-norm"],
+        ),
         gen_case("unknown device", &["--device", "tpu"], &["--device", "tpu"]),
         gen_case("unknown dtype", &["--dtype", "f8"], &["--dtype"]),
-        gen_case("best-of 0", &["--best-of", "0", "--reward", s(&rules)], &["--best-of"]),
+        gen_case(
+            "best-of 0",
+            &["--best-of", "0", "--reward", s(&rules)],
+            &["--best-of"],
+        ),
         // generate: value heads and ONNX files.
-        gen_case("value dir without config", &["--value", s(&v_noconfig)], &["v-noconfig"]),
-        gen_case("value config malformed", &["--value", s(&v_badconfig), "--grad-backend", "torch"], &["v-badconfig"]),
-        gen_case("NaN in value weights", &["--value", s(&v_nan), "--grad-backend", "torch"], &["v-nan", "NaN"]),
-        gen_case("value tensor missing", &["--value", s(&v_missing), "--grad-backend", "torch"], &["v-missing", "layers.1.weight"]),
-        gen_case("value head of another width", &["--value", s(&v_wide), "--grad-backend", "torch"], &["v-wide", "hidden size 32"]),
-        gen_case("garbage .onnx", &["--value", s(&onnx_garbage)], &["garbage.onnx"]),
-        gen_case("truncated .onnx", &["--value", s(&onnx_trunc)], &["trunc.onnx"]),
+        gen_case(
+            "value dir without config",
+            &["--value", s(&v_noconfig)],
+            &["v-noconfig"],
+        ),
+        gen_case(
+            "value config malformed",
+            &["--value", s(&v_badconfig), "--grad-backend", "torch"],
+            &["v-badconfig"],
+        ),
+        gen_case(
+            "NaN in value weights",
+            &["--value", s(&v_nan), "--grad-backend", "torch"],
+            &["v-nan", "NaN"],
+        ),
+        gen_case(
+            "value tensor missing",
+            &["--value", s(&v_missing), "--grad-backend", "torch"],
+            &["v-missing", "layers.1.weight"],
+        ),
+        gen_case(
+            "value head of another width",
+            &["--value", s(&v_wide), "--grad-backend", "torch"],
+            &["v-wide", "hidden size 32"],
+        ),
+        gen_case(
+            "garbage .onnx",
+            &["--value", s(&onnx_garbage)],
+            &["garbage.onnx"],
+        ),
+        gen_case(
+            "truncated .onnx",
+            &["--value", s(&onnx_trunc)],
+            &["trunc.onnx"],
+        ),
         // generate: outputs.
         {
-            let mut c = gen_case("output into a missing folder", &[], &["no/such/folder", "does not exist"]);
+            let mut c = gen_case(
+                "output into a missing folder",
+                &[],
+                &["no/such/folder", "does not exist"],
+            );
             let target = missing_dir.join("out.jsonl");
             c.args[8] = s(&target).to_owned();
             c.output = Some(target);
@@ -377,70 +523,746 @@ fn every_bad_input_gets_one_clear_error_and_leaves_nothing() {
             c
         },
         // rollout.
-        case("rollout", "dataset malformed", &["rollout", "--model", m, "--dataset", s(&hh_bad), "--out", s(&o("r1.h5"))], &["hh-bad.jsonl", "line 2"], Some(&o("r1.h5"))),
-        case("rollout", "dataset of the wrong type", &["rollout", "--model", m, "--dataset", s(&hh_type), "--dataset-kind", "hh", "--out", s(&o("r2.h5"))], &["hh-type.jsonl"], Some(&o("r2.h5"))),
-        case("rollout", "HarmfulQA malformed", &["rollout", "--model", m, "--dataset", s(&hqa_bad), "--out", s(&o("r3.h5"))], &["harmfulqa.json"], Some(&o("r3.h5"))),
-        case("rollout", "dataset missing", &["rollout", "--model", m, "--dataset", s(&d.join("none.jsonl")), "--out", s(&o("r4.h5"))], &["none.jsonl"], Some(&o("r4.h5"))),
-        case("rollout", "shard beyond the count", &["rollout", "--model", m, "--dataset", s(&hh), "--shard", "3/2", "--out", s(&o("r5.h5"))], &["--shard"], Some(&o("r5.h5"))),
-        case("rollout", "zero samples per prompt", &["rollout", "--model", m, "--dataset", s(&hh), "--samples-per-prompt", "0", "--out", s(&o("r6.h5"))], &["--samples-per-prompt"], Some(&o("r6.h5"))),
-        case("rollout", "output into a missing folder", &["rollout", "--model", m, "--dataset", s(&hh), "--limit", "1", "--out", s(&missing_dir.join("r.h5"))], &["no/such/folder"], Some(&missing_dir.join("r.h5"))),
-        case("rollout", "test fraction 1", &["rollout", "--model", m, "--dataset", s(&hh), "--test-fraction", "1", "--out", s(&o("r7.h5"))], &["--test-fraction"], Some(&o("r7.h5"))),
+        case(
+            "rollout",
+            "dataset malformed",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh_bad),
+                "--out",
+                s(&o("r1.h5")),
+            ],
+            &["hh-bad.jsonl:2", "malformed JSON"],
+            Some(&o("r1.h5")),
+        ),
+        case(
+            "rollout",
+            "dataset of the wrong type",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh_type),
+                "--dataset-kind",
+                "hh",
+                "--out",
+                s(&o("r2.h5")),
+            ],
+            &["hh-type.jsonl"],
+            Some(&o("r2.h5")),
+        ),
+        case(
+            "rollout",
+            "HarmfulQA malformed",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hqa_bad),
+                "--out",
+                s(&o("r3.h5")),
+            ],
+            &["harmfulqa.json"],
+            Some(&o("r3.h5")),
+        ),
+        case(
+            "rollout",
+            "dataset missing",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&d.join("none.jsonl")),
+                "--out",
+                s(&o("r4.h5")),
+            ],
+            &["none.jsonl"],
+            Some(&o("r4.h5")),
+        ),
+        case(
+            "rollout",
+            "shard beyond the count",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh),
+                "--shard",
+                "3/2",
+                "--out",
+                s(&o("r5.h5")),
+            ],
+            &["--shard"],
+            Some(&o("r5.h5")),
+        ),
+        case(
+            "rollout",
+            "zero samples per prompt",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh),
+                "--samples-per-prompt",
+                "0",
+                "--out",
+                s(&o("r6.h5")),
+            ],
+            &["--samples-per-prompt"],
+            Some(&o("r6.h5")),
+        ),
+        case(
+            "rollout",
+            "output into a missing folder",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh),
+                "--limit",
+                "1",
+                "--out",
+                s(&missing_dir.join("r.h5")),
+            ],
+            &["no/such/folder"],
+            Some(&missing_dir.join("r.h5")),
+        ),
+        case(
+            "rollout",
+            "test fraction 1",
+            &[
+                "rollout",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh),
+                "--test-fraction",
+                "1",
+                "--out",
+                s(&o("r7.h5")),
+            ],
+            &["--test-fraction"],
+            Some(&o("r7.h5")),
+        ),
         // rollout merge.
-        case("rollout merge", "a store that is not HDF5", &["rollout", "merge", st, s(&h5_text), "--out", s(&o("m1.h5"))], &["text.h5"], Some(&o("m1.h5"))),
-        case("rollout merge", "a truncated store", &["rollout", "merge", st, s(&h5_trunc), "--out", s(&o("m2.h5"))], &["trunc.h5"], Some(&o("m2.h5"))),
+        case(
+            "rollout merge",
+            "a store that is not HDF5",
+            &["rollout", "merge", st, s(&h5_text), "--out", s(&o("m1.h5"))],
+            &["text.h5"],
+            Some(&o("m1.h5")),
+        ),
+        case(
+            "rollout merge",
+            "a truncated store",
+            &[
+                "rollout",
+                "merge",
+                st,
+                s(&h5_trunc),
+                "--out",
+                s(&o("m2.h5")),
+            ],
+            &["trunc.h5"],
+            Some(&o("m2.h5")),
+        ),
         // data.
-        case("data stats", "dataset malformed", &["data", "stats", s(&hh_bad)], &["hh-bad.jsonl"], None),
-        case("data prompts", "limit 0", &["data", "prompts", s(&hh), "--limit", "0", "--out", s(&o("p.jsonl"))], &["--limit"], Some(&o("p.jsonl"))),
-        case("data prompts", "output onto a folder", &["data", "prompts", s(&hh), "--out", s(&out_dir)], &["is a folder"], None),
+        case(
+            "data stats",
+            "dataset malformed",
+            &["data", "stats", s(&hh_bad)],
+            &["hh-bad.jsonl"],
+            None,
+        ),
+        case(
+            "data prompts",
+            "limit 0",
+            &[
+                "data",
+                "prompts",
+                s(&hh),
+                "--limit",
+                "0",
+                "--out",
+                s(&o("p.jsonl")),
+            ],
+            &["--limit"],
+            Some(&o("p.jsonl")),
+        ),
+        case(
+            "data prompts",
+            "output onto a folder",
+            &["data", "prompts", s(&hh), "--out", s(&out_dir)],
+            &["is a folder"],
+            None,
+        ),
         // reward.
-        case("reward train", "pairs malformed", &["reward", "train", "--model", m, "--pairs", s(&hh_bad), "--out", s(&o("rm1"))], &["hh-bad.jsonl"], Some(&o("rm1"))),
-        case("reward train", "zero epochs", &["reward", "train", "--model", m, "--pairs", s(&hh), "--epochs", "0", "--out", s(&o("rm2"))], &["--epochs"], Some(&o("rm2"))),
-        case("reward train", "negative learning rate", &["reward", "train", "--model", m, "--pairs", s(&hh), "--lr", "-0.1", "--out", s(&o("rm3"))], &["--lr", "> 0"], Some(&o("rm3"))),
-        case("reward train", "NaN weight decay", &["reward", "train", "--model", m, "--pairs", s(&hh), "--weight-decay", "nan", "--out", s(&o("rm4"))], &["--weight-decay"], Some(&o("rm4"))),
-        case("reward train", "NaN in the backbone", &["reward", "train", "--model", s(&m_nan), "--pairs", s(&hh), "--out", s(&o("rm5"))], &["q_proj", "NaN"], Some(&o("rm5"))),
-        case("reward score", "rules TOML malformed", &["reward", "score", "--reward", s(&toml_bad), "--input", s(&gens), "--out", s(&o("s1.jsonl"))], &["bad.toml"], Some(&o("s1.jsonl"))),
-        case("reward score", "unknown rule kind", &["reward", "score", "--reward", s(&toml_kind), "--input", s(&gens), "--out", s(&o("s2.jsonl"))], &["kind.toml", "vibes"], Some(&o("s2.jsonl"))),
-        case("reward score", "NaN rule weight", &["reward", "score", "--reward", s(&toml_nan), "--input", s(&gens), "--out", s(&o("s3.jsonl"))], &["nan.toml", "weight"], Some(&o("s3.jsonl"))),
-        case("reward score", "generations without responses", &["reward", "score", "--reward", s(&rules), "--input", s(&gens_bad), "--out", s(&o("s4.jsonl"))], &["gens-bad.jsonl", "response"], Some(&o("s4.jsonl"))),
-        case("reward score", "output into a missing folder", &["reward", "score", "--reward", s(&rules), "--input", s(&gens), "--out", s(&missing_dir.join("s.jsonl"))], &["no/such/folder"], Some(&missing_dir.join("s.jsonl"))),
-        case("reward label", "a store that is not HDF5", &["reward", "label", "--reward", s(&rules), "--rollouts", s(&h5_text)], &["text.h5"], None),
-        case("reward label", "chunk 0", &["reward", "label", "--reward", s(&rules), "--rollouts", un, "--chunk", "0"], &["--chunk"], None),
-        case("reward label", "rewards that overflow to Inf", &["reward", "label", "--reward", s(&inf_rules), "--rollouts", s(&inf_store)], &["inf-rules.toml", "finite"], None),
+        case(
+            "reward train",
+            "pairs malformed",
+            &[
+                "reward",
+                "train",
+                "--model",
+                m,
+                "--pairs",
+                s(&hh_bad),
+                "--out",
+                s(&o("rm1")),
+            ],
+            &["hh-bad.jsonl"],
+            Some(&o("rm1")),
+        ),
+        case(
+            "reward train",
+            "zero epochs",
+            &[
+                "reward",
+                "train",
+                "--model",
+                m,
+                "--pairs",
+                s(&hh),
+                "--epochs",
+                "0",
+                "--out",
+                s(&o("rm2")),
+            ],
+            &["--epochs"],
+            Some(&o("rm2")),
+        ),
+        case(
+            "reward train",
+            "negative learning rate",
+            &[
+                "reward",
+                "train",
+                "--model",
+                m,
+                "--pairs",
+                s(&hh),
+                "--lr",
+                "-0.1",
+                "--out",
+                s(&o("rm3")),
+            ],
+            &["--lr", "> 0"],
+            Some(&o("rm3")),
+        ),
+        case(
+            "reward train",
+            "NaN weight decay",
+            &[
+                "reward",
+                "train",
+                "--model",
+                m,
+                "--pairs",
+                s(&hh),
+                "--weight-decay",
+                "nan",
+                "--out",
+                s(&o("rm4")),
+            ],
+            &["--weight-decay"],
+            Some(&o("rm4")),
+        ),
+        case(
+            "reward train",
+            "NaN in the backbone",
+            &[
+                "reward",
+                "train",
+                "--model",
+                s(&m_nan),
+                "--pairs",
+                s(&hh),
+                "--out",
+                s(&o("rm5")),
+            ],
+            &["q_proj", "NaN"],
+            Some(&o("rm5")),
+        ),
+        case(
+            "reward score",
+            "rules TOML malformed",
+            &[
+                "reward",
+                "score",
+                "--reward",
+                s(&toml_bad),
+                "--input",
+                s(&gens),
+                "--out",
+                s(&o("s1.jsonl")),
+            ],
+            &["bad.toml"],
+            Some(&o("s1.jsonl")),
+        ),
+        case(
+            "reward score",
+            "unknown rule kind",
+            &[
+                "reward",
+                "score",
+                "--reward",
+                s(&toml_kind),
+                "--input",
+                s(&gens),
+                "--out",
+                s(&o("s2.jsonl")),
+            ],
+            &["kind.toml", "vibes"],
+            Some(&o("s2.jsonl")),
+        ),
+        case(
+            "reward score",
+            "NaN rule weight",
+            &[
+                "reward",
+                "score",
+                "--reward",
+                s(&toml_nan),
+                "--input",
+                s(&gens),
+                "--out",
+                s(&o("s3.jsonl")),
+            ],
+            &["nan.toml", "weight"],
+            Some(&o("s3.jsonl")),
+        ),
+        case(
+            "reward score",
+            "generations without responses",
+            &[
+                "reward",
+                "score",
+                "--reward",
+                s(&rules),
+                "--input",
+                s(&gens_bad),
+                "--out",
+                s(&o("s4.jsonl")),
+            ],
+            &["gens-bad.jsonl", "response"],
+            Some(&o("s4.jsonl")),
+        ),
+        case(
+            "reward score",
+            "output into a missing folder",
+            &[
+                "reward",
+                "score",
+                "--reward",
+                s(&rules),
+                "--input",
+                s(&gens),
+                "--out",
+                s(&missing_dir.join("s.jsonl")),
+            ],
+            &["no/such/folder"],
+            Some(&missing_dir.join("s.jsonl")),
+        ),
+        case(
+            "reward label",
+            "a store that is not HDF5",
+            &[
+                "reward",
+                "label",
+                "--reward",
+                s(&rules),
+                "--rollouts",
+                s(&h5_text),
+            ],
+            &["text.h5"],
+            None,
+        ),
+        case(
+            "reward label",
+            "chunk 0",
+            &[
+                "reward",
+                "label",
+                "--reward",
+                s(&rules),
+                "--rollouts",
+                un,
+                "--chunk",
+                "0",
+            ],
+            &["--chunk"],
+            None,
+        ),
+        case(
+            "reward label",
+            "rewards that overflow to Inf",
+            &[
+                "reward",
+                "label",
+                "--reward",
+                s(&inf_rules),
+                "--rollouts",
+                s(&inf_store),
+            ],
+            &["inf-rules.toml", "must be finite"],
+            None,
+        ),
         // value.
-        case("value train", "an unlabelled store", &["value", "train", "--rollouts", un, "--out", s(&o("v1"))], &["unlabelled.h5", "label"], Some(&o("v1"))),
-        case("value train", "a truncated store", &["value", "train", "--rollouts", s(&h5_trunc), "--out", s(&o("v2"))], &["trunc.h5"], Some(&o("v2"))),
-        case("value train", "learning rate 0", &["value", "train", "--rollouts", st, "--lr", "0", "--out", s(&o("v3"))], &["--lr"], Some(&o("v3"))),
-        case("value train", "lambda above 1", &["value", "train", "--rollouts", st, "--target", "lambda", "--lambda", "2", "--out", s(&o("v4"))], &["--lambda", "[0, 1]"], Some(&o("v4"))),
-        case("value train", "validation fraction 1", &["value", "train", "--rollouts", st, "--val-fraction", "1", "--out", s(&o("v5"))], &["--val-fraction"], Some(&o("v5"))),
-        case("value train", "output onto a file", &["value", "train", "--rollouts", st, "--out", s(&prompts)], &["prompts.jsonl", "exists"], None),
-        case("value eval", "value dir without config", &["value", "eval", "--value", s(&v_noconfig), "--rollouts", st], &["v-noconfig"], None),
-        case("value eval", "NaN in value weights", &["value", "eval", "--value", s(&v_nan), "--rollouts", st], &["v-nan", "NaN"], None),
+        case(
+            "value train",
+            "an unlabelled store",
+            &["value", "train", "--rollouts", un, "--out", s(&o("v1"))],
+            &["unlabelled.h5", "label"],
+            Some(&o("v1")),
+        ),
+        case(
+            "value train",
+            "a truncated store",
+            &[
+                "value",
+                "train",
+                "--rollouts",
+                s(&h5_trunc),
+                "--out",
+                s(&o("v2")),
+            ],
+            &["trunc.h5"],
+            Some(&o("v2")),
+        ),
+        case(
+            "value train",
+            "learning rate 0",
+            &[
+                "value",
+                "train",
+                "--rollouts",
+                st,
+                "--lr",
+                "0",
+                "--out",
+                s(&o("v3")),
+            ],
+            &["--lr"],
+            Some(&o("v3")),
+        ),
+        case(
+            "value train",
+            "lambda above 1",
+            &[
+                "value",
+                "train",
+                "--rollouts",
+                st,
+                "--target",
+                "lambda",
+                "--lambda",
+                "2",
+                "--out",
+                s(&o("v4")),
+            ],
+            &["--lambda", "[0, 1]"],
+            Some(&o("v4")),
+        ),
+        case(
+            "value train",
+            "validation fraction 1",
+            &[
+                "value",
+                "train",
+                "--rollouts",
+                st,
+                "--val-fraction",
+                "1",
+                "--out",
+                s(&o("v5")),
+            ],
+            &["--val-fraction"],
+            Some(&o("v5")),
+        ),
+        case(
+            "value train",
+            "output onto a file",
+            &["value", "train", "--rollouts", st, "--out", s(&prompts)],
+            &["prompts.jsonl", "exists"],
+            None,
+        ),
+        case(
+            "value eval",
+            "value dir without config",
+            &["value", "eval", "--value", s(&v_noconfig), "--rollouts", st],
+            &["v-noconfig"],
+            None,
+        ),
+        case(
+            "value eval",
+            "NaN in value weights",
+            &["value", "eval", "--value", s(&v_nan), "--rollouts", st],
+            &["v-nan", "NaN"],
+            None,
+        ),
         // export.
-        case("export", "zero steps", &["export", "--value", s(&value), "--steps", "0", "--out", s(&o("e1"))], &["--steps", ">= 1"], Some(&o("e1"))),
-        case("export", "NaN alpha", &["export", "--value", s(&value), "--alpha", "NaN", "--out", s(&o("e2"))], &["--alpha"], Some(&o("e2"))),
-        case("export", "NaN in value weights", &["export", "--value", s(&v_nan), "--out", s(&o("e3"))], &["v-nan", "NaN"], Some(&o("e3"))),
-        case("export", "value tensor missing", &["export", "--value", s(&v_missing), "--out", s(&o("e4"))], &["v-missing", "layers.1.weight"], Some(&o("e4"))),
-        case("export inspect", "garbage .onnx", &["export", "inspect", s(&onnx_garbage)], &["garbage.onnx"], None),
-        case("export inspect", "truncated .onnx", &["export", "inspect", s(&onnx_trunc)], &["trunc.onnx"], None),
+        case(
+            "export",
+            "zero steps",
+            &[
+                "export",
+                "--value",
+                s(&value),
+                "--steps",
+                "0",
+                "--out",
+                s(&o("e1")),
+            ],
+            &["--steps", ">= 1"],
+            Some(&o("e1")),
+        ),
+        case(
+            "export",
+            "NaN alpha",
+            &[
+                "export",
+                "--value",
+                s(&value),
+                "--alpha",
+                "NaN",
+                "--out",
+                s(&o("e2")),
+            ],
+            &["--alpha"],
+            Some(&o("e2")),
+        ),
+        case(
+            "export",
+            "NaN in value weights",
+            &["export", "--value", s(&v_nan), "--out", s(&o("e3"))],
+            &["v-nan", "NaN"],
+            Some(&o("e3")),
+        ),
+        case(
+            "export",
+            "value tensor missing",
+            &["export", "--value", s(&v_missing), "--out", s(&o("e4"))],
+            &["v-missing", "layers.1.weight"],
+            Some(&o("e4")),
+        ),
+        case(
+            "export inspect",
+            "garbage .onnx",
+            &["export", "inspect", s(&onnx_garbage)],
+            &["garbage.onnx"],
+            None,
+        ),
+        case(
+            "export inspect",
+            "truncated .onnx",
+            &["export", "inspect", s(&onnx_trunc)],
+            &["trunc.onnx"],
+            None,
+        ),
         // steer.
-        case("steer fit", "quantile above one half", &["steer", "fit", "--rollouts", st, "--quantile", "0.7", "--out", s(&o("sv1.safetensors"))], &["--quantile", "(0, 0.5]"], Some(&o("sv1.safetensors"))),
-        case("steer fit", "an unlabelled store", &["steer", "fit", "--rollouts", un, "--out", s(&o("sv2.safetensors"))], &["unlabelled.h5"], Some(&o("sv2.safetensors"))),
-        case("steer fit", "output onto a folder", &["steer", "fit", "--rollouts", st, "--out", s(&out_dir)], &["is a folder"], None),
+        case(
+            "steer fit",
+            "quantile above one half",
+            &[
+                "steer",
+                "fit",
+                "--rollouts",
+                st,
+                "--quantile",
+                "0.7",
+                "--out",
+                s(&o("sv1.safetensors")),
+            ],
+            &["--quantile", "(0, 0.5]"],
+            Some(&o("sv1.safetensors")),
+        ),
+        case(
+            "steer fit",
+            "an unlabelled store",
+            &[
+                "steer",
+                "fit",
+                "--rollouts",
+                un,
+                "--out",
+                s(&o("sv2.safetensors")),
+            ],
+            &["unlabelled.h5"],
+            Some(&o("sv2.safetensors")),
+        ),
+        case(
+            "steer fit",
+            "output onto a folder",
+            &["steer", "fit", "--rollouts", st, "--out", s(&out_dir)],
+            &["is a folder"],
+            None,
+        ),
         // eval and sweep.
-        case("eval", "generations malformed", &["eval", "--generations", s(&p_malformed), "--reward", s(&rules), "--out", s(&o("ev1"))], &["p-malformed.jsonl"], Some(&o("ev1"))),
-        case("eval", "generations missing", &["eval", "--generations", s(&d.join("none.jsonl")), "--reward", s(&rules), "--out", s(&o("ev2"))], &["none.jsonl"], Some(&o("ev2"))),
-        case("sweep", "cd-k 0", &["sweep", "--model", m, "--prompts", s(&prompts), "--reward", s(&rules), "--value-guided", s(&value), "--cd-k", "0", "--out", s(&o("sw1"))], &["--cd-k"], Some(&o("sw1"))),
+        case(
+            "eval",
+            "generations malformed",
+            &[
+                "eval",
+                "--generations",
+                s(&p_malformed),
+                "--reward",
+                s(&rules),
+                "--out",
+                s(&o("ev1")),
+            ],
+            &["p-malformed.jsonl"],
+            Some(&o("ev1")),
+        ),
+        case(
+            "eval",
+            "generations missing",
+            &[
+                "eval",
+                "--generations",
+                s(&d.join("none.jsonl")),
+                "--reward",
+                s(&rules),
+                "--out",
+                s(&o("ev2")),
+            ],
+            &["none.jsonl"],
+            Some(&o("ev2")),
+        ),
+        case(
+            "sweep",
+            "cd-k 0",
+            &[
+                "sweep",
+                "--model",
+                m,
+                "--prompts",
+                s(&prompts),
+                "--reward",
+                s(&rules),
+                "--value-guided",
+                s(&value),
+                "--cd-k",
+                "0",
+                "--out",
+                s(&o("sw1")),
+            ],
+            &["--cd-k"],
+            Some(&o("sw1")),
+        ),
         // lm.
-        case("lm pretrain", "zero heads", &["lm", "pretrain", "--corpus", s(&hh), "--heads", "0", "--out", s(&o("lm1"))], &["--heads"], Some(&o("lm1"))),
-        case("lm pretrain", "corpus malformed", &["lm", "pretrain", "--corpus", s(&hh_bad), "--out", s(&o("lm2"))], &["hh-bad.jsonl"], Some(&o("lm2"))),
-        case("lm import-gguf", "not a GGUF file", &["lm", "import-gguf", s(&gguf_text), "--out", s(&o("g1"))], &["text.gguf"], Some(&o("g1"))),
-        case("lm import-gguf", "truncated GGUF", &["lm", "import-gguf", s(&gguf_trunc), "--out", s(&o("g2"))], &["trunc.gguf"], Some(&o("g2"))),
-        case("lm import-gguf", "dimensions past any file", &["lm", "import-gguf", s(&gguf_huge), "--out", s(&o("g3"))], &["huge-dims.gguf"], Some(&o("g3"))),
+        case(
+            "lm pretrain",
+            "zero heads",
+            &[
+                "lm",
+                "pretrain",
+                "--corpus",
+                s(&hh),
+                "--heads",
+                "0",
+                "--out",
+                s(&o("lm1")),
+            ],
+            &["--heads"],
+            Some(&o("lm1")),
+        ),
+        case(
+            "lm pretrain",
+            "corpus malformed",
+            &[
+                "lm",
+                "pretrain",
+                "--corpus",
+                s(&hh_bad),
+                "--out",
+                s(&o("lm2")),
+            ],
+            &["hh-bad.jsonl"],
+            Some(&o("lm2")),
+        ),
+        case(
+            "lm import-gguf",
+            "not a GGUF file",
+            &["lm", "import-gguf", s(&gguf_text), "--out", s(&o("g1"))],
+            &["text.gguf"],
+            Some(&o("g1")),
+        ),
+        case(
+            "lm import-gguf",
+            "truncated GGUF",
+            &["lm", "import-gguf", s(&gguf_trunc), "--out", s(&o("g2"))],
+            &["trunc.gguf"],
+            Some(&o("g2")),
+        ),
+        case(
+            "lm import-gguf",
+            "dimensions past any file",
+            &["lm", "import-gguf", s(&gguf_huge), "--out", s(&o("g3"))],
+            &["huge-dims.gguf"],
+            Some(&o("g3")),
+        ),
         // slurm, demo, serve.
-        case("slurm submit", "zero tasks", &["slurm", "submit", "rollout", "--tasks", "0", "--out", s(&o("sl.h5")), "--dry-run", "--", "--model", m, "--dataset", s(&hh)], &["--tasks"], Some(&o("sl.h5"))),
-        case("demo", "config of the wrong type", &["demo", "--config", s(&demo_toml), "--out", s(&o("demo"))], &["demo-bad.toml"], Some(&o("demo"))),
-        case("serve", "NaN in weights", &["serve", "--model", s(&m_nan), "--port", "0"], &["q_proj", "NaN"], None),
-        case("serve", "value head of another width", &["serve", "--model", m, "--value", &format!("w={}", s(&v_wide)), "--grad-backend", "torch", "--port", "0"], &["v-wide", "hidden size 32"], None),
+        case(
+            "slurm submit",
+            "zero tasks",
+            &[
+                "slurm",
+                "submit",
+                "rollout",
+                "--tasks",
+                "0",
+                "--out",
+                s(&o("sl.h5")),
+                "--dry-run",
+                "--",
+                "--model",
+                m,
+                "--dataset",
+                s(&hh),
+            ],
+            &["--tasks"],
+            Some(&o("sl.h5")),
+        ),
+        case(
+            "demo",
+            "config of the wrong type",
+            &["demo", "--config", s(&demo_toml), "--out", s(&o("demo"))],
+            &["demo-bad.toml"],
+            Some(&o("demo")),
+        ),
+        case(
+            "serve",
+            "NaN in weights",
+            &["serve", "--model", s(&m_nan), "--port", "0"],
+            &["q_proj", "NaN"],
+            None,
+        ),
+        case(
+            "serve",
+            "value head of another width",
+            &[
+                "serve",
+                "--model",
+                m,
+                "--value",
+                &format!("w={}", s(&v_wide)),
+                "--grad-backend",
+                "torch",
+                "--port",
+                "0",
+            ],
+            &["v-wide", "hidden size 32"],
+            None,
+        ),
     ];
     cases.retain(|c| !c.args.is_empty());
     let mut failures = Vec::new();

@@ -214,6 +214,8 @@ pub fn run(
             });
         }
     } else {
+        // The store's folder must exist; only the parts folder beside it is made.
+        recontrol_io::existing_folder(out)?;
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let json = serde_json::to_string(plan).map_err(plan_error(&plan_path))?;
         write_atomic(&plan_path, json.as_bytes())?;

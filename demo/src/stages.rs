@@ -363,6 +363,7 @@ impl Pipeline<'_> {
         resume: bool,
     ) -> StageResult<()> {
         let dirs = WorkDirs::prepare(output, resume, Some(&self.logs(logs)))?;
+        dirs.create()?;
         let dataset = Dataset::read(&self.hh, &ReadOptions::default())?;
         let pairs = dataset
             .pairs
@@ -432,6 +433,7 @@ impl Pipeline<'_> {
     fn value(&self, output: &Path, resume: bool) -> StageResult<()> {
         let settings = &self.config.value;
         let dirs = WorkDirs::prepare(output, resume, Some(&self.logs("value")))?;
+        dirs.create()?;
         let labelled = self.out(Stage::Label);
         let store = Store::open(&labelled)?;
         let mut tb = SummaryWriter::new(&dirs.logdir);

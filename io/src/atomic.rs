@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 /// The folder `path` is written in (its parent, or `.` for a bare name), which must exist.
 /// A file output (`temp_file_beside`) must not be a folder.
-pub(crate) fn existing_folder(path: &Path) -> Result<&Path> {
+pub fn existing_folder(path: &Path) -> Result<&Path> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

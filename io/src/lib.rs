@@ -16,7 +16,7 @@ pub mod run;
 
 use std::path::PathBuf;
 
-pub use atomic::{write_atomic, write_json_atomic, AtomicDir};
+pub use atomic::{existing_folder, write_atomic, write_json_atomic, AtomicDir};
 pub use jsonl::JsonlSink;
 pub use run::{config_path, sibling, work_dir, Provenance, WorkDirs};
 

@@ -43,28 +43,33 @@ pub struct WorkDirs {
 }
 
 impl WorkDirs {
-    /// Prepares the folders of a run writing `out`; an interrupted run's checkpoint is an error
-    /// unless `resume`.
+    /// The folders of a run writing `out` (whose folder must exist); an interrupted run's
+    /// checkpoint is an error unless `resume`. Nothing is created until [`WorkDirs::create`],
+    /// so a run refused over its inputs leaves nothing behind.
     pub fn prepare(out: &Path, resume: bool, logdir: Option<&Path>) -> Result<Self> {
+        crate::atomic::existing_folder(out)?;
         let work = work_dir(out);
         let checkpoint = work.join("checkpoint.safetensors");
         if checkpoint.exists() && !resume {
             return Err(Error::InterruptedRun { work });
         }
-        let create = |path: &Path| {
-            std::fs::create_dir_all(path).map_err(|source| Error::CreateDir {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        create(&work)?;
         let logdir = logdir.map_or_else(|| work.join("logs"), Path::to_path_buf);
-        create(&logdir)?;
         Ok(Self {
             work,
             checkpoint,
             logdir,
         })
+    }
+
+    /// Creates the work folder and the log folder (when training starts).
+    pub fn create(&self) -> Result<()> {
+        for path in [&self.work, &self.logdir] {
+            std::fs::create_dir_all(path).map_err(|source| Error::CreateDir {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -88,6 +93,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("rm");
         let dirs = WorkDirs::prepare(&out, false, None)?;
+        assert!(
+            !dirs.work.exists(),
+            "nothing is created before training starts"
+        );
+        dirs.create()?;
         assert_eq!(dirs.work, dir.path().join("rm.work"));
         assert!(dirs.logdir.is_dir() && dirs.logdir == dirs.work.join("logs"));
         std::fs::write(&dirs.checkpoint, b"").expect("write");

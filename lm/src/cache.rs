@@ -166,12 +166,17 @@ impl KvCache {
     /// Joins caches row-wise (rows of `parts[0]` first), each part left-padded with zeros to
     /// the longest part's length: the cache of a batch that rows join mid-decoding (continuous
     /// batching). The padding must be masked out of attention by the caller's key mask, as for
-    /// a left-padded prompt batch. Parts that hold nothing yet are skipped.
+    /// a left-padded prompt batch. Parts that hold nothing yet are skipped. A cache that keeps
+    /// its tokens (LongRoPE) keeps them joined, the padding fed as id 0 at position 1 (as a
+    /// left-padded prompt's).
     pub fn join_rows(parts: &[&KvCache]) -> Result<Self> {
+        let keeps_tokens = parts.iter().any(|c| c.keeps_tokens);
         let filled: Vec<&KvCache> = parts.iter().copied().filter(|c| !c.is_empty()).collect();
         let (Some(first), Some(len)) = (filled.first(), filled.iter().map(|c| c.len).max()) else {
             let first = parts.first().map_or(0, |c| c.layers.len());
-            return Ok(Self::new(first, parts.first().map_or(0, |c| c.reserve)));
+            let mut empty = Self::new(first, parts.first().map_or(0, |c| c.reserve));
+            empty.keeps_tokens = keeps_tokens;
+            return Ok(empty);
         };
         let reserve = filled.iter().map(|c| c.reserve).max().unwrap_or(0);
         // Room for the next steps; `append` grows it when needed.
@@ -204,10 +209,31 @@ impl KvCache {
             }
             layers.push(Some((Tensor::f_cat(&keys, 0)?, Tensor::f_cat(&values, 0)?)));
         }
+        let tokens = if keeps_tokens {
+            let mut ids = Vec::with_capacity(filled.len());
+            let mut positions = Vec::with_capacity(filled.len());
+            for part in &filled {
+                let Some((i, p)) = &part.tokens else {
+                    return Err(crate::Error::InvalidGeneration(
+                        "joining a cache that kept no tokens to one that keeps them".to_owned(),
+                    ));
+                };
+                let pad = (len - part.len) as i64;
+                let rows = i.size()[0];
+                let left = |value: i64| Tensor::f_full([rows, pad], value, (i.kind(), i.device()));
+                ids.push(Tensor::f_cat(&[&left(0)?, i], 1)?);
+                positions.push(Tensor::f_cat(&[&left(1)?, p], 1)?);
+            }
+            Some((Tensor::f_cat(&ids, 0)?, Tensor::f_cat(&positions, 0)?))
+        } else {
+            None
+        };
         Ok(Self {
             layers,
             len,
             reserve,
+            tokens,
+            keeps_tokens,
         })
     }
 
@@ -224,6 +250,10 @@ impl KvCache {
                 let moved = buffer.f_narrow(2, count as i64, kept)?.f_contiguous()?;
                 buffer.f_narrow(2, 0, kept)?.f_copy_(&moved)?;
             }
+        }
+        if let Some((ids, positions)) = &mut self.tokens {
+            *ids = ids.f_narrow(1, count as i64, kept)?;
+            *positions = positions.f_narrow(1, count as i64, kept)?;
         }
         self.len -= count;
         Ok(())

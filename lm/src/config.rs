@@ -120,9 +120,10 @@ impl HfConfig {
                 supported: SUPPORTED_MODEL_TYPES,
             });
         }
-        serde_json::from_value(value).map_err(|source| Error::Json {
+        serde_path_to_error::deserialize(value).map_err(|e| Error::JsonField {
             path: path.to_owned(),
-            source,
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
         })
     }
 }
@@ -803,9 +804,15 @@ fn attention_windows(
 /// Reads a JSON file into a serde type, naming the file on error.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: PathBuf::from(path),
         source,
+    })?;
+    // Well-formed JSON of the wrong shape: name the field.
+    serde_path_to_error::deserialize(value).map_err(|e| Error::JsonField {
+        path: PathBuf::from(path),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
     })
 }
 

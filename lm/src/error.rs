@@ -25,6 +25,20 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    #[error("{path}: tensor {name} has NaN or Inf values (as {kind})")]
+    NonFiniteTensor {
+        path: PathBuf,
+        name: String,
+        kind: String,
+    },
+
+    #[error("{path}: field `{field}`: {message}")]
+    JsonField {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+
     #[error("{path}: unsupported model_type {found:?}; supported: {supported}")]
     UnsupportedModelType {
         path: PathBuf,

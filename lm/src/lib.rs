@@ -216,7 +216,9 @@ pub fn model_identity(dir: &Path) -> Result<String> {
             .map(u64::from_le_bytes)
             .unwrap_or(0);
         // The whole header (it can exceed the edge for large checkpoints).
-        if 8 + header_len > head.len() as u64 && 8 + header_len <= size {
+        // A garbage length (a broken file) is left for the checkpoint reader to report.
+        let header_end = header_len.checked_add(8).unwrap_or(u64::MAX);
+        if header_end > head.len() as u64 && header_end <= size {
             let mut header = vec![0u8; header_len as usize];
             file.seek(SeekFrom::Start(8)).map_err(io)?;
             file.read_exact(&mut header).map_err(io)?;

@@ -180,6 +180,15 @@ impl ParamSource for Weights {
         let tensor = Tensor::f_from_data_size(bytes, shape, kind)?
             .f_to_kind(self.kind)?
             .f_to_device(self.device)?;
+        // A NaN or Inf weight (a broken file, or a value past f16's range) would make every
+        // output NaN without a word: refuse it here, naming the tensor.
+        if tensor.is_floating_point() && !bool::try_from(tensor.f_isfinite()?.f_all()?)? {
+            return Err(Error::NonFiniteTensor {
+                path: shard.path.clone(),
+                name: name.to_owned(),
+                kind: format!("{:?}", self.kind),
+            });
+        }
         Ok(Some(tensor))
     }
 }

@@ -26,6 +26,13 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     #[error(transparent)]
     Lm(#[from] recontrol_lm::Error),
+    /// A reward that is not a finite number (a store would read it as unlabelled).
+    #[error("{source_name} gave rollout {index} the reward {value}; rewards must be finite")]
+    NonFiniteReward {
+        source_name: String,
+        index: usize,
+        value: f32,
+    },
     #[error(transparent)]
     Train(#[from] recontrol_train::Error),
     #[error(transparent)]

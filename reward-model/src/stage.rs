@@ -471,6 +471,13 @@ pub fn label_store(
     let mut at = start;
     for batch in texts[start.min(texts.len())..].chunks(chunk.max(1)) {
         let scores = reward.score(batch)?;
+        if let Some(k) = scores.iter().position(|r| !r.is_finite()) {
+            return Err(Error::NonFiniteReward {
+                source_name: reward.describe(),
+                index: at + k,
+                value: scores[k],
+            });
+        }
         store.write_rewards(at, &scores).map_err(Error::Store)?;
         at += batch.len();
         progress(at);
