@@ -113,7 +113,7 @@ pub enum GradBackendArg {
     /// ONNX Runtime on the exported graphs (value_grad.onnx / controller.onnx), with its CUDA
     /// execution provider when --device is a GPU and the onnxruntime has it, else on the CPU.
     Onnx,
-    /// libtorch autograd on the value directory, on the LM's device.
+    /// libtorch on the value directory, on the LM's device (closed-form value gradient).
     Torch,
 }
 

@@ -112,7 +112,7 @@ impl ValueArtifact {
     /// Builds a backend. `onnx` runs the exported graphs with ONNX Runtime (for a value
     /// directory, its `value_grad` graph built in memory), with its CUDA execution provider
     /// when `device` is a GPU and the loaded onnxruntime has one, else on the CPU; `torch`
-    /// runs the value directory's weights with libtorch autograd on `device`.
+    /// runs the value directory's weights in libtorch on `device` (closed-form gradient).
     pub fn backend(
         &self,
         kind: BackendKind,

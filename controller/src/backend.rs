@@ -3,7 +3,8 @@
 //! - [`OnnxBackend`]: ONNX Runtime runs the exported `value_grad.onnx` (and `controller.onnx`,
 //!   which does all the plain-SGD steps of a decoding step in one call), on its CUDA execution
 //!   provider when the LM is on a GPU and the loaded onnxruntime has it, else on the CPU.
-//! - [`TorchBackend`]: libtorch autograd on the value directory's weights, on the LM's device.
+//! - [`TorchBackend`]: the value directory's weights in libtorch on the LM's device, with the
+//!   value gradient in closed form (no autograd graph) and a decoding step's updates in one call.
 
 use std::path::Path;
 
@@ -41,7 +42,7 @@ pub trait GradientBackend {
     }
 }
 
-/// libtorch autograd on a value net.
+/// A value net in libtorch: closed-form V and dV/dh ([`ValueModel::value_and_grad`]).
 #[derive(Debug)]
 pub struct TorchBackend {
     model: ValueModel,
@@ -60,21 +61,33 @@ impl TorchBackend {
 
 impl GradientBackend for TorchBackend {
     fn describe(&self) -> String {
-        format!("torch autograd on {:?}", self.device)
+        format!(
+            "torch on {:?}, closed-form value gradient, the steps of a decoding step in one call",
+            self.device
+        )
     }
 
     fn value_grad(&mut self, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        // Generation runs without autograd; the gradient to the input needs it here.
-        tch::with_grad(|| {
-            let x = h.f_detach()?.set_requires_grad(true);
-            let v = self.model.value(&x)?;
-            v.f_sum(Kind::Float)?.f_backward()?;
-            Ok((v.f_detach()?, x.grad()))
-        })
+        Ok(self.model.value_and_grad(h)?)
     }
 
     fn value(&mut self, h: &Tensor) -> Result<Tensor> {
         Ok(tch::no_grad(|| self.model.value(h))?)
+    }
+
+    fn fused_sgd(
+        &mut self,
+        h: &Tensor,
+        alpha: f64,
+        steps: usize,
+        max_edit_norm: Option<f64>,
+    ) -> Option<Result<(Tensor, Tensor, Tensor)>> {
+        Some(
+            self.model
+                .sgd_steps(h, alpha, steps, max_edit_norm)
+                .map(|o| (o.edited, o.before, o.after))
+                .map_err(Into::into),
+        )
     }
 }
 

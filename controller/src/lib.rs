@@ -4,7 +4,7 @@
 //! left as the LM computed it, as in the reference.
 //!
 //! - [`backend`]: where dV/dh comes from ([`GradientBackend`]: ONNX Runtime on the exported
-//!   graphs, or libtorch autograd on the value directory).
+//!   graphs, or libtorch on the value directory with a closed-form gradient).
 //! - [`editor`]: the [`Controller`], a `recontrol_lm::HiddenStateHook` (SGD as in the paper,
 //!   or Adam; optional gradient clip and edit-norm bound), with per-row edit statistics.
 //! - [`artifact`]: opening `--value` (export dir, `.onnx` file or value dir) and checking it

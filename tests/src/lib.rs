@@ -225,8 +225,9 @@ pub mod cli {
         out
     }
 
-    /// A clean failure: non-zero exit, no panic, and exactly one `error:` line, the last one,
-    /// containing `needle`.
+    /// A clean failure: non-zero exit, no panic, and exactly one `error:` line containing
+    /// `needle`: the last line, or, for a flag refused by the parser, followed by clap's usage
+    /// hint only.
     pub fn assert_fails_with(out: &Output, needle: &str) {
         let err = stderr(out);
         assert!(
@@ -236,11 +237,15 @@ pub mod cli {
         assert!(!err.contains("panicked"), "panic: {err}");
         let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "one error line expected: {err}");
-        assert_eq!(
-            err.lines().last(),
-            errors.first().copied(),
-            "the error is the last line: {err}"
-        );
+        // A flag refused by the parser is followed by clap's usage hint; any other error is
+        // the last line.
+        if !err.contains("For more information, try '--help'.") {
+            assert_eq!(
+                err.lines().last(),
+                errors.first().copied(),
+                "the error is the last line: {err}"
+            );
+        }
         assert!(errors[0].contains(needle), "error lacks {needle:?}: {err}");
     }
 }

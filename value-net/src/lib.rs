@@ -10,6 +10,7 @@
 //!   rollout, early stopping, resumable checkpoints) and evaluation.
 //! - [`stage`]: the value stage as one call: settings in, the value directory's model out.
 
+pub mod grad;
 pub mod loss;
 pub mod mlp;
 pub mod stage;

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::{Error, Result};
 
 /// PyTorch's form of each activation.
-fn activate(activation: Activation, x: &Tensor) -> Result<Tensor, tch::TchError> {
+pub(crate) fn activate(activation: Activation, x: &Tensor) -> Result<Tensor, tch::TchError> {
     match activation {
         Activation::Relu => x.f_relu(),
         Activation::Tanh => x.f_tanh(),
@@ -117,6 +117,16 @@ impl ValueMlp {
             ))),
             Some(_) => Ok(Self { layers, activation }),
         }
+    }
+
+    /// `(weight [out, in], bias [out])` per layer.
+    pub fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// The activation between layers.
+    pub fn activation(&self) -> Activation {
+        self.activation
     }
 
     /// Input width.

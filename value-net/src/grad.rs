@@ -1,0 +1,215 @@
+//! The value MLP's input gradient in closed form: the forward pass keeps each layer's
+//! pre-activation, and the backward pass multiplies by the activation's derivative and the
+//! layer's weight, as plain tensor ops without an autograd graph or weight gradients. The
+//! controller runs all of a decoding step's updates through [`ValueModel::sgd_steps`] in one
+//! call.
+//!
+//! For `z_1 = x W_1^T + b_1`, `a_i = act(z_i)`, `z_{i+1} = a_i W_{i+1}^T + b_{i+1}` and
+//! `V = std * z_L + mean`: `dV/dx = ((std * W_L) * act'(z_{L-1})) W_{L-1} ... * act'(z_1)) W_1`.
+
+use std::f64::consts::{FRAC_2_SQRT_PI, SQRT_2};
+
+use tch::{Kind, Tensor};
+
+use crate::mlp::{Activation, ValueModel};
+
+/// The derivative of `activation` at `z` (PyTorch's: ReLU's is 0 at 0; GELU is the exact erf
+/// form).
+fn derivative(activation: Activation, z: &Tensor) -> Result<Tensor, tch::TchError> {
+    match activation {
+        Activation::Relu => z.f_gt(0.0)?.f_to_kind(z.kind()),
+        Activation::Tanh => {
+            let t = z.f_tanh()?;
+            t.f_square()?.f_neg()?.f_add_scalar(1.0)
+        }
+        Activation::Gelu => {
+            // Phi(z) + z * phi(z), phi the standard normal density.
+            let cdf = z
+                .f_div_scalar(SQRT_2)?
+                .f_erf()?
+                .f_add_scalar(1.0)?
+                .f_mul_scalar(0.5)?;
+            let pdf = z
+                .f_square()?
+                .f_mul_scalar(-0.5)?
+                .f_exp()?
+                .f_mul_scalar(FRAC_2_SQRT_PI / (2.0 * SQRT_2))?;
+            cdf.f_add(&z.f_mul(&pdf)?)
+        }
+        Activation::Silu => {
+            // s(z) * (1 + z * (1 - s(z))).
+            let s = z.f_sigmoid()?;
+            let one_minus = s.f_neg()?.f_add_scalar(1.0)?;
+            s.f_mul(&z.f_mul(&one_minus)?.f_add_scalar(1.0)?)
+        }
+    }
+}
+
+/// What one decoding step's edit did: the edited states and V before and after.
+#[derive(Debug)]
+pub struct SgdOutcome {
+    pub edited: Tensor,
+    pub before: Tensor,
+    pub after: Tensor,
+}
+
+impl ValueModel {
+    /// V `[rows]` (reward units) and dV/dx `[rows, input]` of `x [rows, input]`, in closed form.
+    pub fn value_and_grad(&self, x: &Tensor) -> Result<(Tensor, Tensor), tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let layers = self.mlp.layers();
+        let activation = self.mlp.activation();
+        let last = layers.len() - 1;
+        let mut pre = Vec::with_capacity(last);
+        let mut a = x.shallow_clone();
+        for (w, b) in &layers[..last] {
+            let z = a.f_linear(w, Some(b))?; // [rows, out]
+            a = crate::mlp::activate(activation, &z)?;
+            pre.push(z);
+        }
+        let (w_last, b_last) = &layers[last];
+        let raw = a.f_linear(w_last, Some(b_last))?.f_squeeze_dim(-1)?; // [rows]
+        let value = raw
+            .f_mul_scalar(self.config.reward_std)?
+            .f_add_scalar(self.config.reward_mean)?;
+        // dV/da_{L-1} = std * W_L, the same for every row: [1, d_{L-1}].
+        let mut g = w_last.f_mul_scalar(self.config.reward_std)?;
+        for ((w, _), z) in layers[..last].iter().zip(&pre).rev() {
+            g = g.f_mul(&derivative(activation, z)?)?.f_matmul(w)?; // [rows, d_in]
+        }
+        let rows = x.size()[0];
+        let grad = g.f_expand([rows, x.size()[1]], false)?.f_contiguous()?;
+        Ok((value, grad))
+    }
+
+    /// `steps` updates `h <- h + alpha * dV/dh` of `h [rows, input]` (each row's total edit
+    /// projected onto `max_edit_norm` after every step, as the editor does), in one call.
+    pub fn sgd_steps(
+        &self,
+        h: &Tensor,
+        alpha: f64,
+        steps: usize,
+        max_edit_norm: Option<f64>,
+    ) -> Result<SgdOutcome, tch::TchError> {
+        let _guard = tch::no_grad_guard();
+        let h0 = h.f_to_kind(Kind::Float)?;
+        let mut x = h0.shallow_clone();
+        let mut before = None;
+        for _ in 0..steps {
+            let (value, grad) = self.value_and_grad(&x)?;
+            before.get_or_insert(value);
+            x = x.f_add(&grad.f_mul_scalar(alpha)?)?;
+            if let Some(bound) = max_edit_norm {
+                let u = x.f_sub(&h0)?;
+                let norm = u
+                    .f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
+                    .f_clamp_min(f64::from(f32::MIN_POSITIVE))?;
+                let shrink = norm.f_reciprocal()?.f_mul_scalar(bound)?.f_clamp_max(1.0)?;
+                x = h0.f_add(&u.f_mul(&shrink)?)?;
+            }
+        }
+        let after = self.value_and_grad(&x)?.0;
+        let before = match before {
+            Some(b) => b,
+            None => after.shallow_clone(),
+        };
+        Ok(SgdOutcome {
+            edited: x,
+            before,
+            after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mlp::{ValueConfig, ValueMlp};
+
+    fn model(activation: Activation, hidden: &[usize], seed: u64) -> ValueModel {
+        ValueModel {
+            mlp: ValueMlp::new(12, hidden, activation, seed, tch::Device::Cpu).expect("mlp"),
+            config: ValueConfig {
+                input_dim: 12,
+                hidden_dims: hidden.to_vec(),
+                activation,
+                reward_mean: 0.3,
+                reward_std: 2.5,
+                lm_hidden_size: 12,
+                lm_identity: "test".into(),
+                target: None,
+                training: serde_json::json!({}),
+                seed,
+                git_revision: "test".into(),
+                recontrol_version: "test".into(),
+            },
+        }
+    }
+
+    /// Autograd's V and dV/dx, the reference.
+    fn autograd(m: &ValueModel, x: &Tensor) -> (Tensor, Tensor) {
+        tch::with_grad(|| {
+            let x = x.detach().set_requires_grad(true);
+            let v = m.value(&x).expect("value");
+            v.sum(Kind::Float).backward();
+            (v.detach(), x.grad())
+        })
+    }
+
+    #[test]
+    fn the_closed_form_gradient_is_autograds_for_every_activation_and_depth() {
+        let x = Tensor::randn([9, 12], (Kind::Float, tch::Device::Cpu)) * 1.5;
+        for (k, activation) in [
+            Activation::Relu,
+            Activation::Tanh,
+            Activation::Gelu,
+            Activation::Silu,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for hidden in [vec![], vec![16], vec![16, 8]] {
+                let m = model(activation, &hidden, k as u64 + 1);
+                let (v, g) = m.value_and_grad(&x).expect("closed form");
+                let (v_ref, g_ref) = autograd(&m, &x);
+                let dv = f64::try_from((&v - &v_ref).abs().max()).expect("max");
+                let dg = f64::try_from((&g - &g_ref).abs().max()).expect("max");
+                assert!(
+                    dv < 1e-5 && dg < 1e-5,
+                    "{activation:?} {hidden:?}: {dv} {dg}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_steps_equal_the_step_by_step_loop_with_and_without_a_bound() {
+        let m = model(Activation::Tanh, &[16], 7);
+        let h = Tensor::randn([5, 12], (Kind::Float, tch::Device::Cpu));
+        for bound in [None, Some(0.05)] {
+            let out = m.sgd_steps(&h, 0.3, 6, bound).expect("steps");
+            let mut x = h.copy();
+            let mut first = None;
+            for _ in 0..6 {
+                let (v, g) = autograd(&m, &x);
+                first.get_or_insert(v);
+                x = &x + g * 0.3;
+                if let Some(b) = bound {
+                    let u = &x - &h;
+                    let n = u
+                        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
+                        .clamp_min(1e-38);
+                    x = &h + &u * (n.reciprocal() * b).clamp_max(1.0);
+                }
+            }
+            let dx = f64::try_from((&out.edited - &x).abs().max()).expect("max");
+            assert!(dx < 1e-5, "{bound:?}: {dx}");
+            let db = f64::try_from((&out.before - first.expect("v")).abs().max()).expect("max");
+            assert!(db < 1e-6, "{bound:?}: {db}");
+            if let Some(b) = bound {
+                let norms = (&out.edited - &h).norm_scalaropt_dim(2, [1i64].as_slice(), false);
+                assert!(f64::try_from(norms.max()).expect("max") <= b + 1e-6);
+            }
+        }
+    }
+}
