@@ -248,11 +248,15 @@ impl PretrainArgs {
                 self.test_fraction
             );
         }
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
+        // A finished run resumed (a requeued job) does nothing and succeeds.
+        if recontrol_io::already_complete(&self.out, self.resume)
+            .map_err(|e| anyhow::anyhow!("--out {e}"))?
+        {
+            eprintln!(
+                "--out {}: already complete; nothing to do",
                 self.out.display()
             );
+            return Ok(());
         }
         let WorkDirs {
             work,

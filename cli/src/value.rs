@@ -138,11 +138,15 @@ impl TrainArgs {
     }
 
     fn run(&self) -> Result<()> {
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
+        // A finished run resumed (a requeued job) does nothing and succeeds.
+        if recontrol_io::already_complete(&self.out, self.run.resume)
+            .map_err(|e| anyhow::anyhow!("--out {e}"))?
+        {
+            eprintln!(
+                "--out {}: already complete; nothing to do",
                 self.out.display()
             );
+            return Ok(());
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
             anyhow::bail!(

@@ -26,13 +26,17 @@ pub(crate) fn existing_folder(path: &Path) -> Result<&Path> {
     Ok(dir)
 }
 
+/// How temporary files begin and end (`.recontrol-XXXXXX.part`).
+pub(crate) const TEMP_PREFIX: &str = ".recontrol-";
+pub(crate) const TEMP_SUFFIX: &str = ".part";
+
 /// An empty temporary file (`.recontrol-XXXXXX.part`) in the folder of `path`; removed when
-/// dropped unless persisted.
+/// dropped unless persisted (a killed process leaves it).
 pub(crate) fn temp_file_beside(path: &Path) -> Result<NamedTempFile> {
     let dir = existing_folder(path)?;
     tempfile::Builder::new()
-        .prefix(".recontrol-")
-        .suffix(".part")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(|source| Error::CreateFile {
             file: path.to_owned(),
