@@ -136,7 +136,7 @@ fn lm_pretrain_survives_kill_9() {
             "lm",
             "pretrain",
             "--corpus",
-            &path(&hh()),
+            &path(&hh_slice()),
             "--out",
             &path(&d.join("m")),
             "--vocab-size",
@@ -152,11 +152,11 @@ fn lm_pretrain_survives_kill_9() {
             "--batch-size",
             "4",
             "--steps",
-            "12",
+            "300",
             "--eval-every",
-            "4",
+            "100",
             "--checkpoint-every",
-            "1",
+            "10",
             "--eval-sequences",
             "4",
             "--seed",
@@ -186,17 +186,23 @@ fn lm_pretrain_survives_kill_9() {
     println!("{report:?}");
 }
 
-/// A reward-model job on the llama-mha fixture: 240 HH pairs, the head trained for `epochs`.
+/// A reward-model job on the llama-mha fixture: 80 training pairs of 240 HH records, the head
+/// and the top layer trained for `epochs` (an epoch runs the backbone, so that most of the
+/// job's time is in its resumable epochs, not in its start-up).
 fn reward_args(d: &Path, epochs: usize) -> Vec<String> {
     strings(&[
         "reward",
         "train",
+        "--unfreeze-top-k",
+        "1",
         "--model",
         &path(&lm_fixture("llama-mha")),
         "--pairs",
         &path(&hh_slice()),
         "--out",
         &path(&d.join("rm")),
+        "--max-train-pairs",
+        "80",
         "--epochs",
         &epochs.to_string(),
         "--batch-size",
@@ -234,7 +240,7 @@ fn reward_train_survives_kill_9() {
         dir.path(),
         &Job {
             name: "reward train",
-            args: &|d| reward_args(d, 6),
+            args: &|d| reward_args(d, 5),
             resume_flag: Some("--resume"),
             setup: &no_setup,
             compare: &compare,
@@ -247,12 +253,12 @@ fn reward_train_survives_kill_9() {
     println!("{report:?}");
 }
 
-/// An unlabelled store of 40 rollouts and a reward model (1 epoch) to label it with, made once.
+/// An unlabelled store of 480 rollouts and a reward model (1 epoch) to label it with, made once.
 fn label_inputs() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static INPUTS: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
     INPUTS.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = cli::rule_store(BIN, dir.path(), 40, false);
+        let store = cli::rule_store(BIN, dir.path(), 480, false);
         let args = reward_args(dir.path(), 1);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = cli::run(BIN, &args);
@@ -278,7 +284,7 @@ fn reward_label_survives_kill_9() {
             "--rollouts",
             &path(&d.join("r.h5")),
             "--chunk",
-            "2",
+            "1",
         ])
     };
     let compare = |_: &Path| Compare::Bytes;
@@ -320,7 +326,7 @@ fn value_train_survives_kill_9() {
             "--out",
             &path(&d.join("value")),
             "--epochs",
-            "8",
+            "40",
             "--patience",
             "100",
             "--hidden",
@@ -415,7 +421,8 @@ fn rollout_survives_kill_9() {
 }
 
 /// The demo's stages on the tiny chat-template fixture model, as in `tests/demo.rs` (`MODEL`
-/// is replaced by its directory).
+/// is replaced by its directory), with the reward models on 96 training pairs for 2 epochs so
+/// that their feature extraction does not take most of the run.
 const TINY_DEMO: &str = r#"
 [model]
 dir = "MODEL"
@@ -427,15 +434,17 @@ max_new_tokens = 8
 batch_size = 8
 temperature = 1.0
 [reward]
-epochs = 1
+epochs = 2
 standardize = true
 l2 = 0.01
 partition = "1/2"
+max_train_pairs = 96
 [judge]
-epochs = 1
+epochs = 2
 standardize = true
 l2 = 0.01
 partition = "2/2"
+max_train_pairs = 96
 [value]
 hidden = 16
 epochs = 2
@@ -542,7 +551,7 @@ fn demo_survives_kill_9() {
             },
         },
         25,
-        4,
+        6,
     );
     println!("{report:?}");
 }

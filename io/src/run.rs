@@ -68,14 +68,13 @@ pub fn already_complete(out: &Path, resume: bool) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether `name` is a temporary file of an atomic write: ours (`.recontrol-*.part`), or
-/// `tempfile`'s default (`.tmpXXXXXX`), which safetensors' file writer uses for checkpoints.
+/// Whether `name` is a temporary file of an atomic write: ours (`.<file>.XXXXXX.recontrol.part`),
+/// or `tempfile`'s default (`.tmpXXXXXX`), which safetensors' file writer uses for checkpoints.
 fn is_temp_file(name: &str) -> bool {
-    use crate::atomic::{TEMP_PREFIX, TEMP_SUFFIX};
     let tempfile_default = name
         .strip_prefix(".tmp")
         .is_some_and(|rest| rest.len() == 6 && rest.chars().all(|c| c.is_ascii_alphanumeric()));
-    (name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)) || tempfile_default
+    (name.starts_with('.') && name.ends_with(crate::atomic::TEMP_SUFFIX)) || tempfile_default
 }
 
 /// Removes the temporary files that writes killed before their rename left in `dir`, a folder
@@ -166,7 +165,9 @@ mod tests {
         // with a checkpoint's temporary file left from an earlier kill.
         std::fs::create_dir(&out).expect("mkdir");
         std::fs::write(&dirs.checkpoint, b"").expect("write");
-        let temp = dirs.work.join(".recontrol-abc123.part");
+        let temp = dirs
+            .work
+            .join(".checkpoint.safetensors.abc123.recontrol.part");
         std::fs::write(&temp, b"half").expect("write");
         let err = already_complete(&out, false).expect_err("exists");
         assert!(matches!(err, Error::Exists { .. }), "{err}");
@@ -181,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("value");
         let dirs = WorkDirs::prepare(&out, false, None)?;
-        let ours = dirs.work.join(".recontrol-x1y2z3.part");
+        let ours = dirs.work.join(".state.json.x1y2z3.recontrol.part");
         let safetensors = dirs.work.join(".tmpAb12Cd");
         let kept = dirs.work.join(".tmp-not-a-temp-file");
         for path in [&ours, &safetensors, &kept] {

@@ -311,11 +311,14 @@ pub mod crash {
     pub struct Report {
         /// Seconds of the uninterrupted run.
         pub clean_seconds: f64,
-        /// The kill times drawn, in milliseconds after the campaign's start.
+        /// The kill times drawn, in milliseconds after each run's start.
         pub drawn_ms: Vec<u64>,
         /// The kills that landed (the run was still going), in milliseconds, with the job's
         /// progress after each.
         pub landed_ms: Vec<(u64, String)>,
+        /// Campaigns run: more than one when fewer than two kills landed (the machine sped up
+        /// since the uninterrupted run), each from scratch with a window half as long.
+        pub rounds: usize,
         /// Seconds of the whole campaign (the uninterrupted run included).
         pub seconds: f64,
     }
@@ -359,13 +362,62 @@ pub mod crash {
         err
     }
 
-    /// Runs `job` once uninterrupted in `root/clean` and times it; then in `root/work` draws
-    /// `kills` points in time (seeded by `seed`) uniformly within that duration, sorted, and
-    /// runs the job, killing it when the clock since the campaign's start reaches the next
-    /// point and restarting it at once with the resume flag, until a run finishes by itself (at
-    /// the latest the one after the last point). Restarts only add work, so the points spread
-    /// over the whole job, from its start-up to its final merge or rename. Asserts that at
-    /// least two kills landed, that the two folders hold the same files (nothing left behind or
+    /// Runs `job` in `work`, killing run `i` at `drawn_ms[i]` after its start and restarting it
+    /// with the resume flag, until a run finishes by itself (at the latest the one after the
+    /// last kill). Returns the kills that landed, with the job's progress after each.
+    fn kill_until_done(
+        binary: &str,
+        job: &Job<'_>,
+        work: &Path,
+        log: &Path,
+        drawn_ms: &[u64],
+    ) -> Vec<(u64, String)> {
+        let mut landed_ms = Vec::new();
+        for (i, &at) in drawn_ms.iter().enumerate() {
+            let args = resumed_args(job, work, i > 0);
+            let mut child = command(binary, &args, log).spawn().expect("spawn");
+            let deadline = Instant::now() + Duration::from_millis(at);
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            let Some(status) = status else {
+                child.kill().expect("kill -9");
+                child.wait().expect("reap");
+                landed_ms.push((at, (job.progress)(work)));
+                continue;
+            };
+            let err = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(status.success(), "{}: {err}", args.join(" "));
+            return landed_ms;
+        }
+        run_to_end(binary, &resumed_args(job, work, true), log);
+        landed_ms
+    }
+
+    /// The job's arguments, with its resume flag if `resume`.
+    fn resumed_args(job: &Job<'_>, work: &Path, resume: bool) -> Vec<String> {
+        let mut args = (job.args)(work);
+        if let (true, Some(flag)) = (resume, job.resume_flag) {
+            args.push(flag.to_owned());
+        }
+        args
+    }
+
+    /// Runs `job` once uninterrupted in `root/clean` and times it (`d`); then in `root/work`
+    /// runs it again and kills it `kills` times, each at a time drawn (seeded by `seed`)
+    /// uniformly within `(0, d/2)` after that run's start, restarting it at once with the resume
+    /// flag, until a run finishes by itself (at the latest the one after the last kill). Within
+    /// the first half, so that the first two kills land (a resumed run still has at least half
+    /// the work ahead of it); each run starts further along, so later kills reach the end of
+    /// the job (the final merge or rename). If the machine sped up since the uninterrupted run
+    /// and fewer than two kills landed, the campaign starts over with a window half as long
+    /// (at most four rounds). Asserts that at least two kills landed, that the two folders hold the same files (nothing left behind or
     /// missing), equal as `job.compare` says, and that one more run with the resume flag on the
     /// finished output succeeds, says `job.already_complete` and leaves every file
     /// byte-identical.
@@ -384,57 +436,30 @@ pub mod crash {
         (job.setup)(&work);
 
         let mut rng = StdRng::seed_from_u64(seed);
-        let limit = (clean_seconds * 1000.0) as u64;
-        let mut drawn_ms: Vec<u64> = (0..kills)
-            .map(|_| rng.random_range(1..limit.max(2)))
-            .collect();
-        drawn_ms.sort_unstable();
-        let campaign_start = Instant::now();
-        let mut landed_ms = Vec::new();
-        let resumed = |first: bool| {
-            let mut args = (job.args)(&work);
-            if let (false, Some(flag)) = (first, job.resume_flag) {
-                args.push(flag.to_owned());
+        let mut window_ms = (clean_seconds * 500.0) as u64;
+        let mut rounds = 0;
+        let (drawn_ms, landed_ms) = loop {
+            rounds += 1;
+            let drawn_ms: Vec<u64> = (0..kills)
+                .map(|_| rng.random_range(1..window_ms.max(2)))
+                .collect();
+            let landed_ms = kill_until_done(binary, job, &work, &log, &drawn_ms);
+            println!(
+                "{}: seed {seed}, uninterrupted run {clean_seconds:.1} s, kill times drawn (ms \
+                 after each run's start) {drawn_ms:?}, landed (with the progress they left) \
+                 {landed_ms:?}",
+                job.name
+            );
+            if landed_ms.len() >= 2 || rounds == 4 {
+                break (drawn_ms, landed_ms);
             }
-            args
+            // The machine got faster than it was during the uninterrupted run: again from
+            // scratch, with a window half as long (the seeded draws go on).
+            std::fs::remove_dir_all(&work).expect("remove");
+            std::fs::create_dir_all(&work).expect("mkdir");
+            (job.setup)(&work);
+            window_ms /= 2;
         };
-        let mut finished = false;
-        for (i, &at) in drawn_ms.iter().enumerate() {
-            let args = resumed(i == 0);
-            let mut child = command(binary, &args, &log).spawn().expect("spawn");
-            let deadline = campaign_start + Duration::from_millis(at);
-            let status = loop {
-                if let Some(status) = child.try_wait().expect("wait") {
-                    break Some(status);
-                }
-                if Instant::now() >= deadline {
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            };
-            match status {
-                None => {
-                    child.kill().expect("kill -9");
-                    child.wait().expect("reap");
-                    landed_ms.push((at, (job.progress)(&work)));
-                }
-                Some(status) => {
-                    let err = std::fs::read_to_string(&log).unwrap_or_default();
-                    assert!(status.success(), "{}: {err}", args.join(" "));
-                    finished = true;
-                    break;
-                }
-            }
-        }
-        if !finished {
-            run_to_end(binary, &resumed(false), &log);
-        }
-        println!(
-            "{}: seed {seed}, uninterrupted run {clean_seconds:.1} s, kill times drawn (ms after \
-             the campaign's start) {drawn_ms:?}, landed (with the progress they left) \
-             {landed_ms:?}",
-            job.name
-        );
         assert!(
             landed_ms.len() >= 2,
             "{}: only {} kills landed ({landed_ms:?} of {drawn_ms:?}): the campaign proves nothing",
@@ -469,7 +494,7 @@ pub mod crash {
 
         // A requeued job that had finished: a no-op success.
         let everything = entries(&work, &|_| Compare::Bytes);
-        let err = run_to_end(binary, &resumed(false), &log);
+        let err = run_to_end(binary, &resumed_args(job, &work, true), &log);
         assert!(
             err.contains(job.already_complete),
             "{}: rerun on the finished output: {err}",
@@ -484,6 +509,7 @@ pub mod crash {
             clean_seconds,
             drawn_ms,
             landed_ms,
+            rounds,
             seconds: started.elapsed().as_secs_f64(),
         }
     }
