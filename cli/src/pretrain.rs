@@ -249,13 +249,8 @@ impl PretrainArgs {
             );
         }
         // A finished run resumed (a requeued job) does nothing and succeeds.
-        if recontrol_io::already_complete(&self.out, self.resume)
-            .map_err(|e| anyhow::anyhow!("--out {e}"))?
+        if crate::output::already_complete(&self.out, self.resume, "training.json", "/args", self)?
         {
-            eprintln!(
-                "--out {}: already complete; nothing to do",
-                self.out.display()
-            );
             return Ok(());
         }
         let WorkDirs {

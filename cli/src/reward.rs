@@ -151,13 +151,13 @@ impl TrainArgs {
 
     fn run(&self) -> Result<()> {
         // A finished run resumed (a requeued job) does nothing and succeeds.
-        if recontrol_io::already_complete(&self.out, self.run.resume)
-            .map_err(|e| anyhow::anyhow!("--out {e}"))?
-        {
-            eprintln!(
-                "--out {}: already complete; nothing to do",
-                self.out.display()
-            );
+        if crate::output::already_complete(
+            &self.out,
+            self.run.resume,
+            "reward_training.json",
+            "/args",
+            self,
+        )? {
             return Ok(());
         }
         let settings = self.settings();

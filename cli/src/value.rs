@@ -139,13 +139,13 @@ impl TrainArgs {
 
     fn run(&self) -> Result<()> {
         // A finished run resumed (a requeued job) does nothing and succeeds.
-        if recontrol_io::already_complete(&self.out, self.run.resume)
-            .map_err(|e| anyhow::anyhow!("--out {e}"))?
-        {
-            eprintln!(
-                "--out {}: already complete; nothing to do",
-                self.out.display()
-            );
+        if crate::output::already_complete(
+            &self.out,
+            self.run.resume,
+            "config.json",
+            "/training/args",
+            self,
+        )? {
             return Ok(());
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
