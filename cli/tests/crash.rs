@@ -373,13 +373,13 @@ fn rollout_survives_kill_9() {
             "--dataset",
             &path(&hh()),
             "--limit",
-            "48",
+            "384",
             "--max-new-tokens",
-            "24",
+            "32",
             "--batch-size",
-            "4",
-            "--rollouts-per-part",
             "8",
+            "--rollouts-per-part",
+            "32",
             "--ignore-eos",
             "--out",
             &path(&d.join("r.h5")),
@@ -411,11 +411,11 @@ fn rollout_survives_kill_9() {
                             .count()
                     })
                     .unwrap_or(0);
-                format!("{parts} of 6 parts")
+                format!("{parts} of 12 parts")
             },
         },
         24,
-        6,
+        8,
     );
     println!("{report:?}");
 }
