@@ -27,3 +27,52 @@ pub fn jsonl_out(out: Option<&Path>) -> anyhow::Result<JsonlSink> {
         anyhow::anyhow!(message)
     })
 }
+
+/// The flags that change how a resumable run runs, not what it makes.
+const RUN_FLAGS: [&str; 5] = [
+    "resume",
+    "max_steps_per_run",
+    "max_epochs_per_run",
+    "logdir",
+    "device",
+];
+
+/// Whether the complete output `out` of a training command resumed with `--resume` (a
+/// requeued job that had finished) is a no-op: `Ok(true)` when `out` exists and its record
+/// `record` (a file in `out`) holds, at the JSON `pointer`, the same flags as `args` but for
+/// [`RUN_FLAGS`]; an output made with other flags is refused. `Ok(false)` when there is no
+/// output yet; without `resume` an existing output is refused.
+pub fn already_complete(
+    out: &Path,
+    resume: bool,
+    record: &str,
+    pointer: &str,
+    args: &impl serde::Serialize,
+) -> anyhow::Result<bool> {
+    if !recontrol_io::already_complete(out, resume).map_err(|e| anyhow::anyhow!("--out {e}"))? {
+        return Ok(false);
+    }
+    let path = out.join(record);
+    let without_run_flags = |mut value: serde_json::Value| {
+        if let Some(map) = value.as_object_mut() {
+            for flag in RUN_FLAGS {
+                map.remove(flag);
+            }
+        }
+        value
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", path.display()))?;
+    let saved: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", path.display()))?;
+    let saved = saved.pointer(pointer).cloned().unwrap_or_default();
+    if without_run_flags(saved) != without_run_flags(serde_json::to_value(args)?) {
+        anyhow::bail!(
+            "--out {}: complete, but made with other flags ({}); remove it or choose another name",
+            out.display(),
+            path.display()
+        );
+    }
+    eprintln!("--out {}: already complete; nothing to do", out.display());
+    Ok(true)
+}

@@ -248,11 +248,10 @@ impl PretrainArgs {
                 self.test_fraction
             );
         }
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
-                self.out.display()
-            );
+        // A finished run resumed (a requeued job) does nothing and succeeds.
+        if crate::output::already_complete(&self.out, self.resume, "training.json", "/args", self)?
+        {
+            return Ok(());
         }
         let dirs = WorkDirs::prepare(&self.out, self.resume, self.logdir.as_deref())?;
         let WorkDirs {

@@ -150,11 +150,15 @@ impl TrainArgs {
     }
 
     fn run(&self) -> Result<()> {
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
-                self.out.display()
-            );
+        // A finished run resumed (a requeued job) does nothing and succeeds.
+        if crate::output::already_complete(
+            &self.out,
+            self.run.resume,
+            "reward_training.json",
+            "/args",
+            self,
+        )? {
+            return Ok(());
         }
         let settings = self.settings();
         let dirs = WorkDirs::prepare(&self.out, self.run.resume, self.run.logdir.as_deref())?;

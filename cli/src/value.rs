@@ -138,11 +138,15 @@ impl TrainArgs {
     }
 
     fn run(&self) -> Result<()> {
-        if self.out.exists() {
-            anyhow::bail!(
-                "--out {}: exists; remove it or choose another name",
-                self.out.display()
-            );
+        // A finished run resumed (a requeued job) does nothing and succeeds.
+        if crate::output::already_complete(
+            &self.out,
+            self.run.resume,
+            "config.json",
+            "/training/args",
+            self,
+        )? {
+            return Ok(());
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
             anyhow::bail!(

@@ -195,6 +195,17 @@ fn an_interrupted_run_resumes_to_the_same_model() {
         bytes(&parted.join("model.safetensors")),
         bytes(&whole.join("model.safetensors"))
     );
+    // Requeued after it had finished: a no-op (and another cap changes nothing); the same
+    // output with other flags is refused.
+    let run = pretrain(&parted, &["--resume", "--max-steps-per-run", "2"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("already complete"),
+        "{}",
+        stderr(&run)
+    );
+    let run = pretrain(&parted, &["--resume", "--seed", "6"]);
+    assert_fails_with(&run, "complete, but made with other flags");
 }
 
 #[test]

@@ -189,11 +189,18 @@ pub fn run(
                 out: out.to_owned(),
             });
         }
-        return already_complete(plan, out);
+        let summary = already_complete(plan, out)?;
+        // Killed after the merged store was renamed into place, before its parts were removed.
+        let dir = parts_dir(out);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        return Ok(summary);
     }
     let dir = parts_dir(out);
     let plan_path = dir.join("plan.json");
-    if dir.exists() {
+    // A parts folder without its plan was killed before it had written any part.
+    if dir.exists() && plan_path.is_file() {
         if !resume {
             return Err(RolloutError::Interrupted {
                 out: out.to_owned(),
@@ -423,6 +430,33 @@ mod tests {
         );
         let err = run(&other, &out, true, &mut fake, &mut |_, _| {}).expect_err("other model");
         assert!(err.to_string().contains("cannot resume: model"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn kills_at_the_edges_of_a_run_are_resumed() -> Result<(), RolloutError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut fake = Fake {
+            batches: 0,
+            fail_after: None,
+        };
+        let clean = dir.path().join("clean.h5");
+        run(&plan(11), &clean, false, &mut fake, &mut |_, _| {})?;
+        // Killed after the parts folder was made, before its plan was written.
+        let out = dir.path().join("early.h5");
+        std::fs::create_dir(parts_dir(&out)).expect("mkdir");
+        run(&plan(11), &out, true, &mut fake, &mut |_, _| {})?;
+        assert_eq!(contents(&out), contents(&clean));
+        assert!(!parts_dir(&out).exists());
+        // Killed after the merged store was renamed into place, before the parts were removed:
+        // the resume is a no-op that removes them.
+        std::fs::create_dir(parts_dir(&out)).expect("mkdir");
+        std::fs::write(parts_dir(&out).join("part-000000.h5"), b"").expect("write");
+        let before = std::fs::read(&out).expect("store bytes");
+        let again = run(&plan(11), &out, true, &mut fake, &mut |_, _| {})?;
+        assert!(again.already_complete);
+        assert!(!parts_dir(&out).exists());
+        assert_eq!(std::fs::read(&out).expect("store bytes"), before);
         Ok(())
     }
 }

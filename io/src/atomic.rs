@@ -27,8 +27,25 @@ pub fn existing_folder(path: &Path) -> Result<&Path> {
     Ok(dir)
 }
 
-/// An empty temporary file (`.recontrol-XXXXXX.part`) in the folder of `path`; removed when
-/// dropped unless persisted.
+/// How temporary files end: `.<name>.XXXXXX.recontrol.part` beside the file `<name>` they
+/// become.
+pub(crate) const TEMP_SUFFIX: &str = ".recontrol.part";
+
+/// Whether `file` is a temporary file of a write of the file `name` (`.<name>.XXXXXX` with six
+/// random letters or digits, then [`TEMP_SUFFIX`]).
+fn is_temp_of(file: &str, name: &str) -> bool {
+    file.strip_prefix('.')
+        .and_then(|f| f.strip_prefix(name))
+        .and_then(|f| f.strip_prefix('.'))
+        .and_then(|f| f.strip_suffix(TEMP_SUFFIX))
+        .is_some_and(|random| {
+            random.len() == 6 && random.chars().all(|c| c.is_ascii_alphanumeric())
+        })
+}
+
+/// An empty temporary file (`.<name>.XXXXXX.recontrol.part`) in the folder of `path`; removed
+/// when dropped unless persisted. A killed process cannot remove it, so the temporary files
+/// that earlier writes of `path` left are removed first (one writer per output).
 pub(crate) fn temp_file_beside(path: &Path) -> Result<NamedTempFile> {
     if path.is_dir() {
         return Err(Error::IsAFolder {
@@ -36,9 +53,27 @@ pub(crate) fn temp_file_beside(path: &Path) -> Result<NamedTempFile> {
         });
     }
     let dir = existing_folder(path)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::NoFileName {
+            path: path.to_owned(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if is_temp_of(&entry.file_name().to_string_lossy(), &name) {
+                let stale = entry.path();
+                std::fs::remove_file(&stale).map_err(|source| Error::Remove {
+                    path: stale.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
     tempfile::Builder::new()
-        .prefix(".recontrol-")
-        .suffix(".part")
+        .prefix(&format!(".{name}."))
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(|source| Error::CreateFile {
             file: path.to_owned(),
@@ -191,6 +226,26 @@ mod tests {
         write_atomic(&path, b"second")?;
         assert_eq!(std::fs::read(&path).expect("read"), b"second");
         assert_eq!(entries(dir.path()), ["a.json"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_killed_writes_temporary_file_goes_with_the_next_write_of_its_file() -> Result<()> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What a write of a.json killed before its rename leaves, and a write of b.json's.
+        let killed = dir.path().join(".a.json.Xy12Zw.recontrol.part");
+        let other = dir.path().join(".b.json.Ab34Cd.recontrol.part");
+        for path in [&killed, &other] {
+            std::fs::write(path, b"half").expect("write");
+        }
+        write_atomic(&dir.path().join("a.json"), b"whole")?;
+        assert_eq!(
+            entries(dir.path()),
+            [".b.json.Ab34Cd.recontrol.part", "a.json"]
+        );
+        assert!(is_temp_of(".a.json.Xy12Zw.recontrol.part", "a.json"));
+        assert!(!is_temp_of(".a.json.Xy12Zw.recontrol.part", "a"));
+        assert!(!is_temp_of(".a.json.tmp.recontrol.part", "a.json"));
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 pub use atomic::{existing_folder, write_atomic, write_json_atomic, AtomicDir};
 pub use jsonl::JsonlSink;
-pub use run::{config_path, sibling, work_dir, Provenance, WorkDirs};
+pub use run::{already_complete, config_path, sibling, work_dir, Provenance, WorkDirs};
 
 /// Errors of writing outputs; each names the file or folder at fault. The underlying I/O or
 /// JSON error is the [`source`](std::error::Error::source), not repeated in the message.

@@ -249,3 +249,275 @@ pub mod cli {
         assert!(errors[0].contains(needle), "error lacks {needle:?}: {err}");
     }
 }
+
+/// Crash campaigns: a command is killed with SIGKILL at seeded random points and resumed until
+/// a run finishes by itself; its outputs must then equal an uninterrupted run's.
+pub mod crash {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// A resumable job: the command line that writes its outputs into a folder, and how it is
+    /// continued after a crash.
+    pub struct Job<'a> {
+        pub name: &'a str,
+        /// The arguments of a fresh run whose outputs go into the folder given.
+        pub args: &'a dyn Fn(&Path) -> Vec<String>,
+        /// Appended on restarts (`--resume`); `None` for a command that resumes by being rerun
+        /// as it is (the demo's stage cache).
+        pub resume_flag: Option<&'a str>,
+        /// What the folder holds before the job runs (e.g. the store to label), made afresh for
+        /// the uninterrupted run and for the campaign.
+        pub setup: &'a dyn Fn(&Path),
+        /// How a file of the outputs is compared with the uninterrupted run's.
+        pub compare: &'a dyn Fn(&Path) -> Compare,
+        /// What stderr says when the job is rerun (with its resume flag) on its finished output.
+        pub already_complete: &'a str,
+        /// How far the job had got, read from the folder after each kill (printed with the
+        /// kill times: which stages the kills hit).
+        pub progress: &'a dyn Fn(&Path) -> String,
+    }
+
+    impl std::fmt::Debug for Job<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Job")
+                .field("name", &self.name)
+                .field("resume_flag", &self.resume_flag)
+                .finish_non_exhaustive()
+        }
+    }
+
+    /// How one output file of a campaign is compared with the uninterrupted run's.
+    pub enum Compare {
+        /// Byte for byte.
+        Bytes,
+        /// As values: the caller's reading of both files must be equal (for formats that embed
+        /// a time or the flags of the run, such as `--resume`).
+        Values(Box<dyn Fn(&Path) -> String>),
+        /// Neither compared nor required (TensorBoard event files: one per run, named by its
+        /// start time).
+        Ignore,
+    }
+
+    impl std::fmt::Debug for Compare {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(match self {
+                Self::Bytes => "Bytes",
+                Self::Values(_) => "Values",
+                Self::Ignore => "Ignore",
+            })
+        }
+    }
+
+    /// What a campaign did.
+    #[derive(Debug)]
+    pub struct Report {
+        /// Seconds of the uninterrupted run.
+        pub clean_seconds: f64,
+        /// The kill times drawn, in milliseconds after each run's start.
+        pub drawn_ms: Vec<u64>,
+        /// The kills that landed (the run was still going), in milliseconds, with the job's
+        /// progress after each.
+        pub landed_ms: Vec<(u64, String)>,
+        /// Campaigns run: more than one when fewer than two kills landed (the machine sped up
+        /// since the uninterrupted run), each from scratch with a window half as long.
+        pub rounds: usize,
+        /// Seconds of the whole campaign (the uninterrupted run included).
+        pub seconds: f64,
+    }
+
+    fn entries(dir: &Path, compare: &dyn Fn(&Path) -> Compare) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+                let path = entry.expect("entry").path();
+                let rel = path.strip_prefix(dir).expect("inside").to_owned();
+                if matches!(compare(&rel), Compare::Ignore) {
+                    continue;
+                }
+                if path.is_dir() {
+                    out.insert(rel, Vec::new());
+                    stack.push(path);
+                } else {
+                    let bytes =
+                        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    out.insert(rel, bytes);
+                }
+            }
+        }
+        out
+    }
+
+    fn command(binary: &str, args: &[String], log: &Path) -> Command {
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .env("HDF5_USE_FILE_LOCKING", "FALSE")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("stderr log"));
+        cmd
+    }
+
+    fn run_to_end(binary: &str, args: &[String], log: &Path) -> String {
+        let status = command(binary, args, log).status().expect("spawn");
+        let err = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(status.success(), "{}: {err}", args.join(" "));
+        err
+    }
+
+    /// Runs `job` in `work`, killing run `i` at `drawn_ms[i]` after its start and restarting it
+    /// with the resume flag, until a run finishes by itself (at the latest the one after the
+    /// last kill). Returns the kills that landed, with the job's progress after each.
+    fn kill_until_done(
+        binary: &str,
+        job: &Job<'_>,
+        work: &Path,
+        log: &Path,
+        drawn_ms: &[u64],
+    ) -> Vec<(u64, String)> {
+        let mut landed_ms = Vec::new();
+        for (i, &at) in drawn_ms.iter().enumerate() {
+            let args = resumed_args(job, work, i > 0);
+            let mut child = command(binary, &args, log).spawn().expect("spawn");
+            let deadline = Instant::now() + Duration::from_millis(at);
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            let Some(status) = status else {
+                child.kill().expect("kill -9");
+                child.wait().expect("reap");
+                landed_ms.push((at, (job.progress)(work)));
+                continue;
+            };
+            let err = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(status.success(), "{}: {err}", args.join(" "));
+            return landed_ms;
+        }
+        run_to_end(binary, &resumed_args(job, work, true), log);
+        landed_ms
+    }
+
+    /// The job's arguments, with its resume flag if `resume`.
+    fn resumed_args(job: &Job<'_>, work: &Path, resume: bool) -> Vec<String> {
+        let mut args = (job.args)(work);
+        if let (true, Some(flag)) = (resume, job.resume_flag) {
+            args.push(flag.to_owned());
+        }
+        args
+    }
+
+    /// Runs `job` once uninterrupted in `root/clean` and times it (`d`); then in `root/work`
+    /// runs it again and kills it `kills` times, each at a time drawn (seeded by `seed`)
+    /// uniformly within `(0, d/2)` after that run's start, restarting it at once with the resume
+    /// flag, until a run finishes by itself (at the latest the one after the last kill). Within
+    /// the first half, so that the first two kills land (a resumed run still has at least half
+    /// the work ahead of it); each run starts further along, so later kills reach the end of
+    /// the job (the final merge or rename). If the machine sped up since the uninterrupted run
+    /// and fewer than two kills landed, the campaign starts over with a window half as long
+    /// (at most four rounds). Asserts that at least two kills landed, that the two folders hold the same files (nothing left behind or
+    /// missing), equal as `job.compare` says, and that one more run with the resume flag on the
+    /// finished output succeeds, says `job.already_complete` and leaves every file
+    /// byte-identical.
+    pub fn campaign(binary: &str, root: &Path, job: &Job<'_>, seed: u64, kills: usize) -> Report {
+        let started = Instant::now();
+        let clean = root.join("clean");
+        let work = root.join("work");
+        let log = root.join(format!("{}.stderr", job.name));
+        std::fs::create_dir_all(&work).expect("mkdir");
+        (job.setup)(&work);
+        let t = Instant::now();
+        run_to_end(binary, &(job.args)(&work), &log);
+        let clean_seconds = t.elapsed().as_secs_f64();
+        std::fs::rename(&work, &clean).expect("rename");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        (job.setup)(&work);
+
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut window_ms = (clean_seconds * 500.0) as u64;
+        let mut rounds = 0;
+        let (drawn_ms, landed_ms) = loop {
+            rounds += 1;
+            let drawn_ms: Vec<u64> = (0..kills)
+                .map(|_| rng.random_range(1..window_ms.max(2)))
+                .collect();
+            let landed_ms = kill_until_done(binary, job, &work, &log, &drawn_ms);
+            println!(
+                "{}: seed {seed}, uninterrupted run {clean_seconds:.1} s, kill times drawn (ms \
+                 after each run's start) {drawn_ms:?}, landed (with the progress they left) \
+                 {landed_ms:?}",
+                job.name
+            );
+            if landed_ms.len() >= 2 || rounds == 4 {
+                break (drawn_ms, landed_ms);
+            }
+            // The machine got faster than it was during the uninterrupted run: again from
+            // scratch, with a window half as long (the seeded draws go on).
+            std::fs::remove_dir_all(&work).expect("remove");
+            std::fs::create_dir_all(&work).expect("mkdir");
+            (job.setup)(&work);
+            window_ms /= 2;
+        };
+        assert!(
+            landed_ms.len() >= 2,
+            "{}: only {} kills landed ({landed_ms:?} of {drawn_ms:?}): the campaign proves nothing",
+            job.name,
+            landed_ms.len()
+        );
+
+        let want = entries(&clean, job.compare);
+        let got = entries(&work, job.compare);
+        let names = |m: &BTreeMap<PathBuf, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            names(&got),
+            names(&want),
+            "{}: the files after {} kills differ from an uninterrupted run's",
+            job.name,
+            landed_ms.len()
+        );
+        let differ: Vec<String> = got
+            .iter()
+            .filter(|(rel, bytes)| match (job.compare)(rel) {
+                Compare::Bytes => **bytes != want[*rel],
+                Compare::Values(read) => read(&work.join(rel)) != read(&clean.join(rel)),
+                Compare::Ignore => false,
+            })
+            .map(|(rel, _)| rel.display().to_string())
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "{}: after kills at {landed_ms:?} ms these differ from the uninterrupted run's: {differ:?}",
+            job.name
+        );
+
+        // A requeued job that had finished: a no-op success.
+        let everything = entries(&work, &|_| Compare::Bytes);
+        let err = run_to_end(binary, &resumed_args(job, &work, true), &log);
+        assert!(
+            err.contains(job.already_complete),
+            "{}: rerun on the finished output: {err}",
+            job.name
+        );
+        assert!(
+            entries(&work, &|_| Compare::Bytes) == everything,
+            "{}: a rerun on the finished output changed it",
+            job.name
+        );
+        Report {
+            clean_seconds,
+            drawn_ms,
+            landed_ms,
+            rounds,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
