@@ -263,12 +263,12 @@ mod tests {
             "{err}"
         );
         assert!(entries(dir.path()).is_empty());
-        // The rename fails (a folder is in the way): the temporary file is gone.
+        // A folder is in the way: refused before anything is written.
         let blocked = dir.path().join("blocked");
         std::fs::create_dir(&blocked).expect("mkdir");
         std::fs::write(blocked.join("inside"), b"keep").expect("write");
         let err = write_atomic(&blocked, b"x").expect_err("a folder in the way");
-        assert!(matches!(err, Error::Rename { .. }), "{err}");
+        assert!(matches!(err, Error::IsAFolder { .. }), "{err}");
         assert_eq!(entries(dir.path()), ["blocked"]);
         assert_eq!(entries(&blocked), ["inside"]);
     }

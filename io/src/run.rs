@@ -172,6 +172,7 @@ mod tests {
         let out = dir.path().join("rm");
         assert!(!already_complete(&out, true)?);
         let dirs = WorkDirs::prepare(&out, false, None)?;
+        dirs.create()?;
         // Killed after the output was renamed into place, before the checkpoint was removed,
         // with a checkpoint's temporary file left from an earlier kill.
         std::fs::create_dir(&out).expect("mkdir");
@@ -193,6 +194,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("value");
         let dirs = WorkDirs::prepare(&out, false, None)?;
+        dirs.create()?;
         let ours = dirs.work.join(".state.json.x1y2z3.recontrol.part");
         let safetensors = dirs.work.join(".tmpAb12Cd");
         let kept = dirs.work.join(".tmp-not-a-temp-file");
