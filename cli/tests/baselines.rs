@@ -472,7 +472,7 @@ fn flags_that_do_not_fit_together_are_one_clear_error() {
     );
     assert_fails_with(
         &run(&["--best-of", "0", "--reward", s(&rm), "--temperature", "1"]),
-        "--best-of must be at least 1",
+        "'--best-of <BEST_OF>': expected an integer >= 1, got 0",
     );
     let bogus = dir.path().join("bogus.safetensors");
     std::fs::write(&bogus, b"nope").expect("write");
@@ -501,7 +501,10 @@ fn steer_fit_refuses_stores_it_cannot_use_and_writes_nothing() {
         "--quantile",
         "0.7",
     ]);
-    assert_fails_with(&run, "--quantile must be in (0, 0.5], got 0.7");
+    assert_fails_with(
+        &run,
+        "'--quantile <QUANTILE>': expected a number in (0, 0.5], got 0.7",
+    );
     assert!(!out.exists());
     // A vector from another model's states is refused unless asked for.
     let run = recontrol(&["steer", "fit", "--rollouts", s(&store), "--out", s(&out)]);

@@ -229,7 +229,7 @@ fn refuses_value_heads_that_do_not_fit_the_model() {
     );
     assert_fails_with(
         &plain(&["--value", s(&small), "--max-edit-norm=-2"]),
-        "must be positive",
+        "'--max-edit-norm <MAX_EDIT_NORM>': expected a finite number > 0, got -2",
     );
     let run = plain(&["--alpha", "0.5"]);
     assert!(!run.status.success(), "--alpha without --value");

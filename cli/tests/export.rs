@@ -168,7 +168,10 @@ fn refuses_bad_value_dirs_and_flags_without_writing() {
         s(&out),
         "--max-edit-norm=-1",
     ]);
-    assert_fails_with(&run, "--max-edit-norm must be positive and finite, got -1");
+    assert_fails_with(
+        &run,
+        "'--max-edit-norm <MAX_EDIT_NORM>': expected a finite number > 0, got -1",
+    );
     assert!(!out.exists());
     let run = recontrol(&["export", "inspect", s(&value.join("config.json"))]);
     assert_fails_with(&run, "not an ONNX model");

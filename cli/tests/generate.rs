@@ -273,7 +273,7 @@ fn bad_flags_and_inputs_give_one_clear_line() {
     generate_fails(
         &model,
         &["--temperature=-1"],
-        "temperature must be a finite number >= 0",
+        "'--temperature <TEMPERATURE>': expected a finite number >= 0, got -1",
     );
     generate_fails(
         &model,

@@ -454,7 +454,7 @@ fn bad_inputs_give_one_clear_line() {
         "--out",
         s(&out),
     ]);
-    assert_fails_with(&run, "the reward of text 0 is NaN");
+    assert_fails_with(&run, "score.weight has NaN or Inf values");
     assert!(!out.exists());
 
     let run = recontrol(&[

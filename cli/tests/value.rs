@@ -147,7 +147,10 @@ fn refuses_unlabelled_stores_and_mismatched_nets() {
         "--lambda",
         "1.5",
     ]);
-    assert_fails_with(&run, "--lambda: lambda must be in [0, 1], got 1.5");
+    assert_fails_with(
+        &run,
+        "'--lambda <LAMBDA>': expected a number in [0, 1], got 1.5",
+    );
     assert!(!dir.path().join("v").exists());
 
     // A value net for another hidden size.

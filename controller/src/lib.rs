@@ -125,8 +125,8 @@ pub enum Error {
     BestOfGreedy,
     #[error("{method} is greedy: --temperature must be 0")]
     GreedyOnly { method: &'static str },
-    /// The caller's sink refused a batch of records.
-    #[error("{0}")]
+    /// The caller's sink refused a batch of records (its causes kept, e.g. a full disk).
+    #[error(transparent)]
     Sink(generation::SinkError),
 }
 

@@ -27,7 +27,7 @@ use recontrol_export::{write_export, ControllerSpec, GraphMetadata, Producer, Va
 use recontrol_tests::{gguf_fixtures_root, lm_fixture, repo_root, value_dir};
 
 /// Mutants per parser.
-const ITERATIONS: usize = 300;
+const ITERATIONS: usize = 2000;
 /// The largest single allocation a parse may make: this many times the file's length ...
 const ALLOC_FACTOR: usize = 64;
 /// ... plus this many bytes.
@@ -137,6 +137,7 @@ fn fuzz(
     parse: &dyn Fn(&Path) -> bool,
 ) -> usize {
     let mut rng = StdRng::seed_from_u64(0x5eed ^ name.len() as u64);
+    std::fs::write(target, seed).expect("write seed");
     assert!(
         parse_guarded(name, target, seed, parse),
         "{name}: the seed does not parse"
@@ -191,8 +192,14 @@ fn parse_guarded(name: &str, path: &Path, bytes: &[u8], parse: &dyn Fn(&Path) ->
 }
 
 fn quiet_panics() {
-    // Panics are caught and reported by `parse_guarded`; keep the default hook's noise out.
-    std::panic::set_hook(Box::new(|_| {}));
+    // A parser's panic is caught and reported by `parse_guarded`: keep the default hook's
+    // message for every other panic only.
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !ARMED.try_with(Cell::get).unwrap_or(false) {
+            default(info);
+        }
+    }));
 }
 
 #[test]

@@ -84,6 +84,52 @@ impl Store {
             .map_err(|_| layout("no meta attribute".to_owned()))?;
         let meta: StoreMeta = serde_json::from_str(meta_json.as_str())
             .map_err(|e| layout(format!("meta attribute: {e}")))?;
+        // Every dataset must hold the element type this reader asks for, checked before any
+        // read: libhdf5 converts between float types of any declared size, and a corrupt size
+        // makes it copy past its buffers.
+        // Sizes come from the file: none may claim more data than the file could hold (the
+        // bound every reader allocates within: 64 times the file's length, plus 16 MiB).
+        let file_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let limit = file_len.saturating_mul(64).saturating_add(16 << 20);
+        let typed = |name: &str, expected: hdf5::types::TypeDescriptor| -> Result<hdf5::Dataset> {
+            let dataset = file
+                .dataset(name)
+                .map_err(|e| layout(format!("dataset {name}: {e}")))?;
+            let found = dataset
+                .dtype()
+                .and_then(|t| t.to_descriptor())
+                .map_err(|e| layout(format!("dataset {name}: element type: {e}")))?;
+            if found != expected {
+                return Err(layout(format!(
+                    "dataset {name} holds {found} elements, expected {expected}"
+                )));
+            }
+            let bytes = (dataset.size() as u64).saturating_mul(expected.size() as u64);
+            if bytes > limit {
+                return Err(layout(format!(
+                    "dataset {name} claims {} elements, more than a {file_len}-byte file holds",
+                    dataset.size()
+                )));
+            }
+            Ok(dataset)
+        };
+        use hdf5::H5Type;
+        let states_type = match meta.state_dtype {
+            StateDtype::F32 => f32::type_descriptor(),
+            StateDtype::F16 => half::f16::type_descriptor(),
+        };
+        for (name, expected) in [
+            ("rollout_offsets", i64::type_descriptor()),
+            ("token_offsets", i64::type_descriptor()),
+            ("prompt_index", i64::type_descriptor()),
+            ("response_tokens", i64::type_descriptor()),
+            ("reward", f32::type_descriptor()),
+            ("prompt", VarLenUnicode::type_descriptor()),
+            ("response", VarLenUnicode::type_descriptor()),
+            ("states", states_type),
+        ] {
+            typed(name, expected)?;
+        }
         let read_i64 = |name: &str| -> Result<Vec<i64>> {
             file.dataset(name)
                 .and_then(|d| d.read_raw::<i64>())
