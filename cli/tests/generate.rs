@@ -278,7 +278,7 @@ fn bad_flags_and_inputs_give_one_clear_line() {
     generate_fails(
         &model,
         &["--batch-size", "0"],
-        "--batch-size must be at least 1",
+        "'--batch-size <BATCH_SIZE>': expected an integer >= 1, got 0",
     );
     generate_fails(
         &model,

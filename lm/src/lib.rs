@@ -217,7 +217,7 @@ pub fn model_identity(dir: &Path) -> Result<String> {
             .unwrap_or(0);
         // The whole header (it can exceed the edge for large checkpoints).
         // A garbage length (a broken file) is left for the checkpoint reader to report.
-        let header_end = header_len.checked_add(8).unwrap_or(u64::MAX);
+        let header_end = header_len.saturating_add(8);
         if header_end > head.len() as u64 && header_end <= size {
             let mut header = vec![0u8; header_len as usize];
             file.seek(SeekFrom::Start(8)).map_err(io)?;

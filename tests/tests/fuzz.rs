@@ -93,9 +93,9 @@ fn mutate(seed: &[u8], rng: &mut StdRng) -> Vec<u8> {
                 let v = values[rng.random_range(0..values.len())];
                 let width = if rng.random_bool(0.5) { 4 } else { 8 };
                 let le = v.to_le_bytes();
-                for k in 0..width {
+                for (k, &byte) in le.iter().take(width).enumerate() {
                     if let Some(b) = bytes.get_mut(at + k) {
-                        *b = le[k];
+                        *b = byte;
                     }
                 }
             }
