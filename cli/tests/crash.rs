@@ -420,68 +420,6 @@ fn rollout_survives_kill_9() {
     println!("{report:?}");
 }
 
-/// The demo's stages on the tiny chat-template fixture model, as in `tests/demo.rs` (`MODEL`
-/// is replaced by its directory), with the reward models on 96 training pairs for 2 epochs so
-/// that their feature extraction does not take most of the run.
-const TINY_DEMO: &str = r#"
-[model]
-dir = "MODEL"
-prompt_format = "chat-template"
-[rollout]
-limit = 24
-[rollout.decoding]
-max_new_tokens = 8
-batch_size = 8
-temperature = 1.0
-[reward]
-epochs = 2
-standardize = true
-l2 = 0.01
-partition = "1/2"
-max_train_pairs = 96
-[judge]
-epochs = 2
-standardize = true
-l2 = 0.01
-partition = "2/2"
-max_train_pairs = 96
-[value]
-hidden = 16
-epochs = 2
-batch_size = 32
-[export]
-steps = 3
-alpha = 0.5
-[prompts]
-limit = 8
-[generate]
-max_new_tokens = 8
-batch_size = 4
-[control]
-update = "sgd"
-[validation]
-limit = 4
-[sweep.re_control]
-alphas = [0.25, 0.5]
-steps = [3]
-[sweep.static_re]
-scales = [1.0, 4.0]
-[sweep.best_of_n]
-ns = [2]
-temperature = 1.0
-[sweep.args]
-k = 3
-weights = [1.0]
-[sweep.value_guided]
-k = 3
-weights = [1.0, 2.0]
-[prompting]
-prefix = "Be helpful. "
-[ood]
-test_fraction = 0.1
-limit = 4
-"#;
-
 /// The demo has no resume flag: rerun as it is, it skips every stage whose stamp matches,
 /// continues an interrupted training or rollout stage (its `.stamps/NAME.pending` holds the
 /// stage's key) and redoes any other interrupted stage from scratch.
@@ -490,10 +428,9 @@ fn demo_survives_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config_dir = tempfile::tempdir().expect("tempdir");
     let config = config_dir.path().join("demo.toml");
-    let model = lm_fixture("llama3-gqa");
     std::fs::write(
         &config,
-        TINY_DEMO.replace("MODEL", &model.display().to_string()),
+        recontrol_tests::tiny_demo_config(2, "max_train_pairs = 96\n"),
     )
     .expect("write");
     let args = |d: &Path| {

@@ -12,69 +12,9 @@ fn recontrol(args: &[&str]) -> Output {
     cli::run(env!("CARGO_BIN_EXE_recontrol"), args)
 }
 
-/// The demo's stages on the tiny chat-template fixture model (`MODEL` is replaced by its
-/// directory).
-const TINY: &str = r#"
-[model]
-dir = "MODEL"
-prompt_format = "chat-template"
-[rollout]
-limit = 24
-[rollout.decoding]
-max_new_tokens = 8
-batch_size = 8
-temperature = 1.0
-[reward]
-epochs = 1
-standardize = true
-l2 = 0.01
-partition = "1/2"
-[judge]
-epochs = 1
-standardize = true
-l2 = 0.01
-partition = "2/2"
-[value]
-hidden = 16
-epochs = 2
-batch_size = 32
-[export]
-steps = 3
-alpha = 0.5
-[prompts]
-limit = 8
-[generate]
-max_new_tokens = 8
-batch_size = 4
-[control]
-update = "sgd"
-[validation]
-limit = 4
-[sweep.re_control]
-alphas = [0.25, 0.5]
-steps = [3]
-[sweep.static_re]
-scales = [1.0, 4.0]
-[sweep.best_of_n]
-ns = [2]
-temperature = 1.0
-[sweep.args]
-k = 3
-weights = [1.0]
-[sweep.value_guided]
-k = 3
-weights = [1.0, 2.0]
-[prompting]
-prefix = "Be helpful. "
-[ood]
-test_fraction = 0.1
-limit = 4
-"#;
-
 /// The tiny configuration on the fixture model with a chat template.
 fn tiny() -> String {
-    let model = recontrol_tests::lm_fixture("llama3-gqa");
-    TINY.replace("MODEL", &model.display().to_string())
+    recontrol_tests::tiny_demo_config(1, "")
 }
 
 fn demo(out: &Path, config: &Path) -> String {

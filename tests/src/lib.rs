@@ -63,6 +63,65 @@ pub fn gguf_fixtures_root() -> PathBuf {
     dir
 }
 
+/// The demo's stages at a tiny size on the chat-template fixture model (llama3-gqa), as a
+/// `demo.toml`: 24 rollouts of 8 tokens, a policy reward model and a judge each trained for
+/// `reward_epochs` epochs on their half of the pairs (with `reward_extra`, more settings of
+/// both), and the rest at its smallest.
+pub fn tiny_demo_config(reward_epochs: usize, reward_extra: &str) -> String {
+    let model = lm_fixture("llama3-gqa");
+    let reward = |section: &str, part: &str| {
+        format!(
+            "[{section}]\nepochs = {reward_epochs}\nstandardize = true\nl2 = 0.01\npartition = \"{part}\"\n{reward_extra}"
+        )
+    };
+    format!(
+        "[model]\ndir = {:?}\nprompt_format = \"chat-template\"\n[rollout]\nlimit = 24\n\
+         [rollout.decoding]\nmax_new_tokens = 8\nbatch_size = 8\ntemperature = 1.0\n{}{}{TINY_DEMO_REST}",
+        model.display().to_string(),
+        reward("reward", "1/2"),
+        reward("judge", "2/2"),
+    )
+}
+
+/// The stages after the reward models in [`tiny_demo_config`].
+const TINY_DEMO_REST: &str = r#"
+[value]
+hidden = 16
+epochs = 2
+batch_size = 32
+[export]
+steps = 3
+alpha = 0.5
+[prompts]
+limit = 8
+[generate]
+max_new_tokens = 8
+batch_size = 4
+[control]
+update = "sgd"
+[validation]
+limit = 4
+[sweep.re_control]
+alphas = [0.25, 0.5]
+steps = [3]
+[sweep.static_re]
+scales = [1.0, 4.0]
+[sweep.best_of_n]
+ns = [2]
+temperature = 1.0
+[sweep.args]
+k = 3
+weights = [1.0]
+[sweep.value_guided]
+k = 3
+weights = [1.0, 2.0]
+[prompting]
+prefix = "Be helpful. "
+[ood]
+test_fraction = 0.1
+limit = 4
+"#;
+
 /// The model directory of one LM fixture.
 pub fn lm_fixture(name: &str) -> PathBuf {
     lm_fixtures_root().join(name)
