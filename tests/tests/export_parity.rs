@@ -124,7 +124,18 @@ fn onnx_runtime_matches_libtorch_forward_autograd_and_sgd() {
             let (v2, g2) = value_grad.value_grad(&hidden, BATCH).expect("run");
             let c = controller.control(&hidden, BATCH, spec.alpha).expect("run");
             let edited = sgd(&model, &h, spec.steps, f64::from(spec.alpha), None);
+            // The torch backend's closed form (no autograd) against the exported graphs.
+            let (v_closed, g_closed) = model.value_and_grad(&h).expect("closed form");
+            let fused = model
+                .sgd_steps(&h, f64::from(spec.alpha), spec.steps, None)
+                .expect("fused steps");
             let errors = [
+                ("closed-form value vs value_grad.onnx", rel(&v2, &v_closed)),
+                ("closed-form grad vs value_grad.onnx", rel(&g2, &g_closed)),
+                (
+                    "fused closed-form steps vs controller.onnx",
+                    rel(&c.edited, &fused.edited),
+                ),
                 ("value", rel(&v_onnx, &v)),
                 ("value_grad.value", rel(&v2, &v)),
                 ("value_grad.grad", rel(&g2, &grad)),
