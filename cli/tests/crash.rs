@@ -132,25 +132,13 @@ fn training_progress(out: &Path, counter: &'static str) -> String {
 fn lm_pretrain_survives_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let args = |d: &Path| {
-        strings(&[
+        let mut args = strings(&[
             "lm",
             "pretrain",
             "--corpus",
             &path(&hh_slice()),
             "--out",
             &path(&d.join("m")),
-            "--vocab-size",
-            "400",
-            "--layers",
-            "1",
-            "--hidden",
-            "32",
-            "--heads",
-            "2",
-            "--seq-len",
-            "64",
-            "--batch-size",
-            "4",
             "--steps",
             "300",
             "--eval-every",
@@ -161,7 +149,9 @@ fn lm_pretrain_survives_kill_9() {
             "4",
             "--seed",
             "5",
-        ])
+        ]);
+        args.extend(strings(&recontrol_tests::TINY_PRETRAIN));
+        args
     };
     let compare = |rel: &Path| match rel.to_str().unwrap_or_default() {
         _ if is_logs(rel) => Compare::Ignore,

@@ -28,18 +28,6 @@ fn pretrain(out: &Path, extra: &[&str]) -> Output {
         s(&corpus),
         "--out",
         s(out),
-        "--vocab-size",
-        "400",
-        "--layers",
-        "1",
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "4",
         "--steps",
         "6",
         "--eval-every",
@@ -49,6 +37,7 @@ fn pretrain(out: &Path, extra: &[&str]) -> Output {
         "--eval-sequences",
         "4",
     ];
+    args.extend_from_slice(&recontrol_tests::TINY_PRETRAIN);
     args.extend_from_slice(extra);
     if !extra.contains(&"--seed") {
         args.extend(["--seed", "5"]);

@@ -122,6 +122,23 @@ test_fraction = 0.1
 limit = 4
 "#;
 
+/// `lm pretrain`'s model flags for a tiny model (1 layer, hidden 32, 2 heads, vocabulary 400,
+/// sequences of 64 in batches of 4), for tests that train one.
+pub const TINY_PRETRAIN: [&str; 12] = [
+    "--vocab-size",
+    "400",
+    "--layers",
+    "1",
+    "--hidden",
+    "32",
+    "--heads",
+    "2",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+];
+
 /// The model directory of one LM fixture.
 pub fn lm_fixture(name: &str) -> PathBuf {
     lm_fixtures_root().join(name)
