@@ -267,3 +267,89 @@ fn bad_serve_flags_fail_before_binding_with_one_line() {
     let run = cli::run(BIN, &["serve", "--model", s(&dir.path().join("nope"))]);
     cli::assert_fails_with(&run, "nope");
 }
+
+/// SIGTERM with a request that outlives `--shutdown-timeout`: the request is cancelled (its
+/// stream ends with an OpenAI error, not `[DONE]`) and the server still exits 0, promptly.
+#[test]
+fn shutdown_cancels_what_outlives_the_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = lm_fixture("llama-mha");
+    let identity = recontrol_lm::model_identity(&model).expect("identity");
+    let value = value_dir(&dir.path().join("value"), 64, &identity, 1);
+    let spec = format!("a={}", s(&value));
+    let mut server = Command::new(BIN)
+        .args(["serve", "--model", s(&model), "--value", &spec])
+        .args([
+            "--grad-backend",
+            "torch",
+            "--port",
+            "0",
+            "--shutdown-timeout",
+            "0.5",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start recontrol serve");
+    let mut lines = BufReader::new(server.stderr.take().expect("stderr")).lines();
+    let address = loop {
+        let line = lines.next().expect("a line").expect("utf-8");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_owned();
+        }
+    };
+    // Slow on purpose: 1000 gradient steps per token, 200 tokens.
+    let body = json!({"model": "llama-mha", "prompt": "hi", "max_tokens": 200, "temperature": 0,
+        "stream": true, "control": {"value": "a", "alpha": 0.01, "steps": 1000}})
+    .to_string();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    write!(
+        stream,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains("\"text\"") {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream closed before its first chunk");
+        received.extend_from_slice(&buf[..n]);
+    }
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.contains("shutting down") && !text.contains("[DONE]"),
+        "the cut-off stream: {text}"
+    );
+    let status = loop {
+        if let Some(status) = server.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "the server did not exit within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?} with a 0.5 s timeout",
+        signalled.elapsed()
+    );
+}
