@@ -92,44 +92,28 @@ impl KvCache {
     /// A copy of this cache with every row repeated `times` times in place (row `r` becomes
     /// rows `r * times..(r + 1) * times`): the shared prefix of `times` continuations each.
     pub fn repeat_rows(&self, times: usize) -> Result<Self> {
-        let repeat = |t: &Tensor| t.f_repeat_interleave_self_int(times as i64, 0, None::<i64>);
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| match layer {
-                Some((k, v)) => Ok(Some((repeat(k)?, repeat(v)?))),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let tokens = match &self.tokens {
-            Some((ids, pos)) => Some((repeat(ids)?, repeat(pos)?)),
-            None => None,
-        };
-        Ok(Self {
-            layers,
-            len: self.len,
-            reserve: self.reserve,
-            tokens,
-            keeps_tokens: self.keeps_tokens,
-        })
+        self.map_rows(|t| t.f_repeat_interleave_self_int(times as i64, 0, None::<i64>))
     }
 
     /// A copy of this cache made of the rows `rows` (int64 indices on the cache's device, in
     /// any order, repeats allowed): e.g. several continuations of each of several prefixes.
     pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
+        self.map_rows(|t| t.f_index_select(0, rows))
+    }
+
+    /// A copy of this cache with `rows` applied to every row-major tensor it holds (keys,
+    /// values and, if kept, token ids and positions): the rows change, the positions do not.
+    fn map_rows(&self, rows: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>) -> Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|layer| match layer {
-                Some((k, v)) => Ok(Some((
-                    k.f_index_select(0, rows)?,
-                    v.f_index_select(0, rows)?,
-                ))),
+                Some((k, v)) => Ok(Some((rows(k)?, rows(v)?))),
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
         let tokens = match &self.tokens {
-            Some((ids, pos)) => Some((ids.f_index_select(0, rows)?, pos.f_index_select(0, rows)?)),
+            Some((ids, pos)) => Some((rows(ids)?, rows(pos)?)),
             None => None,
         };
         Ok(Self {

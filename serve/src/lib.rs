@@ -183,9 +183,7 @@ pub fn serve(config: ServeConfig, on_listening: impl FnOnce(SocketAddr) + Send) 
         shared: shared.clone(),
         jobs: Mutex::new(Some(jobs_tx)),
         draining: Default::default(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: http::now(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
