@@ -3,7 +3,7 @@
 //! readers, the rollout store reader, the HF config and safetensors loader, the value-directory
 //! reader, the ONNX metadata reader, the GGUF reader and the rule-reward TOML.
 //!
-//! Each parser gets a valid seed file, then `ITERATIONS` mutants of it (bit flips, random bytes,
+//! Each parser gets a valid seed file, then `iterations()` mutants of it (bit flips, random bytes,
 //! interesting integers (0, -1, 2^31-1, 2^63-1, the file length) written over 4 or 8 bytes,
 //! truncations, insertions and duplicated spans), each parsed under `catch_unwind`. A parser
 //! must return (Ok or Err) without panicking, and no single allocation it makes may exceed
@@ -26,8 +26,18 @@ use recontrol_data::{Dataset, Rollout, StateDtype, Store, StoreMeta, StoreWriter
 use recontrol_export::{write_export, ControllerSpec, GraphMetadata, Producer, ValueDir};
 use recontrol_tests::{gguf_fixtures_root, lm_fixture, repo_root, value_dir};
 
-/// Mutants per parser.
+/// Mutants per parser in the suite; `RECONTROL_FUZZ_ITERATIONS` sets another count for
+/// exploratory runs (the mutants are seeded: the first N of a longer run are the suite's).
 const ITERATIONS: usize = 2000;
+
+fn iterations() -> usize {
+    match std::env::var("RECONTROL_FUZZ_ITERATIONS") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("RECONTROL_FUZZ_ITERATIONS={v}: expected a count")),
+        Err(_) => ITERATIONS,
+    }
+}
 /// The largest single allocation a parse may make: this many times the file's length ...
 const ALLOC_FACTOR: usize = 64;
 /// ... plus this many bytes.
@@ -143,7 +153,8 @@ fn fuzz(
         "{name}: the seed does not parse"
     );
     let mut accepted = 0;
-    for i in 0..ITERATIONS {
+    let iterations = iterations();
+    for i in 0..iterations {
         let mutant = match focus {
             Some(n) if i % 2 == 0 && seed.len() > n => {
                 let mut head = mutate(&seed[..n], &mut rng);
@@ -155,7 +166,7 @@ fn fuzz(
         std::fs::write(target, &mutant).expect("write mutant");
         accepted += usize::from(parse_guarded(name, target, &mutant, parse));
     }
-    eprintln!("{name}: {ITERATIONS} mutants, {accepted} parsed without error");
+    eprintln!("{name}: {iterations} mutants, {accepted} parsed without error");
     accepted
 }
 
@@ -249,7 +260,7 @@ fn text_parsers_survive_mutants() {
     let parsed = fuzz("rules-toml", rules.as_bytes(), &target, None, &|p| {
         recontrol_reward_model::RuleReward::from_file(p).is_ok()
     });
-    assert!(parsed < ITERATIONS, "the rule mutants were all accepted");
+    assert!(parsed < iterations(), "the rule mutants were all accepted");
     // HF config.json.
     let config = std::fs::read(lm_fixture("llama3-gqa").join("config.json")).expect("config");
     let target = d.join("config.json");

@@ -370,4 +370,26 @@ mod tests {
             "{err}"
         );
     }
+
+    /// A store mutant (from the fuzz campaign) whose variable-length-string heap is corrupt:
+    /// libhdf5 1.10.8 segfaulted inside `H5HG_read` reading its prompts, taking the process
+    /// down; the bundled HDF5 2.2 reports it, and the reader names the file.
+    #[test]
+    fn a_corrupt_string_heap_is_an_error_not_a_crash() {
+        use std::io::Read;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/store/corrupt-vlen-heap.h5.gz");
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&fixture).expect("fixture"))
+            .read_to_end(&mut bytes)
+            .expect("gunzip");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("heap.h5");
+        std::fs::write(&path, bytes).expect("write");
+        let err = Store::open(&path)
+            .and_then(|store| store.texts())
+            .expect_err("corrupt heap")
+            .to_string();
+        assert!(err.starts_with(&path.display().to_string()), "{err}");
+    }
 }

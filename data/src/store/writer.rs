@@ -34,8 +34,10 @@ impl StoreWriter {
     /// Creates (or truncates) `path` with empty datasets and the metadata attributes.
     pub fn create(path: &Path, meta: &StoreMeta) -> Result<Self> {
         let err = hdf5_error(path);
+        // No object timestamps: the same rollouts make the same bytes, whichever run wrote them.
         let file = hdf5::File::with_options()
             .with_fapl(strong_close)
+            .with_fcpl(|p| p.obj_track_times(false))
             .create(path)
             .map_err(&err)?;
         let h = meta.hidden_size;
@@ -45,6 +47,7 @@ impl StoreWriter {
             StateDtype::F16 => file.new_dataset::<half::f16>(),
         };
         states
+            .obj_track_times(false)
             .chunk((chunk_rows, h))
             .shuffle()
             .deflate(1)
@@ -54,6 +57,7 @@ impl StoreWriter {
         for name in ["rollout_offsets", "token_offsets"] {
             let ds = file
                 .new_dataset::<i64>()
+                .obj_track_times(false)
                 .chunk(CHUNK_1D)
                 .deflate(1)
                 .shape(1..)
@@ -63,6 +67,7 @@ impl StoreWriter {
         }
         for name in ["response_tokens", "prompt_index"] {
             file.new_dataset::<i64>()
+                .obj_track_times(false)
                 .chunk(CHUNK_1D)
                 .deflate(1)
                 .shape(0..)
@@ -71,12 +76,14 @@ impl StoreWriter {
         }
         for name in ["prompt", "response"] {
             file.new_dataset::<VarLenUnicode>()
+                .obj_track_times(false)
                 .chunk(CHUNK_1D)
                 .shape(0..)
                 .create(name)
                 .map_err(&err)?;
         }
         file.new_dataset::<f32>()
+            .obj_track_times(false)
             .chunk(CHUNK_1D)
             .shape(0..)
             .create("reward")
