@@ -8,10 +8,10 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
 
-# System packages: pkg-config (HDF5 itself is built from source by hdf5-metno-src, with the
+# System packages: pkg-config and zlib (HDF5 itself is built from source by hdf5-metno-src, with the
 # venv's cmake).
 missing=()
-for pkg in pkg-config; do
+for pkg in pkg-config zlib1g-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
