@@ -8,9 +8,15 @@ KV cache, the final post-norm state of the newest position is cloned and moved b
 iterations of SGD(lr=alpha) on -V(h).sum(), and lm_head gives the logits; greedy; the
 batch is left padded. Every side generates exactly --max-new-tokens per prompt (eos ignored).
 
+With `--model DIR` (e.g. models/smollm2-135m-instruct) the LM is that model, the prompts are
+eight questions in its chat template, and the value MLP is random of the model's hidden size.
+`--repeats R` alternates the five measurements R times per batch size and prints medians.
+
 Usage (from the repo root, after `cargo build --release -p recontrol-cli`):
 
     .venv/bin/python scripts/bench_control.py                   # CPU: 8 layers, hidden 512, f32
+    .venv/bin/python scripts/bench_control.py --model models/smollm2-135m-instruct --repeats 3 \\
+        --max-new-tokens 48                                     # the real default model
     python3 scripts/bench_control.py --device cuda --dtype bfloat16 --layers 22 --hidden 2048 \\
         --intermediate 5632 --backends torch                    # a 1B-class Llama on a GPU
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,6 +154,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--backends", nargs="+", default=["onnx", "torch"], choices=["onnx", "torch"])
+    ap.add_argument("--model", type=Path, help="a model directory instead of the random Llama")
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if not args.recontrol.is_file():
@@ -155,13 +164,23 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_model(tmp / "model", args)
+        if args.model:
+            model_dir = args.model.resolve()
+            args.hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+        else:
+            model_dir = tmp / "model"
+            make_model(model_dir, args)
         w = make_value(tmp / "value", args.hidden)
         subprocess.run([str(args.recontrol), "export", "--value", str(tmp / "value"), "--out", str(tmp / "onnx"),
                         "--steps", str(args.steps), "--alpha", str(args.alpha)], check=True, stdout=subprocess.DEVNULL)
         device = torch.device(args.device)
-        model = AutoModelForCausalLM.from_pretrained(tmp / "model", dtype=getattr(torch, args.dtype)).to(device).eval()
-        tok = PreTrainedTokenizerFast.from_pretrained(tmp / "model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+        tok = PreTrainedTokenizerFast.from_pretrained(model_dir, padding_side="left")
+        prompt_pool = PROMPTS
+        if args.model:
+            questions = [p.split("Human: ")[1].split("\n\nAssistant:")[0] for p in PROMPTS]
+            prompt_pool = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                   add_generation_prompt=True) for q in questions]
         wd = {k: v.to(device) for k, v in w.items()}
 
         def value(h):
@@ -170,18 +189,23 @@ def main() -> int:
 
         control = ["--alpha", str(args.alpha), "--steps", str(args.steps), "--allow-foreign-value"]
         for batch in args.batches:
-            prompts = (PROMPTS * ((batch + len(PROMPTS) - 1) // len(PROMPTS)))[:batch]
+            prompts = (prompt_pool * ((batch + len(prompt_pool) - 1) // len(prompt_pool)))[:batch]
             reference(model, tok, value, prompts, args, 0)  # warm-up
-            row = {"batch": batch,
-                   "reference_plain": reference(model, tok, value, prompts, args, 0),
-                   "reference_controlled": reference(model, tok, value, prompts, args, args.steps),
-                   "recontrol_plain": ours(args, tmp / "model", prompts, tmp, batch, [])}
-            for b in args.backends:
-                value_path = tmp / ("onnx" if b == "onnx" else "value")
-                row[f"recontrol_{b}"] = ours(args, tmp / "model", prompts, tmp, batch,
-                                             ["--value", str(value_path), "--grad-backend", b, *control])
+            runs: dict[str, list[float]] = {}
+            for _ in range(args.repeats):
+                runs.setdefault("reference_plain", []).append(reference(model, tok, value, prompts, args, 0))
+                runs.setdefault("reference_controlled", []).append(
+                    reference(model, tok, value, prompts, args, args.steps))
+                runs.setdefault("recontrol_plain", []).append(ours(args, model_dir, prompts, tmp, batch, []))
+                for b in args.backends:
+                    value_path = tmp / ("onnx" if b == "onnx" else "value")
+                    runs.setdefault(f"recontrol_{b}", []).append(
+                        ours(args, model_dir, prompts, tmp, batch,
+                             ["--value", str(value_path), "--grad-backend", b, *control]))
+            row = {"batch": batch, **{k: statistics.median(v) for k, v in runs.items()}, "runs": runs}
             rows.append(row)
-    print(f"tokens/s, random Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
+    lm = f"{args.model}" if args.model else f"random Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}"
+    print(f"tokens/s (median of {args.repeats}), {lm}, {args.dtype}, "
           f"{args.device}; value MLP {args.hidden}->{args.hidden}->1, {args.steps} steps; {args.max_new_tokens} new "
           f"tokens per prompt; torch {torch.__version__}, {torch.get_num_threads()} threads")
     cols = ["reference_plain", "reference_controlled", "recontrol_plain"] + [f"recontrol_{b}" for b in args.backends]

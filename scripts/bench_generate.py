@@ -9,7 +9,8 @@ import-gguf`), whose prompts are then the same questions rendered with its chat 
 Usage (from the repo root)::
 
     .venv/bin/python scripts/bench_generate.py [--recontrol target/release/recontrol] \\
-        [--model DIR] [--new-tokens 64] [--batch-sizes 1 8] [--repeats 3] [--json FILE] [--hf-only]
+        [--model DIR] [--new-tokens 64] [--batch-sizes 1 8] [--dtypes f32 bf16] [--repeats 3] \\
+        [--json FILE] [--hf-only]
 
 * HF: one warm-up, then `repeats` timed calls of
   `model.generate(..., max_new_tokens=N, eos_token_id=None, do_sample=False)`
@@ -19,7 +20,13 @@ Usage (from the repo root)::
   `recontrol generate --model DIR --prompts FILE --batch-size b --max-new-tokens N
   --ignore-eos --out OUT.jsonl`; tokens/s = sum(num_tokens) / (sum of the per-batch
   `seconds`, model loading excluded); median over repeats.
-* Also checks that recontrol's greedy tokens for batch size 1 equal HF's.
+* The two sides alternate (HF, recontrol, HF, ...) so a slow spell hits both.
+* The weight-streaming floor, in the same run: one pass of `x @ W^T` over every matrix the
+  model multiplies by per token (all linear maps and the LM head; not the embedding lookup),
+  for `x` of `b` rows in the run's dtype, timed in torch (median of 20 passes after 3
+  warm-ups); floor tokens/s = b / that time. recontrol's fraction of it is printed.
+* Also checks that recontrol's greedy tokens for batch size 1 equal HF's (f32), and reports
+  how many of recontrol's bf16 greedy tokens equal its f32 ones (the common prefix per prompt).
 
 The model is cached in target/bench-model (when target/ exists) and rebuilt only
 when the settings change; otherwise it goes to a temporary directory.
@@ -203,31 +210,49 @@ def chat_prompts(tokenizer) -> list[str]:
     ]
 
 
-def bench_hf(model, tokenizer, prompts, b: int, n: int, repeats: int) -> float:
-    """Median tokens/s of HF generate for the first `b` prompts."""
-    prompts = prompts[:b]
-    hf_generate(model, tokenizer, prompts, n, eos_token_id=None)  # warm-up
-    rates = []
-    for _ in range(repeats):
+def hf_rate(model, tokenizer, prompts, b: int, n: int) -> float:
+    """Tokens/s of one HF generate call on the first `b` prompts."""
+    t0 = time.perf_counter()
+    new = hf_generate(model, tokenizer, prompts[:b], n, eos_token_id=None)
+    dt = time.perf_counter() - t0
+    assert new.shape == (b, n), new.shape
+    return b * n / dt
+
+
+@torch.no_grad()
+def weight_floor(model, b: int, dtype: torch.dtype) -> float:
+    """Tokens/s of one bare pass of `x @ W^T` (x: b rows) over every matrix multiplied per
+    token: the model's linear layers and its LM head (tied or not), in `dtype`."""
+    weights = [m.weight.detach().to(dtype).contiguous()
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(b, w.shape[1], dtype=dtype) for w in weights}
+
+    def one_pass():
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    for _ in range(3):
+        one_pass()
+    times = []
+    for _ in range(20):
         t0 = time.perf_counter()
-        new = hf_generate(model, tokenizer, prompts, n, eos_token_id=None)
-        dt = time.perf_counter() - t0
-        assert new.shape == (b, n), new.shape
-        rates.append(b * n / dt)
-    return statistics.median(rates)
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    return b / statistics.median(times)
 
 
 # --------------------------------------------------------------------------- recontrol side
 
 
 def run_recontrol(binary: Path, model: Path, prompts_file: Path, out_file: Path,
-                  b: int, n: int) -> list[dict]:
+                  b: int, n: int, dtype: str = "f32") -> list[dict]:
     cmd = [
         str(binary), "generate",
         "--model", str(model),
         "--prompts", str(prompts_file),
         "--batch-size", str(b),
         "--max-new-tokens", str(n),
+        "--dtype", dtype,
         "--ignore-eos",
         "--out", str(out_file),
     ]
@@ -248,19 +273,23 @@ def recontrol_rate(rows: list[dict], b: int) -> float:
     return tokens / seconds
 
 
-def bench_recontrol(binary, model, prompts, work: Path, b: int, n: int, repeats: int):
-    """Median tokens/s over `repeats` runs, and the rows of the last run."""
+def recontrol_run(binary, model, prompts, work: Path, b: int, n: int, dtype: str, r: int):
+    """Tokens/s of one recontrol run on the first `b` prompts, and its rows."""
     prompts_file = work / f"prompts_b{b}.jsonl"
     with open(prompts_file, "w", encoding="utf-8") as f:
         for p in prompts[:b]:
             f.write(json.dumps({"prompt": p}) + "\n")
-    rates, rows = [], []
-    for r in range(repeats):
-        rows = run_recontrol(binary, model, prompts_file, work / f"out_b{b}_{r}.jsonl", b, n)
-        assert len(rows) == b, f"expected {b} rows, got {len(rows)}"
-        assert all(row["num_tokens"] == n for row in rows), [row["num_tokens"] for row in rows]
-        rates.append(recontrol_rate(rows, b))
-    return statistics.median(rates), rows
+    rows = run_recontrol(binary, model, prompts_file, work / f"out_{dtype}_b{b}_{r}.jsonl", b, n, dtype)
+    assert len(rows) == b, f"expected {b} rows, got {len(rows)}"
+    assert all(row["num_tokens"] == n for row in rows), [row["num_tokens"] for row in rows]
+    return recontrol_rate(rows, b), rows
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
 
 
 # --------------------------------------------------------------------------- main
@@ -272,6 +301,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, help="a model directory instead of the random Llama")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtypes", nargs="+", choices=["f32", "bf16"], default=["f32"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results table as JSON here")
     ap.add_argument("--hf-only", action="store_true", help="skip recontrol (test the HF half)")
@@ -292,45 +322,80 @@ def main() -> int:
     n = args.new_tokens
     threads = torch.get_num_threads()  # torch's default; recontrol uses the same
     print(f"torch {torch.__version__}, threads {threads}, new tokens {n}, repeats {args.repeats}")
+    torch_dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as scratch:
         work = Path(scratch)
         mdir = args.model.resolve() if args.model else model_dir(work)
         tokenizer = AutoTokenizer.from_pretrained(mdir, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
-        prompts = chat_prompts(tokenizer) if args.model else PROMPTS
+        prompts = None
         print(f"model: {mdir}")
-        lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
-        print(f"prompt lengths (tokens incl. special tokens): {lens}")
 
         results = []
-        for b in args.batch_sizes:
-            hf = bench_hf(model, tokenizer, prompts, b, n, args.repeats)
-            rc, rc_rows = (None, None)
-            if not args.hf_only:
-                rc, rc_rows = bench_recontrol(binary, mdir, prompts, work, b, n, args.repeats)
-            results.append({"batch": b, "hf_tok_s": hf, "recontrol_tok_s": rc,
-                             "ratio": rc / hf if rc is not None else None})
-            print(f"  batch {b}: HF {hf:.1f} tok/s"
-                  + (f", recontrol {rc:.1f} tok/s" if rc is not None else ""))
+        tokens_by_dtype: dict[str, list[list[int]]] = {}
+        for dtype in args.dtypes:
+            model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch_dtypes[dtype]).eval()
+            if prompts is None:
+                prompts = chat_prompts(tokenizer) if args.model else PROMPTS
+                lens = [len(tokenizer(p)["input_ids"]) for p in prompts]
+                print(f"prompt lengths (tokens incl. special tokens): {lens}")
+            for b in args.batch_sizes:
+                floor = weight_floor(model, b, torch_dtypes[dtype])
+                hf_generate(model, tokenizer, prompts[:b], n, eos_token_id=None)  # warm-up
+                hf_rates, rc_rates, rc_rows = [], [], None
+                for r in range(args.repeats):
+                    hf_rates.append(hf_rate(model, tokenizer, prompts, b, n))
+                    if not args.hf_only:
+                        rate, rc_rows = recontrol_run(binary, mdir, prompts, work, b, n, dtype, r)
+                        rc_rates.append(rate)
+                hf = statistics.median(hf_rates)
+                rc = statistics.median(rc_rates) if rc_rates else None
+                results.append({"dtype": dtype, "batch": b, "hf_tok_s": hf, "recontrol_tok_s": rc,
+                                "ratio": rc / hf if rc is not None else None,
+                                "floor_tok_s": floor,
+                                "floor_fraction": rc / floor if rc is not None else None,
+                                "hf_runs": hf_rates, "recontrol_runs": rc_rates})
+                print(f"  {dtype} batch {b}: HF {hf:.1f} tok/s"
+                      + (f", recontrol {rc:.1f} tok/s" if rc is not None else "")
+                      + f", weight-streaming floor {floor:.1f} tok/s")
+                if rc_rows is not None and b == max(args.batch_sizes):
+                    tokens_by_dtype[dtype] = [list(row["tokens"]) for row in rc_rows]
 
-            if b == 1 and rc_rows is not None:
-                # Reference greedy tokens for prompt 0 (both sides continue past </s>).
-                ours = list(rc_rows[0]["tokens"])
-                cont = hf_generate(model, tokenizer, prompts[:1], n, eos_token_id=None)[0].tolist()
-                match = ours == cont
-                results[-1]["tokens_match_hf"] = match
-                print(f"  batch 1 greedy tokens match HF: {'yes' if match else 'NO'}")
-                if not match:
-                    print(f"    recontrol: {ours}\n    HF:        {cont}")
+                if b == 1 and dtype == "f32" and rc_rows is not None:
+                    # Reference greedy tokens for prompt 0 (both sides continue past </s>).
+                    ours = list(rc_rows[0]["tokens"])
+                    cont = hf_generate(model, tokenizer, prompts[:1], n, eos_token_id=None)[0].tolist()
+                    match = ours == cont
+                    results[-1]["tokens_match_hf"] = match
+                    print(f"  batch 1 greedy tokens match HF: {'yes' if match else 'NO'}")
+                    if not match:
+                        print(f"    recontrol: {ours}\n    HF:        {cont}")
+            del model
+
+    agreement = None
+    if "f32" in tokens_by_dtype and "bf16" in tokens_by_dtype:
+        f32, bf16 = tokens_by_dtype["f32"], tokens_by_dtype["bf16"]
+        prefixes = [common_prefix(a, b) for a, b in zip(f32, bf16)]
+        agreement = {"prompts": len(prefixes), "identical": sum(p == n for p in prefixes),
+                     "common_prefix": prefixes, "mean_common_prefix": statistics.mean(prefixes)}
+        print(f"\nrecontrol bf16 vs f32 greedy tokens (batch {max(args.batch_sizes)}): "
+              f"{agreement['identical']} of {len(prefixes)} prompts identical over {n} tokens; "
+              f"common prefix per prompt {prefixes} (mean {agreement['mean_common_prefix']:.1f})")
 
     # Table.
     print()
-    print(f"{'batch':>5}  {'HF tok/s':>10}  {'recontrol tok/s':>15}  {'ratio':>6}")
+    print(f"{'dtype':>5}  {'batch':>5}  {'HF tok/s':>10}  {'recontrol tok/s':>15}  {'ratio':>6}  "
+          f"{'floor tok/s':>11}  {'of floor':>8}")
     for r in results:
         rc = f"{r['recontrol_tok_s']:.1f}" if r["recontrol_tok_s"] is not None else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        print(f"{r['batch']:>5}  {r['hf_tok_s']:>10.1f}  {rc:>15}  {ratio:>6}")
+        frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] is not None else "-"
+        print(f"{r['dtype']:>5}  {r['batch']:>5}  {r['hf_tok_s']:>10.1f}  {rc:>15}  {ratio:>6}  "
+              f"{r['floor_tok_s']:>11.1f}  {frac:>8}")
+    by = {(r["dtype"], r["batch"]): r["recontrol_tok_s"] for r in results}
+    for b in args.batch_sizes:
+        if by.get(("f32", b)) and by.get(("bf16", b)):
+            print(f"recontrol bf16 / f32 at batch {b}: {by[('bf16', b)] / by[('f32', b)]:.2f}x")
     if args.json:
         report = {
             "new_tokens": n,
@@ -339,6 +404,7 @@ def main() -> int:
             "torch": torch.__version__,
             "model": str(args.model) if args.model else MODEL_SETTINGS,
             "results": results,
+            "bf16_vs_f32_tokens": agreement,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -77,6 +77,10 @@ pub struct RolloutArgs {
     /// Rollouts per crash-safe part (rounded up to whole batches); a crash loses at most one part.
     #[arg(long, default_value_t = 256, value_parser = crate::args::num::at_least_one)]
     pub rollouts_per_part: usize,
+    /// Batch each part's prompts in dataset order rather than by tokenized length (the
+    /// store's records and their order are the same either way; sorting pads less).
+    #[arg(long)]
+    pub keep_prompt_order: bool,
     #[command(flatten)]
     #[serde(flatten)]
     pub prompt: PromptArgs,
@@ -139,6 +143,7 @@ impl RolloutArgs {
             prompt_format: self.prompt.prompt_format.into(),
             instruction: self.prompt.instruction().map(str::to_owned),
             decoding: self.generation.settings(),
+            sort_by_length: !self.keep_prompt_order,
         }
     }
 

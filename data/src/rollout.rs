@@ -33,16 +33,30 @@ pub struct RolloutPlan {
     pub batch_size: usize,
     /// Rollouts per part; a multiple of `batch_size`.
     pub rollouts_per_part: usize,
+    /// Generate each part's prompts in the source's [`RolloutSource::order`] (shortest first:
+    /// less padding per batch) rather than as planned. The store's records and their order
+    /// are the same either way; absent from plans written before it existed.
+    #[serde(default)]
+    pub sort_by_length: bool,
 }
 
-/// Makes rollouts for one batch of prompts. `first_row` is the position of the batch's first
-/// prompt in the job (for per-prompt random streams).
+type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Makes rollouts for batches of prompts.
 pub trait RolloutSource {
+    /// One rollout per prompt, in order; `rows[i]` is prompt `i`'s position in the job (its
+    /// random stream), so a rollout does not depend on the batch it was made in.
     fn generate(
         &mut self,
         prompts: &[PlannedPrompt],
-        first_row: u64,
-    ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>>;
+        rows: &[u64],
+    ) -> Result<Vec<Rollout>, SourceError>;
+
+    /// The order in which to generate a part's prompts when the plan sorts them (a
+    /// permutation of `0..prompts.len()`, e.g. by tokenized length). Default: as planned.
+    fn order(&mut self, prompts: &[PlannedPrompt]) -> Result<Vec<usize>, SourceError> {
+        Ok((0..prompts.len()).collect())
+    }
 }
 
 /// Errors of a rollout job; `out` is the store the job writes. As in
@@ -247,10 +261,15 @@ pub fn run(
         }
         let temp = dir.join(format!("part-{k:06}.h5.tmp"));
         let mut writer = StoreWriter::create(&temp, &plan.meta)?;
-        for (b, batch) in part.chunks(plan.batch_size).enumerate() {
-            let first_row = (first + b * plan.batch_size) as u64;
+        let order = part_order(plan, part, source, out)?;
+        // Rollouts made ahead of the next one to write (generated out of order), by position.
+        let mut pending: Vec<Option<Rollout>> = (0..part.len()).map(|_| None).collect();
+        let (mut next, mut made) = (0, 0);
+        for batch in order.chunks(plan.batch_size) {
+            let prompts: Vec<PlannedPrompt> = batch.iter().map(|&i| part[i].clone()).collect();
+            let rows: Vec<u64> = batch.iter().map(|&i| (first + i) as u64).collect();
             let rollouts = source
-                .generate(batch, first_row)
+                .generate(&prompts, &rows)
                 .map_err(RolloutError::Source)?;
             if rollouts.len() != batch.len() {
                 return Err(RolloutError::SourceCount {
@@ -259,8 +278,17 @@ pub fn run(
                     prompts: batch.len(),
                 });
             }
-            writer.append(&rollouts)?;
-            progress(first_row as usize + batch.len(), total);
+            for (&i, r) in batch.iter().zip(rollouts) {
+                pending[i] = Some(r);
+            }
+            let mut ready = Vec::new();
+            while let Some(r) = pending.get_mut(next).and_then(Option::take) {
+                ready.push(r);
+                next += 1;
+            }
+            writer.append(&ready)?;
+            made += batch.len();
+            progress(first + made, total);
         }
         writer.finish()?;
         std::fs::rename(&temp, &path).map_err(io(&path))?;
@@ -288,6 +316,48 @@ pub fn run(
         parts_written: written,
         already_complete: false,
     })
+}
+
+/// The order in which a part's prompts are generated: the source's when the plan sorts them
+/// (checked to be a permutation), else as planned.
+fn part_order(
+    plan: &RolloutPlan,
+    part: &[PlannedPrompt],
+    source: &mut dyn RolloutSource,
+    out: &Path,
+) -> Result<Vec<usize>, RolloutError> {
+    if !plan.sort_by_length {
+        return Ok((0..part.len()).collect());
+    }
+    let order = source.order(part).map_err(RolloutError::Source)?;
+    let mut seen = vec![false; part.len()];
+    for &i in &order {
+        match seen.get_mut(i) {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(RolloutError::Source(
+                    format!(
+                    "{}: the rollout source's order is not a permutation of the part's {} prompts",
+                    out.display(),
+                    part.len()
+                )
+                    .into(),
+                ))
+            }
+        }
+    }
+    if order.len() != part.len() {
+        return Err(RolloutError::Source(
+            format!(
+                "{}: the rollout source ordered {} of the part's {} prompts",
+                out.display(),
+                order.len(),
+                part.len()
+            )
+            .into(),
+        ));
+    }
+    Ok(order)
 }
 
 #[cfg(test)]
@@ -322,8 +392,8 @@ mod tests {
         fn generate(
             &mut self,
             prompts: &[PlannedPrompt],
-            first_row: u64,
-        ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>> {
+            rows: &[u64],
+        ) -> Result<Vec<Rollout>, SourceError> {
             if self.fail_after == Some(self.batches) {
                 self.fail_after = None;
                 return Err("simulated crash".into());
@@ -331,9 +401,9 @@ mod tests {
             self.batches += 1;
             Ok(prompts
                 .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let row = first_row as usize + i;
+                .zip(rows)
+                .map(|(p, &row)| {
+                    let row = row as usize;
                     let t = 1 + row % 3;
                     Rollout {
                         prompt_index: p.prompt_index,
@@ -345,6 +415,11 @@ mod tests {
                     }
                 })
                 .collect())
+        }
+
+        /// Last planned first: every batch of a sorted part holds other prompts.
+        fn order(&mut self, prompts: &[PlannedPrompt]) -> Result<Vec<usize>, SourceError> {
+            Ok((0..prompts.len()).rev().collect())
         }
     }
 
@@ -359,6 +434,7 @@ mod tests {
                 .collect(),
             batch_size: 2,
             rollouts_per_part: 4,
+            sort_by_length: false,
         }
     }
 
@@ -430,6 +506,57 @@ mod tests {
         );
         let err = run(&other, &out, true, &mut fake, &mut |_, _| {}).expect_err("other model");
         assert!(err.to_string().contains("cannot resume: model"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_sorted_part_writes_the_planned_order() -> Result<(), RolloutError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let new = || Fake {
+            batches: 0,
+            fail_after: None,
+        };
+        let planned = dir.path().join("planned.h5");
+        run(&plan(11), &planned, false, &mut new(), &mut |_, _| {})?;
+        let sorted_plan = RolloutPlan {
+            sort_by_length: true,
+            ..plan(11)
+        };
+        let sorted = dir.path().join("sorted.h5");
+        let mut seen = Vec::new();
+        run(&sorted_plan, &sorted, false, &mut new(), &mut |done, _| {
+            seen.push(done)
+        })?;
+        assert_eq!(contents(&sorted), contents(&planned));
+        assert_eq!(seen, [2, 4, 6, 8, 10, 11]);
+        // Killed in the second part: the resume gives the same store.
+        let resumed = dir.path().join("resumed.h5");
+        let mut fake = Fake {
+            batches: 0,
+            fail_after: Some(3),
+        };
+        run(&sorted_plan, &resumed, false, &mut fake, &mut |_, _| {}).expect_err("crash");
+        run(&sorted_plan, &resumed, true, &mut fake, &mut |_, _| {})?;
+        assert_eq!(contents(&resumed), contents(&planned));
+
+        /// An order that repeats a prompt.
+        struct Bad(Fake);
+        impl RolloutSource for Bad {
+            fn generate(
+                &mut self,
+                prompts: &[PlannedPrompt],
+                rows: &[u64],
+            ) -> Result<Vec<Rollout>, SourceError> {
+                self.0.generate(prompts, rows)
+            }
+            fn order(&mut self, prompts: &[PlannedPrompt]) -> Result<Vec<usize>, SourceError> {
+                Ok(vec![0; prompts.len()])
+            }
+        }
+        let bad = dir.path().join("bad.h5");
+        let err = run(&sorted_plan, &bad, false, &mut Bad(new()), &mut |_, _| {})
+            .expect_err("not a permutation");
+        assert!(err.to_string().contains("not a permutation"), "{err}");
         Ok(())
     }
 

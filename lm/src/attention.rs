@@ -31,6 +31,11 @@ enum Projections {
         qkv: Linear,
         layout: QkvLayout,
     },
+    /// A checkpoint's separate q/k/v maps joined into one (`[q | k | v]`) for inference: one
+    /// matrix product per layer instead of three; the parameters keep their names.
+    Joined {
+        qkv: Linear,
+    },
 }
 
 /// Checkpoint names of an attention layer's projections.
@@ -122,6 +127,18 @@ impl Attention {
                 k_proj.forward(x)?.f_view([b, s, kv, d])?,
                 v_proj.forward(x)?.f_view([b, s, kv, d])?,
             ),
+            Projections::Joined { qkv } => {
+                let fused = qkv.forward(x)?;
+                (
+                    fused.f_narrow(-1, 0, n * d)?.f_reshape([b, s, n, d])?,
+                    fused
+                        .f_narrow(-1, n * d, kv * d)?
+                        .f_reshape([b, s, kv, d])?,
+                    fused
+                        .f_narrow(-1, (n + kv) * d, kv * d)?
+                        .f_reshape([b, s, kv, d])?,
+                )
+            }
             Projections::Fused { qkv, layout } => {
                 let fused = qkv.forward(x)?;
                 match layout {
@@ -243,6 +260,39 @@ impl Attention {
         Ok(probs.f_matmul(&v)?)
     }
 
+    /// Joins separate q/k/v projections into one map (for inference: the joined weight is a
+    /// new tensor, not the checkpoint's).
+    pub(crate) fn join_projections(&mut self) -> Result<()> {
+        if let Projections::Separate {
+            q_proj,
+            k_proj,
+            v_proj,
+        } = &self.proj
+        {
+            self.proj = Projections::Joined {
+                qkv: Linear::join(&[q_proj, k_proj, v_proj])?,
+            };
+        }
+        Ok(())
+    }
+
+    /// Stores every projection's weight as `[in, out]` ([`Linear::store_in_out`]).
+    pub(crate) fn store_in_out(&mut self) -> Result<()> {
+        match &mut self.proj {
+            Projections::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                q_proj.store_in_out()?;
+                k_proj.store_in_out()?;
+                v_proj.store_in_out()?;
+            }
+            Projections::Fused { qkv, .. } | Projections::Joined { qkv } => qkv.store_in_out()?,
+        }
+        self.o_proj.store_in_out()
+    }
+
     pub(crate) fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         match &self.proj {
             Projections::Separate {
@@ -256,6 +306,20 @@ impl Attention {
             }
             Projections::Fused { qkv, .. } => {
                 qkv.params(&format!("{prefix}.{}", self.names.fused), out)
+            }
+            Projections::Joined { qkv } => {
+                let (q, kv) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                qkv.split_params(
+                    &[
+                        (format!("{prefix}.q_proj"), q),
+                        (format!("{prefix}.k_proj"), kv),
+                        (format!("{prefix}.v_proj"), kv),
+                    ],
+                    out,
+                );
             }
         }
         if let Some(n) = &self.q_norm {

@@ -19,6 +19,19 @@ pub struct GenerationConfig {
     /// Index of this batch's first prompt in the whole run: row `r` samples from random stream
     /// `first_row + r` of the seed, so a prompt's draws do not depend on its batch.
     pub first_row: u64,
+    /// Each row's random stream when the rows are not consecutive prompts of the run (rollouts
+    /// sorted by length): overrides `first_row + r`; one entry per prompt.
+    pub row_streams: Option<Vec<u64>>,
+}
+
+impl GenerationConfig {
+    /// The random stream of row `r`.
+    pub fn stream(&self, r: usize) -> u64 {
+        match &self.row_streams {
+            Some(streams) => streams[r],
+            None => self.first_row + r as u64,
+        }
+    }
 }
 
 /// Why a row stopped.
@@ -66,8 +79,8 @@ pub fn generate(
     }
     let batch = PromptBatch::new(model, prompts, config)?;
     let mut cache = model.new_cache(batch.width + config.max_new_tokens);
-    let mut samplers: Vec<Sampler> = (0..prompts.len() as u64)
-        .map(|r| Sampler::new(config.sampling.clone(), config.first_row + r))
+    let mut samplers: Vec<Sampler> = (0..prompts.len())
+        .map(|r| Sampler::new(config.sampling.clone(), config.stream(r)))
         .collect();
     let mut rows = RowProgress::new(&batch, config);
     let mut hidden = model.forward_hidden(&batch.input(), &mut cache, Positions::Last)?;
@@ -310,6 +323,15 @@ fn validate(model: &CausalLm, prompts: &[Vec<i64>], config: &GenerationConfig) -
         return Err(Error::InvalidGeneration(
             "max-new-tokens must be at least 1".to_owned(),
         ));
+    }
+    if let Some(streams) = &config.row_streams {
+        if streams.len() != prompts.len() {
+            return Err(Error::InvalidGeneration(format!(
+                "{} row streams for {} prompts",
+                streams.len(),
+                prompts.len()
+            )));
+        }
     }
     let vocab = model.config().vocab_size as i64;
     for (index, p) in prompts.iter().enumerate() {

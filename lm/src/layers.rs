@@ -10,8 +10,11 @@ use crate::weights::ParamSource;
 /// `y = x W^T + b`.
 #[derive(Debug)]
 pub(crate) struct Linear {
+    /// `[out, in]` as checkpoints store it, or `[in, out]` when `in_out`.
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight is stored transposed (see [`Linear::store_in_out`]).
+    in_out: bool,
 }
 
 impl Linear {
@@ -31,22 +34,92 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            in_out: false,
+        })
     }
 
     /// A bias-free map from a weight `[out, in]` already read.
     pub(crate) fn from_weight(weight: Tensor) -> Self {
-        Self { weight, bias: None }
+        Self {
+            weight,
+            bias: None,
+            in_out: false,
+        }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        if !self.in_out {
+            return Ok(x.f_linear(&self.weight, self.bias.as_ref())?);
+        }
+        let y = x.f_matmul(&self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.f_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Stores the weight as `[in, out]` (contiguous), so that `forward` is `x W` with `W`
+    /// untransposed: on the CPU, MKL's products with few rows of `x` (decoding) run two to
+    /// three times faster that way than against the transposed `[out, in]` matrix. The
+    /// products are the same up to the order of the additions.
+    pub(crate) fn store_in_out(&mut self) -> Result<()> {
+        if !self.in_out {
+            self.weight = self.weight.f_tr()?.f_contiguous()?;
+            self.in_out = true;
+        }
+        Ok(())
+    }
+
+    /// The weight as checkpoints store it, `[out, in]` (a view when stored `[in, out]`).
+    fn out_in(&self) -> Tensor {
+        if self.in_out {
+            self.weight.tr()
+        } else {
+            self.weight.shallow_clone()
+        }
+    }
+
+    /// Output features (rows of the checkpoint's weight).
+    pub(crate) fn out_features(&self) -> i64 {
+        self.out_in().size()[0]
+    }
+
+    /// One map computing `parts` side by side (their outputs concatenated, in order): one
+    /// matrix product instead of several. The parts' biases must be all present or all absent.
+    pub(crate) fn join(parts: &[&Linear]) -> Result<Self> {
+        let weights: Vec<Tensor> = parts.iter().map(|l| l.out_in()).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
+        Ok(Self {
+            weight: Tensor::f_cat(&weights, 0)?,
+            bias: match biases {
+                Some(b) => Some(Tensor::f_cat(&b, 0)?),
+                None => None,
+            },
+            in_out: false,
+        })
     }
 
     pub(crate) fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-        out.push((format!("{prefix}.weight"), self.weight.shallow_clone()));
+        out.push((format!("{prefix}.weight"), self.out_in()));
         if let Some(b) = &self.bias {
             out.push((format!("{prefix}.bias"), b.shallow_clone()));
+        }
+    }
+
+    /// The parameters of a [`Linear::join`]ed map under its parts' names: `(prefix, rows)` in
+    /// order, each a view of the joined tensors.
+    pub(crate) fn split_params(&self, parts: &[(String, i64)], out: &mut Vec<(String, Tensor)>) {
+        let weight = self.out_in();
+        let mut start = 0;
+        for (prefix, rows) in parts {
+            out.push((format!("{prefix}.weight"), weight.narrow(0, start, *rows)));
+            if let Some(b) = &self.bias {
+                out.push((format!("{prefix}.bias"), b.narrow(0, start, *rows)));
+            }
+            start += rows;
         }
     }
 }

@@ -181,6 +181,7 @@ impl LanguageModel {
             eos_token_ids: self.eos_token_ids.clone(),
             pad_token_id: self.pad_token_id,
             first_row: 0,
+            row_streams: None,
         }
     }
 }

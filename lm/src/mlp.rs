@@ -17,10 +17,12 @@ enum Layers {
         up_proj: Linear,
         down_proj: Linear,
     },
-    /// The same with `gate_up_proj` = `[gate; up]`.
+    /// The same with `gate_up_proj` = `[gate; up]`; `joined` when a checkpoint's separate
+    /// gate and up maps were joined for inference (their parameters keep their names).
     GatedFused {
         gate_up_proj: Linear,
         down_proj: Linear,
+        joined: bool,
     },
     /// `dense_4h_to_h(act(dense_h_to_4h(x)))`.
     Plain {
@@ -59,6 +61,7 @@ impl Mlp {
             MlpKind::GatedFused => Layers::GatedFused {
                 gate_up_proj: linear("gate_up_proj", h, 2 * i)?,
                 down_proj: linear("down_proj", i, h)?,
+                joined: false,
             },
             MlpKind::Plain => Layers::Plain {
                 dense_h_to_4h: linear("dense_h_to_4h", h, i)?,
@@ -88,6 +91,7 @@ impl Mlp {
             Layers::GatedFused {
                 gate_up_proj,
                 down_proj,
+                ..
             } => {
                 let both = gate_up_proj.forward(x)?;
                 let half = both.size().last().copied().unwrap_or(0) / 2;
@@ -99,6 +103,58 @@ impl Mlp {
                 dense_4h_to_h,
             } => dense_4h_to_h.forward(&self.act.apply(&dense_h_to_4h.forward(x)?)?),
             Layers::Moe(moe) => moe.forward(x, self.act),
+        }
+    }
+
+    /// Joins separate gate and up maps into one (for inference: one matrix product instead of
+    /// two; the joined weight is a new tensor, not the checkpoint's).
+    pub(crate) fn join_projections(&mut self) -> Result<()> {
+        if let Layers::Gated {
+            gate_proj,
+            up_proj,
+            down_proj,
+        } = &mut self.layers
+        {
+            let gate_up_proj = Linear::join(&[gate_proj, up_proj])?;
+            let down_proj = std::mem::replace(down_proj, Linear::from_weight(Tensor::new()));
+            self.layers = Layers::GatedFused {
+                gate_up_proj,
+                down_proj,
+                joined: true,
+            };
+        }
+        Ok(())
+    }
+
+    /// Stores the weights of a dense MLP as `[in, out]` ([`Linear::store_in_out`]); a mixture
+    /// of experts keeps its layout (its experts see few rows each).
+    pub(crate) fn store_in_out(&mut self) -> Result<()> {
+        match &mut self.layers {
+            Layers::Gated {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => {
+                gate_proj.store_in_out()?;
+                up_proj.store_in_out()?;
+                down_proj.store_in_out()
+            }
+            Layers::GatedFused {
+                gate_up_proj,
+                down_proj,
+                ..
+            } => {
+                gate_up_proj.store_in_out()?;
+                down_proj.store_in_out()
+            }
+            Layers::Plain {
+                dense_h_to_4h,
+                dense_4h_to_h,
+            } => {
+                dense_h_to_4h.store_in_out()?;
+                dense_4h_to_h.store_in_out()
+            }
+            Layers::Moe(_) => Ok(()),
         }
     }
 
@@ -118,9 +174,25 @@ impl Mlp {
             Layers::GatedFused {
                 gate_up_proj,
                 down_proj,
+                joined: false,
             } => {
                 add("gate_up_proj", gate_up_proj);
                 add("down_proj", down_proj);
+            }
+            Layers::GatedFused {
+                gate_up_proj,
+                down_proj,
+                joined: true,
+            } => {
+                let rows = gate_up_proj.out_features();
+                gate_up_proj.split_params(
+                    &[
+                        (format!("{prefix}.gate_proj"), rows / 2),
+                        (format!("{prefix}.up_proj"), rows / 2),
+                    ],
+                    out,
+                );
+                down_proj.params(&format!("{prefix}.down_proj"), out);
             }
             Layers::Plain {
                 dense_h_to_4h,

@@ -52,6 +52,9 @@ pub struct RolloutSettings {
     /// An instruction put before every prompt (the paper's "+prompting").
     pub instruction: Option<String>,
     pub decoding: DecodingSettings,
+    /// Batch each part's prompts by tokenized length (less padding); the store's records and
+    /// their order are the same either way, each row keeping its own random stream.
+    pub sort_by_length: bool,
 }
 
 impl Default for RolloutSettings {
@@ -63,6 +66,7 @@ impl Default for RolloutSettings {
             prompt_format: PromptFormat::Hh,
             instruction: None,
             decoding: DecodingSettings::default(),
+            sort_by_length: true,
         }
     }
 }
@@ -134,6 +138,7 @@ pub fn collect_rollouts(
         prompts,
         batch_size: batch,
         rollouts_per_part: settings.rollouts_per_part.max(1).div_ceil(batch) * batch,
+        sort_by_length: settings.sort_by_length,
     };
     let start = Instant::now();
     let mut source = LmSource {
@@ -167,10 +172,29 @@ struct LmSource<'a> {
 }
 
 impl RolloutSource for LmSource<'_> {
+    /// Shortest prompt (in tokens, as it will be fed) first; ties keep the planned order.
+    fn order(
+        &mut self,
+        prompts: &[PlannedPrompt],
+    ) -> Result<Vec<usize>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut lengths = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let (ids, _) = self.lm.encode_prompt(
+                &p.text,
+                self.config.max_new_tokens,
+                self.add_special_tokens,
+            )?;
+            lengths.push(ids.len());
+        }
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| lengths[i]);
+        Ok(order)
+    }
+
     fn generate(
         &mut self,
         prompts: &[PlannedPrompt],
-        first_row: u64,
+        rows: &[u64],
     ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>> {
         let mut ids = Vec::with_capacity(prompts.len());
         for p in prompts {
@@ -183,7 +207,7 @@ impl RolloutSource for LmSource<'_> {
             ids.push(prompt_ids);
         }
         let mut config = self.config.clone();
-        config.first_row = first_row;
+        config.row_streams = Some(rows.to_vec());
         let mut recorder = StateRecorder::new(prompts.len());
         let outputs = generate(&self.lm.model, &ids, &config, Some(&mut recorder))?;
         let hidden = self.lm.model.config().hidden_size;

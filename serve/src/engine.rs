@@ -361,6 +361,7 @@ impl Engine {
             eos_token_ids: self.eos_token_ids.clone(),
             pad_token_id: self.pad_token_id,
             first_row: 0,
+            row_streams: None,
         };
         let prompt_batch = PromptBatch::new(&self.model, &prompts, &config).map_err(torch)?;
         let mut cache = self.model.new_cache(prompt_batch.width + max_tokens);

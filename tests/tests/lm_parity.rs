@@ -424,3 +424,45 @@ fn hook_replaces_the_state_the_logits_come_from() {
     }
     assert_ne!(PAD, target);
 }
+
+/// Loading for inference joins q/k/v and gate/up and (on the CPU) stores the layers' matrices
+/// `[in, out]`: every parameter still reads back under its checkpoint name and shape with the
+/// checkpoint's values (a backbone load keeps the checkpoint's layout), and the joined maps
+/// are really in use (fewer parameter tensors of their own).
+#[test]
+fn the_inference_layout_keeps_the_checkpoints_parameters() {
+    for name in LM_FIXTURES {
+        let dir = lm_fixture(name);
+        let prepared = LanguageModel::load(&dir, device_spec(), DType::F32).expect("load");
+        let plain =
+            LanguageModel::load_backbone(&dir, device_spec(), DType::F32).expect("backbone");
+        let got: std::collections::BTreeMap<String, Tensor> =
+            prepared.model.named_params().into_iter().collect();
+        let want = plain.model.named_params();
+        for (key, w) in &want {
+            let g = got
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: {key} missing"));
+            assert_eq!(g.size(), w.size(), "{name}: {key}");
+            assert!(g.equal(w), "{name}: {key} differs");
+        }
+        let extra: Vec<&String> = got
+            .keys()
+            .filter(|k| !want.iter().any(|(w, _)| w == *k) && k.as_str() != "lm_head.weight")
+            .collect();
+        assert!(extra.is_empty(), "{name}: {extra:?}");
+        if name == "llama-mha" {
+            // q/k/v joined: the names are views of one tensor, k's rows following q's; on the
+            // CPU that tensor is stored [in, out], so the views are transposed.
+            let q = &got["model.layers.0.self_attn.q_proj.weight"];
+            let k = &got["model.layers.0.self_attn.k_proj.weight"];
+            let offset = k.data_ptr() as usize - q.data_ptr() as usize;
+            if device() == tch::Device::Cpu {
+                assert!(!q.is_contiguous());
+                assert_eq!(offset, q.size()[0] as usize * 4);
+            } else {
+                assert_eq!(offset, q.numel() * 4);
+            }
+        }
+    }
+}
