@@ -3,8 +3,11 @@
 against the reference's collector, HF `generate(output_hidden_states=True)`, in the same run.
 
 * recontrol: `rollout --limit N` (prompts batched by length, the default) and the same with
-  `--keep-prompt-order` (dataset order), then `--limit 10N` (memory must not grow with the
-  run's length: peak RSS of both is printed, and their ratio). states/s is what the command
+  `--keep-prompt-order` (dataset order), then the same N prompts with `--samples-per-prompt
+  10`: ten times the rollouts from prompts of the same lengths, so that the peak RSS of both
+  (and their ratio, printed) shows whether memory grows with the run's length. (Memory does
+  grow with the longest prompt times the batch size, the prefill's activations; a larger
+  `--limit` draws longer dialogues from HH-RLHF's tail.) states/s is what the command
   reports (states written / wall time of the collection, model loading excluded), streaming
   to the HDF5 store.
 * HF: the same prompts (read back from recontrol's store), in dataset order, batched as
@@ -53,6 +56,7 @@ RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 
 
 def run(binary: Path, model: Path, out: Path, limit: int, args, extra: list[str]) -> dict:
+    """One `recontrol rollout` under /usr/bin/time: its summary line and peak RSS."""
     out.unlink(missing_ok=True)
     cmd = [
         "/usr/bin/time", "-v", str(binary), "rollout", "--model", str(model),
@@ -143,7 +147,8 @@ def main() -> int:
         same = [i for i in range(len(hf_rows)) if list(ours[offsets[i]:offsets[i + 1]]) == hf_tokens[i]]
         worst = max((float(np.abs(states[offsets[i]:offsets[i + 1]] - hf_rows[i]).max()) for i in same),
                     default=float("nan"))
-        long_run = run(args.recontrol, model_dir, tmp / "long.h5", 10 * args.limit, args, [])
+        long_run = run(args.recontrol, model_dir, tmp / "long.h5", args.limit, args,
+                       ["--samples-per-prompt", "10"])
 
     med = {k: statistics.median(x["states_per_s"] for x in v) for k, v in runs.items()}
     hf = statistics.median(hf_runs)
@@ -158,9 +163,9 @@ def main() -> int:
     print(f"greedy tokens equal HF's for {len(same)} of {len(hf_rows)} prompts; "
           f"max |state - HF state| over those: {worst:.2e}")
     short = runs["sorted"][-1]
-    print(f"{'limit':>6} {'rollouts':>8} {'states':>7} {'states/s':>9} {'bytes/state':>11} {'peak RSS MiB':>12}")
+    print(f"{'prompts':>7} {'rollouts':>8} {'states':>7} {'states/s':>9} {'bytes/state':>11} {'peak RSS MiB':>12}")
     for x in (short, long_run):
-        print(f"{x['limit']:>6} {x['rollouts']:>8} {x['states']:>7} {x['states_per_s']:>9.1f} "
+        print(f"{x['limit']:>7} {x['rollouts']:>8} {x['states']:>7} {x['states_per_s']:>9.1f} "
               f"{x['bytes_per_state']:>11} {x['peak_rss_mib']:>12.0f}")
     ratio = long_run["peak_rss_mib"] / short["peak_rss_mib"]
     print(f"peak RSS ratio 10x/1x: {ratio:.2f}")

@@ -177,6 +177,20 @@ fn store_contents(path: &Path) -> Vec<Rollout> {
         .collect()
 }
 
+/// The same records in the same order: prompts, tokens and texts equal, states equal to float
+/// noise (batches padded differently).
+fn assert_same_records(got: &[Rollout], want: &[Rollout]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(
+            (g.prompt_index, &g.prompt, &g.response, &g.tokens),
+            (w.prompt_index, &w.prompt, &w.response, &w.tokens)
+        );
+        let diff = (&g.states - &w.states).fold(0f32, |m, d| m.max(d.abs()));
+        assert!(diff < 1e-4, "prompt {}: {diff}", g.prompt_index);
+    }
+}
+
 #[test]
 fn shards_merge_into_the_whole_and_foreign_stores_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -200,15 +214,7 @@ fn shards_merge_into_the_whole_and_foreign_stores_are_refused() {
     assert_eq!(got.len(), 48);
     got.sort_by_key(|r| r.prompt_index);
     want.sort_by_key(|r| r.prompt_index);
-    // Prompts, tokens and texts agree; states agree to float noise (other batch padding).
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(
-            (g.prompt_index, &g.prompt, &g.response, &g.tokens),
-            (w.prompt_index, &w.prompt, &w.response, &w.tokens)
-        );
-        let diff = (&g.states - &w.states).fold(0f32, |m, d| m.max(d.abs()));
-        assert!(diff < 1e-4, "prompt {}: {diff}", g.prompt_index);
-    }
+    assert_same_records(&got, &want);
 
     // A store of another model cannot be merged in.
     let other = dir.path().join("other.h5");
@@ -254,16 +260,8 @@ fn sorting_by_length_keeps_every_record_and_its_place() {
     }
     let (got, want) = (store_contents(&sorted), store_contents(&planned));
     assert_eq!(got.len(), 96);
-    let mut lengths = std::collections::BTreeSet::new();
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(
-            (g.prompt_index, &g.prompt, &g.response, &g.tokens),
-            (w.prompt_index, &w.prompt, &w.response, &w.tokens)
-        );
-        let diff = (&g.states - &w.states).fold(0f32, |m, d| m.max(d.abs()));
-        assert!(diff < 1e-4, "prompt {}: {diff}", g.prompt_index);
-        lengths.insert(g.tokens.len());
-    }
+    assert_same_records(&got, &want);
+    let lengths: std::collections::BTreeSet<usize> = got.iter().map(|r| r.tokens.len()).collect();
     // Sampled answers of several lengths: the rows ended at their own end tokens.
     assert!(lengths.len() > 3, "{lengths:?}");
 }

@@ -27,14 +27,13 @@ enum Projections {
         k_proj: Linear,
         v_proj: Linear,
     },
+    /// One map for all three; `joined` when a checkpoint's separate q/k/v maps were joined
+    /// (`[q | k | v]`) for inference, one product instead of three, their parameters keeping
+    /// their names.
     Fused {
         qkv: Linear,
         layout: QkvLayout,
-    },
-    /// A checkpoint's separate q/k/v maps joined into one (`[q | k | v]`) for inference: one
-    /// matrix product per layer instead of three; the parameters keep their names.
-    Joined {
-        qkv: Linear,
+        joined: bool,
     },
 }
 
@@ -88,6 +87,7 @@ impl Attention {
             layout => Projections::Fused {
                 qkv: linear(names.fused, h, q_dim + 2 * kv_dim, cfg.qkv_bias)?,
                 layout,
+                joined: false,
             },
         };
         let head_norm = |name: &str| -> Result<Option<Norm>> {
@@ -127,19 +127,7 @@ impl Attention {
                 k_proj.forward(x)?.f_view([b, s, kv, d])?,
                 v_proj.forward(x)?.f_view([b, s, kv, d])?,
             ),
-            Projections::Joined { qkv } => {
-                let fused = qkv.forward(x)?;
-                (
-                    fused.f_narrow(-1, 0, n * d)?.f_reshape([b, s, n, d])?,
-                    fused
-                        .f_narrow(-1, n * d, kv * d)?
-                        .f_reshape([b, s, kv, d])?,
-                    fused
-                        .f_narrow(-1, (n + kv) * d, kv * d)?
-                        .f_reshape([b, s, kv, d])?,
-                )
-            }
-            Projections::Fused { qkv, layout } => {
+            Projections::Fused { qkv, layout, .. } => {
                 let fused = qkv.forward(x)?;
                 match layout {
                     // [q (n heads) | k (kv heads) | v (kv heads)]
@@ -269,8 +257,10 @@ impl Attention {
             v_proj,
         } = &self.proj
         {
-            self.proj = Projections::Joined {
+            self.proj = Projections::Fused {
                 qkv: Linear::join(&[q_proj, k_proj, v_proj])?,
+                layout: QkvLayout::Fused,
+                joined: true,
             };
         }
         Ok(())
@@ -288,7 +278,7 @@ impl Attention {
                 k_proj.store_in_out()?;
                 v_proj.store_in_out()?;
             }
-            Projections::Fused { qkv, .. } | Projections::Joined { qkv } => qkv.store_in_out()?,
+            Projections::Fused { qkv, .. } => qkv.store_in_out()?,
         }
         self.o_proj.store_in_out()
     }
@@ -304,10 +294,12 @@ impl Attention {
                 k_proj.params(&format!("{prefix}.k_proj"), out);
                 v_proj.params(&format!("{prefix}.v_proj"), out);
             }
-            Projections::Fused { qkv, .. } => {
-                qkv.params(&format!("{prefix}.{}", self.names.fused), out)
-            }
-            Projections::Joined { qkv } => {
+            Projections::Fused {
+                qkv, joined: false, ..
+            } => qkv.params(&format!("{prefix}.{}", self.names.fused), out),
+            Projections::Fused {
+                qkv, joined: true, ..
+            } => {
                 let (q, kv) = (
                     self.num_heads * self.head_dim,
                     self.num_kv_heads * self.head_dim,

@@ -171,6 +171,14 @@ struct LmSource<'a> {
     truncated: usize,
 }
 
+impl LmSource<'_> {
+    /// A prompt's ids as they will be fed, and whether its oldest tokens were dropped.
+    fn encode(&self, p: &PlannedPrompt) -> recontrol_lm::Result<(Vec<i64>, bool)> {
+        self.lm
+            .encode_prompt(&p.text, self.config.max_new_tokens, self.add_special_tokens)
+    }
+}
+
 impl RolloutSource for LmSource<'_> {
     /// Shortest prompt (in tokens, as it will be fed) first; ties keep the planned order.
     fn order(
@@ -179,12 +187,7 @@ impl RolloutSource for LmSource<'_> {
     ) -> Result<Vec<usize>, Box<dyn std::error::Error + Send + Sync>> {
         let mut lengths = Vec::with_capacity(prompts.len());
         for p in prompts {
-            let (ids, _) = self.lm.encode_prompt(
-                &p.text,
-                self.config.max_new_tokens,
-                self.add_special_tokens,
-            )?;
-            lengths.push(ids.len());
+            lengths.push(self.encode(p)?.0.len());
         }
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| lengths[i]);
@@ -198,11 +201,7 @@ impl RolloutSource for LmSource<'_> {
     ) -> Result<Vec<Rollout>, Box<dyn std::error::Error + Send + Sync>> {
         let mut ids = Vec::with_capacity(prompts.len());
         for p in prompts {
-            let (prompt_ids, truncated) = self.lm.encode_prompt(
-                &p.text,
-                self.config.max_new_tokens,
-                self.add_special_tokens,
-            )?;
+            let (prompt_ids, truncated) = self.encode(p)?;
             self.truncated += usize::from(truncated);
             ids.push(prompt_ids);
         }
