@@ -330,28 +330,13 @@ fn part_order(
         return Ok((0..part.len()).collect());
     }
     let order = source.order(part).map_err(RolloutError::Source)?;
-    let mut seen = vec![false; part.len()];
-    for &i in &order {
-        match seen.get_mut(i) {
-            Some(s) if !*s => *s = true,
-            _ => {
-                return Err(RolloutError::Source(
-                    format!(
-                    "{}: the rollout source's order is not a permutation of the part's {} prompts",
-                    out.display(),
-                    part.len()
-                )
-                    .into(),
-                ))
-            }
-        }
-    }
-    if order.len() != part.len() {
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    if !sorted.iter().copied().eq(0..part.len()) {
         return Err(RolloutError::Source(
             format!(
-                "{}: the rollout source ordered {} of the part's {} prompts",
+                "{}: the rollout source's order is not a permutation of the part's {} prompts",
                 out.display(),
-                order.len(),
                 part.len()
             )
             .into(),

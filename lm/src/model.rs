@@ -336,31 +336,22 @@ impl CausalLm {
         Ok(model)
     }
 
-    /// Lays the weights out for decoding: [`CausalLm::join_projections`], and on the CPU the
+    /// Lays the weights out for decoding: each layer's separate q/k/v projections joined into
+    /// one matrix and its gate and up projections into another (two products per layer and
+    /// step instead of five, as Phi-3 checkpoints already store them), and on the CPU the
     /// layers' matrices stored `[in, out]` (MKL multiplies a few rows by them two to three
     /// times faster than by the checkpoints' `[out, in]`; the LM head, often the embedding
-    /// matrix itself, keeps its layout). [`CausalLm::named_params`] still gives every
-    /// parameter under its checkpoint name and shape, as views.
+    /// matrix itself, keeps its layout). The joined weights are new tensors:
+    /// [`CausalLm::named_params`] still gives every parameter under its checkpoint name and
+    /// shape, as views, which a trainer must not treat as leaves.
     pub fn prepare_for_inference(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        self.join_projections()?;
-        if self.device == Device::Cpu {
-            for layer in &mut self.layers {
-                layer.store_in_out()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Joins each layer's separate q/k/v projections into one matrix, and its gate and up
-    /// projections into another: per layer and step, two matrix products instead of five
-    /// (as Phi-3 checkpoints already store them). For inference: the joined weights are new
-    /// tensors, and [`CausalLm::named_params`] then gives views of them under the
-    /// checkpoint's names, which a trainer must not treat as leaves.
-    pub fn join_projections(&mut self) -> Result<()> {
-        let _guard = tch::no_grad_guard();
+        let cpu = self.device == Device::Cpu;
         for layer in &mut self.layers {
             layer.join_projections()?;
+            if cpu {
+                layer.store_in_out()?;
+            }
         }
         Ok(())
     }
