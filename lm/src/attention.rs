@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::cache::KvCache;
 use crate::config::{AttentionWindow, ModelConfig, QkvLayout};
 use crate::error::Result;
+use crate::kernels;
 use crate::layers::{Linear, Norm};
 use crate::rope::apply_rotary;
 use crate::weights::ParamSource;
@@ -170,9 +171,14 @@ impl Attention {
         x: &Tensor,
         rotary: &Rotary,
         masks: &Masks,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
+        if let Some(cache) = cache.as_deref_mut() {
+            if let Some(out) = self.decode_step(x, rotary, masks, cache, layer)? {
+                return self.o_proj.forward(&out);
+            }
+        }
         let (b, s) = (x.size()[0], x.size()[1]);
         let (q, k, v) = self.project(x)?;
         let norm = |t: Tensor, n: &Option<Norm>| match n {
@@ -183,10 +189,7 @@ impl Attention {
         let q = norm(q, &self.q_norm)?.f_transpose(1, 2)?;
         let k = norm(k, &self.k_norm)?.f_transpose(1, 2)?;
         let v = v.f_transpose(1, 2)?;
-        let (cos, sin) = match (&rotary.local, self.local_rope) {
-            (Some(local), true) => local,
-            _ => &rotary.global,
-        };
+        let (cos, sin) = self.cos_sin(rotary);
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         // [batch, kv_heads, past + seq, head_dim]
@@ -212,6 +215,72 @@ impl Attention {
             .f_transpose(1, 2)?
             .f_reshape([b, s, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out)
+    }
+
+    /// One decoding step (one new position per row) in the CPU kernel
+    /// ([`kernels::decode_attention`]), where it applies: float32 on the CPU, `[q | k | v]` in
+    /// one projection, no per-head norms, no soft cap. Returns the attention's output before
+    /// `o_proj`, `[batch, 1, heads head_dim]`, or `None` to take the libtorch ops.
+    fn decode_step(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        masks: &Masks,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        let Projections::Fused {
+            qkv,
+            layout: QkvLayout::Fused | QkvLayout::Separate,
+            ..
+        } = &self.proj
+        else {
+            return Ok(None);
+        };
+        let (cos, sin) = self.cos_sin(rotary);
+        let mask = masks.get(self.window);
+        if x.size()[1] != 1
+            || self.q_norm.is_some()
+            || self.softcap.is_some()
+            || mask.is_causal
+            || !kernels::applies(x, &[cos, sin])
+            || mask.tensor.as_ref().is_some_and(|m| !m.is_contiguous())
+        {
+            return Ok(None);
+        }
+        let fused = qkv.forward(x)?; // [batch, 1, (heads + 2 kv_heads) head_dim]
+        let shape = [x.size()[0], self.num_kv_heads, 1, self.head_dim];
+        let start = cache.len();
+        let (keys, values) = cache.room(layer, &shape, (Kind::Float, Device::Cpu), 1)?;
+        if !keys.is_contiguous() || !values.is_contiguous() {
+            return Ok(None);
+        }
+        let heads = kernels::DecodeHeads {
+            heads: self.num_heads as usize,
+            kv_heads: self.num_kv_heads as usize,
+            head_dim: self.head_dim as usize,
+            scale: self.scale as f32,
+        };
+        let out = kernels::decode_attention(
+            &fused,
+            cos,
+            sin,
+            keys,
+            values,
+            start,
+            mask.tensor.as_ref(),
+            heads,
+        )?;
+        Ok(Some(out))
+    }
+
+    /// The rotary table this layer takes.
+    fn cos_sin<'r>(&self, rotary: &'r Rotary) -> (&'r Tensor, &'r Tensor) {
+        let (cos, sin) = match (&rotary.local, self.local_rope) {
+            (Some(local), true) => local,
+            _ => &rotary.global,
+        };
+        (cos, sin)
     }
 
     /// Attention with `cap * tanh(score / cap)` on the scores, as transformers' eager Gemma 2

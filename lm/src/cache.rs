@@ -1,8 +1,8 @@
 //! The key/value cache: one preallocated buffer per layer, written in place.
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Keys and values of every layer for the positions seen so far.
 #[derive(Debug)]
@@ -60,33 +60,47 @@ impl KvCache {
     ) -> Result<(Tensor, Tensor)> {
         let new = k.size()[2];
         let start = self.len as i64;
-        let needed = start + new;
-        let reserve = self.reserve as i64;
-        let (kb, vb) = match &mut self.layers[layer] {
-            Some(bufs) if bufs.0.size()[2] >= needed => bufs,
-            slot => {
-                // Grow to the reserve, the need, or double the old size, whichever is largest.
-                let old = slot.take();
-                let old_capacity = old.as_ref().map_or(0, |(kb, _)| kb.size()[2]);
-                let capacity = needed.max(reserve).max(2 * old_capacity);
-                let alloc = |t: &Tensor| -> Result<Tensor> {
-                    let mut size = t.size();
-                    size[2] = capacity;
-                    Ok(Tensor::f_zeros(&size, (t.kind(), t.device()))?)
-                };
-                let (kb, vb) = (alloc(k)?, alloc(v)?);
-                if let Some((old_k, old_v)) = old {
-                    kb.f_narrow(2, 0, start)?
-                        .f_copy_(&old_k.f_narrow(2, 0, start)?)?;
-                    vb.f_narrow(2, 0, start)?
-                        .f_copy_(&old_v.f_narrow(2, 0, start)?)?;
-                }
-                slot.insert((kb, vb))
-            }
-        };
+        let (kb, vb) = self.room(layer, &k.size(), (k.kind(), k.device()), new)?;
         kb.f_narrow(2, start, new)?.f_copy_(k)?;
         vb.f_narrow(2, start, new)?.f_copy_(v)?;
-        Ok((kb.f_narrow(2, 0, needed)?, vb.f_narrow(2, 0, needed)?))
+        Ok((
+            kb.f_narrow(2, 0, start + new)?,
+            vb.f_narrow(2, 0, start + new)?,
+        ))
+    }
+
+    /// The key and value buffers `[batch, kv_heads, capacity, head_dim]` of layer `layer`,
+    /// with room for `new` positions after [`KvCache::len`] (allocated as `size`
+    /// `[batch, kv_heads, _, head_dim]` with `options` when they grow): the new keys and values
+    /// are written from position `len` on.
+    pub(crate) fn room(
+        &mut self,
+        layer: usize,
+        size: &[i64],
+        options: (Kind, Device),
+        new: i64,
+    ) -> Result<&mut (Tensor, Tensor)> {
+        let start = self.len as i64;
+        let needed = start + new;
+        let reserve = self.reserve as i64;
+        let slot = &mut self.layers[layer];
+        let capacity = slot.as_ref().map_or(0, |(kb, _)| kb.size()[2]);
+        if capacity < needed {
+            // Grow to the reserve, the need, or double the old size, whichever is largest.
+            let mut size = size.to_vec();
+            size[2] = needed.max(reserve).max(2 * capacity);
+            let alloc = || Tensor::f_zeros(&size, options);
+            let (kb, vb) = (alloc()?, alloc()?);
+            if let Some((old_k, old_v)) = slot.take() {
+                kb.f_narrow(2, 0, start)?
+                    .f_copy_(&old_k.f_narrow(2, 0, start)?)?;
+                vb.f_narrow(2, 0, start)?
+                    .f_copy_(&old_v.f_narrow(2, 0, start)?)?;
+            }
+            *slot = Some((kb, vb));
+        }
+        slot.as_mut()
+            .ok_or_else(|| Error::Kernel("a cache layer was not allocated".into()))
     }
 
     /// A copy of this cache with every row repeated `times` times in place (row `r` becomes

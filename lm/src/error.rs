@@ -12,6 +12,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A CPU kernel was handed tensors it does not take (a bug, not a user's input).
+    #[error("internal: {0}")]
+    Kernel(String),
+
     #[error("model directory {0} does not exist or is not a directory")]
     MissingModelDir(PathBuf),
 

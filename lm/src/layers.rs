@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{Activation, NormKind};
 use crate::error::Result;
+use crate::kernels;
 use crate::weights::ParamSource;
 
 /// `y = x W^T + b`.
@@ -162,6 +163,9 @@ impl Norm {
         };
         Ok(match self.kind {
             // Llama: the variance in float32, the weight applied in the input's dtype.
+            NormKind::Rms if kernels::applies(x, &[&self.weight]) => {
+                kernels::rms_norm(x, &self.weight, self.eps)?
+            }
             NormKind::Rms => {
                 let normed = rms_normed(&x.f_to_kind(Kind::Float)?)?;
                 self.weight.f_mul(&normed.f_to_kind(kind)?)?

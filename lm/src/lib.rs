@@ -35,6 +35,7 @@ mod device;
 mod error;
 mod generate;
 mod hook;
+mod kernels;
 mod layers;
 mod mlp;
 mod model;

@@ -5,6 +5,7 @@ use tch::Tensor;
 
 use crate::config::{Activation, MlpKind, ModelConfig};
 use crate::error::Result;
+use crate::kernels;
 use crate::layers::Linear;
 use crate::moe::SparseMoe;
 use crate::weights::ParamSource;
@@ -94,6 +95,9 @@ impl Mlp {
                 ..
             } => {
                 let both = gate_up_proj.forward(x)?;
+                if self.act == Activation::Silu && kernels::applies(&both, &[]) {
+                    return down_proj.forward(&kernels::silu_mul(&both)?);
+                }
                 let half = both.size().last().copied().unwrap_or(0) / 2;
                 let gate = self.act.apply(&both.f_narrow(-1, 0, half)?)?;
                 down_proj.forward(&both.f_narrow(-1, half, half)?.f_mul(&gate)?)
