@@ -336,20 +336,20 @@ impl Attention {
     }
 
     /// Stores every projection's weight as `[in, out]` ([`Linear::store_in_out`]).
-    pub(crate) fn store_in_out(&mut self) -> Result<()> {
+    pub(crate) fn store_in_out(&mut self, pack: bool) -> Result<()> {
         match &mut self.proj {
             Projections::Separate {
                 q_proj,
                 k_proj,
                 v_proj,
             } => {
-                q_proj.store_in_out()?;
-                k_proj.store_in_out()?;
-                v_proj.store_in_out()?;
+                q_proj.store_in_out(pack)?;
+                k_proj.store_in_out(pack)?;
+                v_proj.store_in_out(pack)?;
             }
-            Projections::Fused { qkv, .. } => qkv.store_in_out()?,
+            Projections::Fused { qkv, .. } => qkv.store_in_out(pack)?,
         }
-        self.o_proj.store_in_out()
+        self.o_proj.store_in_out(pack)
     }
 
     pub(crate) fn params(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {

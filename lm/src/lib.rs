@@ -40,6 +40,7 @@ mod layers;
 mod mlp;
 mod model;
 mod moe;
+mod packed;
 pub mod pretrain;
 mod rope;
 pub mod sampling;

@@ -132,31 +132,31 @@ impl Mlp {
 
     /// Stores the weights of a dense MLP as `[in, out]` ([`Linear::store_in_out`]); a mixture
     /// of experts keeps its layout (its experts see few rows each).
-    pub(crate) fn store_in_out(&mut self) -> Result<()> {
+    pub(crate) fn store_in_out(&mut self, pack: bool) -> Result<()> {
         match &mut self.layers {
             Layers::Gated {
                 gate_proj,
                 up_proj,
                 down_proj,
             } => {
-                gate_proj.store_in_out()?;
-                up_proj.store_in_out()?;
-                down_proj.store_in_out()
+                gate_proj.store_in_out(pack)?;
+                up_proj.store_in_out(pack)?;
+                down_proj.store_in_out(pack)
             }
             Layers::GatedFused {
                 gate_up_proj,
                 down_proj,
                 ..
             } => {
-                gate_up_proj.store_in_out()?;
-                down_proj.store_in_out()
+                gate_up_proj.store_in_out(pack)?;
+                down_proj.store_in_out(pack)
             }
             Layers::Plain {
                 dense_h_to_4h,
                 dense_4h_to_h,
             } => {
-                dense_h_to_4h.store_in_out()?;
-                dense_4h_to_h.store_in_out()
+                dense_h_to_4h.store_in_out(pack)?;
+                dense_4h_to_h.store_in_out(pack)
             }
             Layers::Moe(_) => Ok(()),
         }

@@ -18,8 +18,13 @@ use crate::device::DType;
 use crate::error::{Error, Result};
 use crate::layers::Norm;
 use crate::mlp::Mlp;
+use crate::packed::PackedWeight;
 use crate::rope::Rope;
 use crate::weights::{ParamSource, Weights};
+
+/// The largest model (its parameters' bytes) whose matrices are packed for decoding on the
+/// CPU: the packs take about as much memory again.
+pub const PACK_MAX_BYTES: usize = 4 << 30;
 
 /// Where a family keeps its tensors.
 #[derive(Debug, Clone, Copy)]
@@ -271,9 +276,9 @@ impl DecoderLayer {
         self.mlp.join_projections()
     }
 
-    fn store_in_out(&mut self) -> Result<()> {
-        self.self_attn.store_in_out()?;
-        self.mlp.store_in_out()
+    fn store_in_out(&mut self, pack: bool) -> Result<()> {
+        self.self_attn.store_in_out(pack)?;
+        self.mlp.store_in_out(pack)
     }
 
     fn params(&self, prefix: &str, names: &TensorNames, out: &mut Vec<(String, Tensor)>) {
@@ -317,6 +322,8 @@ pub struct CausalLm {
     /// `[vocab, hidden]`; the embedding matrix itself when embeddings are tied; `None` for a
     /// backbone loaded without its head (sequence-classification checkpoints have none).
     lm_head: Option<Tensor>,
+    /// The LM head packed for decoding on the CPU ([`CausalLm::prepare_for_inference`]).
+    head_pack: Option<PackedWeight>,
     rope: Rope,
     /// Gemma 3's rotary table of the sliding-window layers.
     local_rope: Option<Rope>,
@@ -344,14 +351,30 @@ impl CausalLm {
     /// matrix itself, keeps its layout). The joined weights are new tensors:
     /// [`CausalLm::named_params`] still gives every parameter under its checkpoint name and
     /// shape, as views, which a trainer must not treat as leaves.
+    ///
+    /// On the CPU, a model of at most [`PACK_MAX_BYTES`] also packs its matrices and LM head
+    /// for decoding ([`crate::packed`]): a packed copy of each, made on the first decoding
+    /// step, about as large again as the weights.
     pub fn prepare_for_inference(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let cpu = self.device == Device::Cpu;
+        let bytes: usize = self
+            .named_params()
+            .iter()
+            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        let pack = cpu && bytes <= PACK_MAX_BYTES;
         for layer in &mut self.layers {
             layer.join_projections()?;
             if cpu {
-                layer.store_in_out()?;
+                layer.store_in_out(pack)?;
             }
+        }
+        if pack {
+            self.head_pack = self
+                .lm_head
+                .as_ref()
+                .map(|h| PackedWeight::new(h.shallow_clone()));
         }
         Ok(())
     }
@@ -426,6 +449,7 @@ impl CausalLm {
             layers,
             norm,
             lm_head,
+            head_pack: None,
             rope,
             local_rope,
             names,
@@ -633,7 +657,14 @@ impl CausalLm {
     /// (Gemma 2: soft-capped, `cap * tanh(logit / cap)`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().ok_or(Error::NoLmHead)?;
-        let logits = hidden.f_linear(head, None::<&Tensor>)?;
+        let packed = match &self.head_pack {
+            Some(p) => p.product(hidden)?,
+            None => None,
+        };
+        let logits = match packed {
+            Some(logits) => logits,
+            None => hidden.f_linear(head, None::<&Tensor>)?,
+        };
         Ok(match self.config.final_softcap {
             Some(cap) => logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?,
             None => logits,
