@@ -248,10 +248,10 @@ impl Attention {
         {
             return Ok(None);
         }
-        let fused = qkv.forward(x)?; // [batch, 1, (heads + 2 kv_heads) head_dim]
+        let fused = qkv.forward(x)?.f_contiguous()?; // [batch, 1, (heads + 2 kv_heads) head_dim]
         let shape = [x.size()[0], self.num_kv_heads, 1, self.head_dim];
         let start = cache.len();
-        let (keys, values) = cache.room(layer, &shape, (Kind::Float, Device::Cpu), 1)?;
+        let (keys, values) = cache.room(layer, &shape, (x.kind(), Device::Cpu), 1)?;
         if !keys.is_contiguous() || !values.is_contiguous() {
             return Ok(None);
         }

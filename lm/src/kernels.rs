@@ -2,9 +2,11 @@
 //! step of attention (rotary positions, the cache write and the attention itself in one
 //! pass). At batch 1 a token cost about 1,700 small libtorch ops, and a third of the time
 //! went to their dispatch while the second core waited; these replace most of them. They
-//! take decoding steps in float32 on the CPU ([`applies`]); anything else keeps the libtorch
-//! ops, which are also the reference the tests check these against.
+//! take decoding steps in float32 or bfloat16 on the CPU ([`applies`]), computing in float32
+//! and rounding where transformers' ops round; anything else keeps the libtorch ops, which
+//! are also the reference the tests check these against.
 
+use half::bf16;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -14,47 +16,77 @@ use crate::error::{Error, Result};
 pub(crate) const MAX_ROWS: usize = 64;
 
 /// Whether the kernels take `x` (with `params` beside it): a decoding step, one position per
-/// row (`[batch, 1, features]` or `[batch, features]`, at most [`MAX_ROWS`] rows), float32 on
-/// the CPU, contiguous, with no gradient wanted. Prompts keep libtorch's ops, which are
-/// threaded and give transformers' results to the bit.
+/// row (`[batch, 1, features]` or `[batch, features]`, at most [`MAX_ROWS`] rows), float32
+/// or bfloat16 on the CPU (`params` of the same kind), contiguous, with no gradient wanted.
+/// Prompts keep libtorch's ops, which are threaded and give transformers' results to the bit.
 pub(crate) fn applies(x: &Tensor, params: &[&Tensor]) -> bool {
+    let kind = x.kind();
     let plain = |t: &Tensor| {
-        t.device() == Device::Cpu
-            && t.kind() == Kind::Float
-            && t.is_contiguous()
-            && !t.requires_grad()
+        t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous() && !t.requires_grad()
     };
     let decoding = match x.size()[..] {
         [batch, 1, _] | [batch, _] => batch as usize <= MAX_ROWS,
         _ => false,
     };
-    decoding && plain(x) && params.iter().all(|p| plain(p))
+    matches!(kind, Kind::Float | Kind::BFloat16)
+        && decoding
+        && plain(x)
+        && params.iter().all(|p| plain(p))
 }
 
-/// The elements of a contiguous float32 CPU tensor.
+/// An element type the kernels read and write: computed in float32, stored rounded.
+pub(crate) trait Element: Copy + 'static {
+    const KIND: Kind;
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    const KIND: Kind = Kind::Float;
+    fn get(self) -> f32 {
+        self
+    }
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for bf16 {
+    const KIND: Kind = Kind::BFloat16;
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    /// Round to nearest even, as libtorch rounds.
+    fn put(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The elements of a contiguous CPU tensor of `T`.
 #[allow(unsafe_code)]
-fn floats(t: &Tensor) -> Result<&[f32]> {
-    check(t, Kind::Float)?;
+fn elements<T: Element>(t: &Tensor) -> Result<&[T]> {
+    check(t, T::KIND)?;
     if t.numel() == 0 {
         return Ok(&[]);
     }
-    // SAFETY: `check` found a defined, contiguous float32 tensor on the CPU, so `data_ptr`
-    // (which includes the storage offset) points at `numel` initialized, aligned f32s that
-    // live at least as long as the borrow of `t`. The kernels write only to tensors they
-    // created or hold mutably, never to storage that a live slice from here reads.
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) })
+    // SAFETY: `check` found a defined, contiguous CPU tensor whose elements are `T` (f32, or
+    // bf16 whose `half` type is its 16 bits), so `data_ptr` (which includes the storage
+    // offset) points at `numel` initialized, aligned `T`s that live at least as long as the
+    // borrow of `t`. The kernels write only to tensors they created or hold mutably, never
+    // to storage that a live slice from here reads.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) })
 }
 
-/// The elements of a contiguous float32 CPU tensor, to write.
+/// The elements of a contiguous CPU tensor of `T`, to write.
 #[allow(unsafe_code)]
-fn floats_mut(t: &mut Tensor) -> Result<&mut [f32]> {
-    check(t, Kind::Float)?;
+fn elements_mut<T: Element>(t: &mut Tensor) -> Result<&mut [T]> {
+    check(t, T::KIND)?;
     if t.numel() == 0 {
         return Ok(&mut []);
     }
-    // SAFETY: as in `floats`; the mutable borrow of `t` keeps this module from reading the
+    // SAFETY: as in `elements`; the mutable borrow of `t` keeps this module from reading the
     // same tensor while the slice lives.
-    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) })
+    Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) })
 }
 
 /// The elements of a contiguous boolean CPU tensor, as bytes (0 or 1).
@@ -64,7 +96,7 @@ fn flags(t: &Tensor) -> Result<&[u8]> {
     if t.numel() == 0 {
         return Ok(&[]);
     }
-    // SAFETY: as in `floats`; libtorch stores a bool as one byte, 0 or 1.
+    // SAFETY: as in `elements`; libtorch stores a bool as one byte, 0 or 1.
     Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel()) })
 }
 
@@ -80,50 +112,58 @@ fn check(t: &Tensor, kind: Kind) -> Result<()> {
     }
 }
 
-/// Sum of squares with 16 independent lanes (so that it vectorizes).
-fn sum_squares(x: &[f32]) -> f32 {
+/// Sum of squares in float32 with 16 independent lanes (so that it vectorizes).
+fn sum_squares<T: Element>(x: &[T]) -> f32 {
     let mut lanes = [0f32; 16];
     let chunks = x.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    let tail: f32 = chunks.remainder().iter().map(|v| v.get() * v.get()).sum();
     for c in chunks {
         for (l, v) in lanes.iter_mut().zip(c) {
-            *l += v * v;
+            *l += v.get() * v.get();
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `a . b` with 16 independent lanes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `a . b` in float32 with 16 independent lanes.
+fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.get())
         .sum();
     for (x, y) in ca.zip(cb) {
         for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *l += x * y;
+            *l += x * y.get();
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Llama's RMS norm of each row of `x` `[.., hidden]`: `w * (x / sqrt(mean(x^2) + eps))`.
+/// Llama's RMS norm of each row of `x` `[.., hidden]`: `w * (x / sqrt(mean(x^2) + eps))`,
+/// the variance in float32, the normed row rounded to the input's type before the weight.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let w = floats(weight)?;
-    let mut out = Tensor::f_empty(x.size(), (Kind::Float, Device::Cpu))?;
-    let o = floats_mut(&mut out)?;
-    for (row, o) in floats(x)?
+    match x.kind() {
+        Kind::BFloat16 => rms_norm_of::<bf16>(x, weight, eps),
+        _ => rms_norm_of::<f32>(x, weight, eps),
+    }
+}
+
+fn rms_norm_of<T: Element>(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let w = elements::<T>(weight)?;
+    let mut out = Tensor::f_empty(x.size(), (T::KIND, Device::Cpu))?;
+    let o = elements_mut::<T>(&mut out)?;
+    for (row, o) in elements::<T>(x)?
         .chunks_exact(w.len())
         .zip(o.chunks_exact_mut(w.len()))
     {
         let variance = sum_squares(row) / w.len() as f32;
         let inv = 1.0 / (variance + eps as f32).sqrt();
         for ((o, x), w) in o.iter_mut().zip(row).zip(w) {
-            *o = w * (x * inv);
+            *o = T::put(w.get() * T::put(x.get() * inv).get());
         }
     }
     Ok(out)
@@ -131,21 +171,29 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
 
 /// `silu(gate) * up` of `both` `[.., 2 inter]` = `[gate | up]`: `[.., inter]`.
 pub(crate) fn silu_mul(both: &Tensor) -> Result<Tensor> {
+    match both.kind() {
+        Kind::BFloat16 => silu_mul_of::<bf16>(both),
+        _ => silu_mul_of::<f32>(both),
+    }
+}
+
+fn silu_mul_of<T: Element>(both: &Tensor) -> Result<Tensor> {
     let mut size = both.size();
     let inter = size.last().copied().unwrap_or(0) / 2;
     if let Some(last) = size.last_mut() {
         *last = inter;
     }
     let inter = inter as usize;
-    let mut out = Tensor::f_empty(size, (Kind::Float, Device::Cpu))?;
-    let o = floats_mut(&mut out)?;
-    for (row, o) in floats(both)?
+    let mut out = Tensor::f_empty(size, (T::KIND, Device::Cpu))?;
+    let o = elements_mut::<T>(&mut out)?;
+    for (row, o) in elements::<T>(both)?
         .chunks_exact(2 * inter)
         .zip(o.chunks_exact_mut(inter))
     {
         let (gate, up) = row.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-            *o = u * (g / (1.0 + (-g).exp()));
+            let g = g.get();
+            *o = T::put(u.get() * T::put(g / (1.0 + (-g).exp())).get());
         }
     }
     Ok(out)
@@ -161,12 +209,20 @@ pub(crate) struct DecodeHeads {
     pub(crate) scale: f32,
 }
 
-/// `x * cos + rotate_half(x) * sin` into `out`.
-fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+/// `x * cos + rotate_half(x) * sin` into `out`, each product and the sum rounded to `T`.
+fn rotate<T: Element, U: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [U]) {
     let half = x.len() / 2;
     for i in 0..x.len() {
-        let rotated = if i < half { -x[i + half] } else { x[i - half] };
-        out[i] = x[i] * cos[i] + rotated * sin[i];
+        let rotated = if i < half {
+            -x[i + half].get()
+        } else {
+            x[i - half].get()
+        };
+        let (a, b) = (
+            T::put(x[i].get() * cos[i].get()),
+            T::put(rotated * sin[i].get()),
+        );
+        out[i] = U::put(T::put(a.get() + b.get()).get());
     }
 }
 
@@ -175,9 +231,28 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
 /// keys by `cos`, `sin` `[batch, 1, 1, head_dim]`, writes its key and value at position
 /// `start` of the layer's cache `keys`, `values` `[batch, kv_heads, capacity, head_dim]`, and
 /// attends over positions `0..=start`, those `allowed` (`[batch | 1, 1, 1, start + 1]`;
-/// none: all). Returns `[batch, 1, heads head_dim]`.
+/// none: all). Scores, softmax and sums in float32. Returns `[batch, 1, heads head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    keys: &mut Tensor,
+    values: &mut Tensor,
+    start: usize,
+    allowed: Option<&Tensor>,
+    h: DecodeHeads,
+) -> Result<Tensor> {
+    match qkv.kind() {
+        Kind::BFloat16 => {
+            decode_attention_of::<bf16>(qkv, cos, sin, keys, values, start, allowed, h)
+        }
+        _ => decode_attention_of::<f32>(qkv, cos, sin, keys, values, start, allowed, h),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_of<T: Element>(
     qkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
@@ -198,8 +273,8 @@ pub(crate) fn decode_attention(
         cos.size(),
         keys.size()
     ));
-    let qkv = floats(qkv)?;
-    let (cos, sin) = (floats(cos)?, floats(sin)?);
+    let qkv = elements::<T>(qkv)?;
+    let (cos, sin) = (elements::<T>(cos)?, elements::<T>(sin)?);
     let allowed = allowed.map(flags).transpose()?;
     if kv == 0
         || n % kv != 0
@@ -213,13 +288,11 @@ pub(crate) fn decode_attention(
     {
         return Err(shape_error);
     }
-    let mut out = Tensor::f_empty(
-        [batch as i64, 1, (n * d) as i64],
-        (Kind::Float, Device::Cpu),
-    )?;
-    let o = floats_mut(&mut out)?;
-    let (ks, vs) = (floats_mut(keys)?, floats_mut(values)?);
+    let mut out = Tensor::f_empty([batch as i64, 1, (n * d) as i64], (T::KIND, Device::Cpu))?;
+    let o = elements_mut::<T>(&mut out)?;
+    let (ks, vs) = (elements_mut::<T>(keys)?, elements_mut::<T>(values)?);
     let mut q = vec![0f32; d];
+    let mut sum = vec![0f32; d];
     let mut scores = vec![0f32; positions];
     let group = n / kv;
     for r in 0..batch {
@@ -256,15 +329,18 @@ pub(crate) fn decode_attention(
                 *s = (*s - max).exp();
                 total += *s;
             }
-            let o = &mut o[(r * n + head) * d..(r * n + head + 1) * d];
-            o.fill(0.0);
+            sum.fill(0.0);
             for (p, s) in scores.iter().enumerate() {
                 if *s != 0.0 {
                     let weight = s / total;
-                    for (o, v) in o.iter_mut().zip(&vs[at(g, p)..at(g, p) + d]) {
-                        *o += weight * v;
+                    for (o, v) in sum.iter_mut().zip(&vs[at(g, p)..at(g, p) + d]) {
+                        *o += weight * v.get();
                     }
                 }
+            }
+            let o = &mut o[(r * n + head) * d..(r * n + head + 1) * d];
+            for (o, v) in o.iter_mut().zip(&sum) {
+                *o = T::put(*v);
             }
         }
     }
@@ -282,26 +358,50 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         assert_eq!(a.size(), b.size());
-        f64::try_from((a - b).abs().max()).expect("scalar")
+        assert_eq!(a.kind(), b.kind());
+        let diff = (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+            .abs()
+            .max();
+        f64::try_from(diff).expect("scalar")
+    }
+
+    /// The largest difference each kind allows against the libtorch ops: float32's rounding,
+    /// or one bfloat16 step of the values compared.
+    fn tolerance(kind: Kind, scale: f64) -> f64 {
+        match kind {
+            Kind::BFloat16 => scale / 128.0,
+            _ => 1e-5 * scale.max(1.0),
+        }
     }
 
     #[test]
     fn rms_norm_matches_the_libtorch_ops() -> Result<()> {
         tch::manual_seed(0);
-        let (x, w) = (randn(&[3, 1, 40]) * 3.0, randn(&[40]));
-        let eps = 1e-5;
-        let variance = x.square().mean_dim(-1, true, Kind::Float);
-        let want = &w * (&x * (variance + eps).rsqrt());
-        assert!(max_diff(&rms_norm(&x, &w, eps)?, &want) < 1e-5);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (x, w) = (
+                (randn(&[3, 1, 40]) * 3.0).to_kind(kind),
+                randn(&[40]).to_kind(kind),
+            );
+            let eps = 1e-5;
+            // Transformers' LlamaRMSNorm.
+            let x32 = x.to_kind(Kind::Float);
+            let variance = x32.square().mean_dim(-1, true, Kind::Float);
+            let want = &w * (x32 * (variance + eps).rsqrt()).to_kind(kind);
+            let got = rms_norm(&x, &w, eps)?;
+            assert!(max_diff(&got, &want) <= tolerance(kind, 4.0), "{kind:?}");
+        }
         Ok(())
     }
 
     #[test]
     fn silu_mul_matches_the_libtorch_ops() -> Result<()> {
         tch::manual_seed(1);
-        let both = randn(&[2, 1, 2 * 37]) * 4.0;
-        let want = both.narrow(-1, 0, 37).silu() * both.narrow(-1, 37, 37);
-        assert!(max_diff(&silu_mul(&both)?, &want) < 1e-6);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let both = (randn(&[2, 1, 2 * 37]) * 4.0).to_kind(kind);
+            let want = both.narrow(-1, 0, 37).silu() * both.narrow(-1, 37, 37);
+            let got = silu_mul(&both)?;
+            assert!(max_diff(&got, &want) <= tolerance(kind, 16.0), "{kind:?}");
+        }
         Ok(())
     }
 
@@ -317,13 +417,6 @@ mod tests {
             head_dim: d as usize,
             scale: 0.3,
         };
-        let qkv = randn(&[batch, 1, (n + 2 * kv) * d]);
-        let angles = randn(&[batch, 1, 1, d / 2]).repeat([1, 1, 1, 2]);
-        let (cos, sin) = (angles.cos(), angles.sin());
-        let cached = (
-            randn(&[batch, kv, capacity, d]),
-            randn(&[batch, kv, capacity, d]),
-        );
         // Row 0 sees everything, row 1 not position 1, row 2 only positions 3 and up.
         let per_row = Tensor::from_slice(&[
             true, true, true, true, true, true, true, false, true, true, true, true, false, false,
@@ -331,51 +424,61 @@ mod tests {
         ])
         .view([batch, 1, 1, start + 1]);
         let shared = Tensor::from_slice(&[false, true, true, true, true, true]).view([1, 1, 1, 6]);
-        for mask in [None, Some(&shared), Some(&per_row)] {
-            let (mut keys, mut values) = (cached.0.copy(), cached.1.copy());
-            let got = decode_attention(
-                &qkv,
-                &cos,
-                &sin,
-                &mut keys,
-                &mut values,
-                start as usize,
-                mask,
-                heads,
-            )?;
-            // [batch, heads, 1, head_dim]
-            let split = |from: i64, h: i64| {
-                qkv.narrow(-1, from * d, h * d)
-                    .view([batch, 1, h, d])
-                    .transpose(1, 2)
-            };
-            let q = apply_rotary(&split(0, n), &cos, &sin)?;
-            let k = apply_rotary(&split(n, kv), &cos, &sin)?;
-            let v = split(n + kv, kv);
-            let (want_keys, want_values) = (cached.0.copy(), cached.1.copy());
-            want_keys.narrow(2, start, 1).copy_(&k);
-            want_values.narrow(2, start, 1).copy_(&v);
-            assert!(
-                max_diff(&keys, &want_keys) < 1e-6,
-                "the new key, and nothing else"
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let qkv = randn(&[batch, 1, (n + 2 * kv) * d]).to_kind(kind);
+            let angles = randn(&[batch, 1, 1, d / 2]).repeat([1, 1, 1, 2]);
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let cached = (
+                randn(&[batch, kv, capacity, d]).to_kind(kind),
+                randn(&[batch, kv, capacity, d]).to_kind(kind),
             );
-            assert!(
-                max_diff(&values, &want_values) == 0.0,
-                "the new value, and nothing else"
-            );
-            let want = Tensor::scaled_dot_product_attention(
-                &q,
-                &want_keys.narrow(2, 0, start + 1),
-                &want_values.narrow(2, 0, start + 1),
-                mask,
-                0.0,
-                false,
-                0.3,
-                true,
-            )
-            .transpose(1, 2)
-            .reshape([batch, 1, n * d]);
-            assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+            for mask in [None, Some(&shared), Some(&per_row)] {
+                let (mut keys, mut values) = (cached.0.copy(), cached.1.copy());
+                let got = decode_attention(
+                    &qkv,
+                    &cos,
+                    &sin,
+                    &mut keys,
+                    &mut values,
+                    start as usize,
+                    mask,
+                    heads,
+                )?;
+                // [batch, heads, 1, head_dim]
+                let split = |from: i64, h: i64| {
+                    qkv.narrow(-1, from * d, h * d)
+                        .view([batch, 1, h, d])
+                        .transpose(1, 2)
+                };
+                let q = apply_rotary(&split(0, n), &cos, &sin)?;
+                let k = apply_rotary(&split(n, kv), &cos, &sin)?;
+                let v = split(n + kv, kv);
+                let (want_keys, want_values) = (cached.0.copy(), cached.1.copy());
+                want_keys.narrow(2, start, 1).copy_(&k);
+                want_values.narrow(2, start, 1).copy_(&v);
+                assert!(
+                    max_diff(&keys, &want_keys) <= tolerance(kind, 0.0),
+                    "the new key"
+                );
+                assert!(
+                    max_diff(&values, &want_values) == 0.0,
+                    "the new value, only"
+                );
+                let want = Tensor::scaled_dot_product_attention(
+                    &q,
+                    &want_keys.narrow(2, 0, start + 1),
+                    &want_values.narrow(2, 0, start + 1),
+                    mask,
+                    0.0,
+                    false,
+                    0.3,
+                    true,
+                )
+                .transpose(1, 2)
+                .reshape([batch, 1, n * d]);
+                let diff = max_diff(&got, &want);
+                assert!(diff <= tolerance(kind, 2.0), "{kind:?}: {diff}");
+            }
         }
         Ok(())
     }
@@ -399,13 +502,18 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_decoding_sized_float_tensors_apply() {
+    fn only_plain_decoding_sized_tensors_apply() {
         let x = randn(&[2, 1, 8]);
         assert!(applies(&x, &[&randn(&[8])]));
         assert!(applies(&randn(&[2, 8]), &[]));
+        assert!(applies(&x.to_kind(Kind::BFloat16), &[]));
         assert!(!applies(&randn(&[65, 8]), &[]), "too many rows");
         assert!(!applies(&randn(&[1, 2, 8]), &[]), "a prompt");
-        assert!(!applies(&x.to_kind(Kind::BFloat16), &[]));
+        assert!(!applies(&x.to_kind(Kind::Half), &[]));
+        assert!(
+            !applies(&x, &[&randn(&[8]).to_kind(Kind::BFloat16)]),
+            "mixed kinds"
+        );
         assert!(!applies(&randn(&[8, 2]).tr(), &[]), "not contiguous");
         assert!(!applies(&x, &[&randn(&[8]).set_requires_grad(true)]));
     }
