@@ -261,16 +261,15 @@ impl Attention {
             head_dim: self.head_dim as usize,
             scale: self.scale as f32,
         };
-        let out = kernels::decode_attention(
-            &fused,
+        let step = kernels::DecodeStep {
+            qkv: &fused,
             cos,
             sin,
-            keys,
-            values,
+            allowed: mask.tensor.as_ref(),
             start,
-            mask.tensor.as_ref(),
             heads,
-        )?;
+        };
+        let out = kernels::decode_attention(&step, keys, values)?;
         Ok(Some(out))
     }
 

@@ -229,42 +229,43 @@ fn rotate<T: Element, U: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [U]) 
     }
 }
 
-/// One decoding step of attention for every row: the new token's queries, keys and values
-/// `qkv` `[batch, 1, (heads + 2 kv_heads) head_dim]` (`[q | k | v]`); rotates its queries and
-/// keys by `cos`, `sin` `[batch, 1, 1, head_dim]`, writes its key and value at position
-/// `start` of the layer's cache `keys`, `values` `[batch, kv_heads, capacity, head_dim]`, and
-/// attends over positions `0..=start`, those `allowed` (`[batch | 1, 1, 1, start + 1]`;
-/// none: all). Scores, softmax and sums in float32. Returns `[batch, 1, heads head_dim]`.
-#[allow(clippy::too_many_arguments)]
+/// The inputs of one decoding step of attention ([`decode_attention`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DecodeStep<'a> {
+    /// The new token's queries, keys and values `[batch, 1, (heads + 2 kv_heads) head_dim]`
+    /// (`[q | k | v]`).
+    pub(crate) qkv: &'a Tensor,
+    /// The rotary table `[batch, 1, 1, head_dim]`.
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+    /// The positions each row attends to, `[batch | 1, 1, 1, start + 1]` (none: all).
+    pub(crate) allowed: Option<&'a Tensor>,
+    /// The cache position of the new token.
+    pub(crate) start: usize,
+    pub(crate) heads: DecodeHeads,
+}
+
+/// One decoding step of attention for every row: rotates the new token's queries and keys,
+/// writes its key and value at position `start` of the layer's cache `keys`, `values`
+/// `[batch, kv_heads, capacity, head_dim]`, and attends over positions `0..=start`, those
+/// allowed. Scores, softmax and sums in float32. Returns `[batch, 1, heads head_dim]`.
 pub(crate) fn decode_attention(
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    step: &DecodeStep<'_>,
     keys: &mut Tensor,
     values: &mut Tensor,
-    start: usize,
-    allowed: Option<&Tensor>,
-    h: DecodeHeads,
 ) -> Result<Tensor> {
-    match qkv.kind() {
-        Kind::BFloat16 => {
-            decode_attention_of::<bf16>(qkv, cos, sin, keys, values, start, allowed, h)
-        }
-        _ => decode_attention_of::<f32>(qkv, cos, sin, keys, values, start, allowed, h),
+    match step.qkv.kind() {
+        Kind::BFloat16 => decode_attention_of::<bf16>(step, keys, values),
+        _ => decode_attention_of::<f32>(step, keys, values),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn decode_attention_of<T: Element>(
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    step: &DecodeStep<'_>,
     keys: &mut Tensor,
     values: &mut Tensor,
-    start: usize,
-    allowed: Option<&Tensor>,
-    h: DecodeHeads,
 ) -> Result<Tensor> {
+    let (qkv, start, h) = (step.qkv, step.start, step.heads);
     let (n, kv, d) = (h.heads, h.kv_heads, h.head_dim);
     let batch = qkv.size()[0] as usize;
     let capacity = keys.size().get(2).copied().unwrap_or(0) as usize;
@@ -273,12 +274,12 @@ fn decode_attention_of<T: Element>(
     let shape_error = Error::Kernel(format!(
         "decode attention: qkv {:?}, cos {:?}, cache {:?}, start {start}",
         qkv.size(),
-        cos.size(),
+        step.cos.size(),
         keys.size()
     ));
     let qkv = elements::<T>(qkv)?;
-    let (cos, sin) = (elements::<T>(cos)?, elements::<T>(sin)?);
-    let allowed = allowed.map(flags).transpose()?;
+    let (cos, sin) = (elements::<T>(step.cos)?, elements::<T>(step.sin)?);
+    let allowed = step.allowed.map(flags).transpose()?;
     if kv == 0
         || n % kv != 0
         || qkv.len() != batch * width
@@ -347,19 +348,9 @@ fn attend_avx2<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T])
 /// The body of [`decode_attention`], on validated slices; `o` `[batch, heads head_dim]`.
 #[inline(always)]
 fn attend<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
-    let Step {
-        qkv,
-        cos,
-        sin,
-        allowed,
-        start,
-        heads: h,
-    } = *step;
-    let Cache {
-        keys: ks,
-        values: vs,
-        capacity,
-    } = cache;
+    let (qkv, cos, sin, allowed) = (step.qkv, step.cos, step.sin, step.allowed);
+    let (start, h) = (step.start, step.heads);
+    let (ks, vs, capacity) = (cache.keys, cache.values, cache.capacity);
     let (n, kv, d) = (h.heads, h.kv_heads, h.head_dim);
     let width = (n + 2 * kv) * d;
     let positions = start + 1;
@@ -506,16 +497,15 @@ mod tests {
             );
             for mask in [None, Some(&shared), Some(&per_row)] {
                 let (mut keys, mut values) = (cached.0.copy(), cached.1.copy());
-                let got = decode_attention(
-                    &qkv,
-                    &cos,
-                    &sin,
-                    &mut keys,
-                    &mut values,
-                    start as usize,
-                    mask,
+                let step = DecodeStep {
+                    qkv: &qkv,
+                    cos: &cos,
+                    sin: &sin,
+                    allowed: mask,
+                    start: start as usize,
                     heads,
-                )?;
+                };
+                let got = decode_attention(&step, &mut keys, &mut values)?;
                 // [batch, heads, 1, head_dim]
                 let split = |from: i64, h: i64| {
                     qkv.narrow(-1, from * d, h * d)
@@ -628,11 +618,19 @@ mod tests {
             head_dim: 4,
             scale: 1.0,
         };
+        let mut step = DecodeStep {
+            qkv: &qkv,
+            cos: &table,
+            sin: &table,
+            allowed: None,
+            start: 3,
+            heads,
+        };
         // Position 3 is past the capacity of 3.
-        let out = decode_attention(&qkv, &table, &table, &mut keys, &mut values, 3, None, heads);
+        let out = decode_attention(&step, &mut keys, &mut values);
         assert!(matches!(out, Err(Error::Kernel(_))));
-        let out = decode_attention(&qkv, &table, &table, &mut keys, &mut values, 2, None, heads);
-        assert!(out.is_ok());
+        step.start = 2;
+        assert!(decode_attention(&step, &mut keys, &mut values).is_ok());
     }
 
     #[test]
