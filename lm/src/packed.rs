@@ -8,6 +8,9 @@
 //! whose tensor handles are `at::Tensor*` as `tch`'s are. MKL's pack serves one row count,
 //! oneDNN's any.
 
+// Outside x86-64 only `PackedWeight` and its plain fallback remain.
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
+
 use std::ffi::{c_char, CStr};
 use std::sync::Mutex;
 
@@ -17,6 +20,9 @@ use torch_sys::C_tensor;
 use crate::error::{Error, Result};
 use crate::kernels::MAX_ROWS;
 
+// MKL, and these shim functions with it, are in x86-64 builds of libtorch; elsewhere
+// decoding takes the plain products.
+#[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 extern "C" {
     fn aoti_torch_call_dispatcher(
@@ -45,6 +51,7 @@ extern "C" {
     ) -> i32;
 }
 
+#[cfg(target_arch = "x86_64")]
 /// A new owning handle of `t` (the dispatcher's stack takes ownership of its tensors).
 fn owned_handle(t: &Tensor) -> u64 {
     let clone = t.shallow_clone();
@@ -53,6 +60,7 @@ fn owned_handle(t: &Tensor) -> u64 {
     handle
 }
 
+#[cfg(target_arch = "x86_64")]
 /// The packed form of `weight` `[out, in]` for products with `rows` rows: float32 (MKL,
 /// for that row count only) or bfloat16 (oneDNN, any row count).
 #[allow(unsafe_code)]
@@ -85,6 +93,7 @@ fn pack(weight: &Tensor, rows: i64) -> Result<Tensor> {
     Ok(unsafe { Tensor::from_ptr(stack[0] as *mut C_tensor) })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// `x W^T` with `packed` from [`pack`] (`origin` the `[out, in]` weight it was packed from,
 /// `rows` its row count).
 #[allow(unsafe_code)]
@@ -162,6 +171,7 @@ impl PackedWeight {
     /// `x W^T` for `x` `[batch, 1, in]` or `[batch, in]` (2 to [`MAX_ROWS`] rows in float32,
     /// 1 to [`MAX_ROWS`] in bfloat16) on the CPU; `None` for any other input, or while the
     /// pack serves another row count.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = &self.weight;
         let kind = x.kind();
@@ -211,9 +221,15 @@ impl PackedWeight {
         let y = packed_product(&x.f_contiguous()?, &packed, weight, rows)?;
         Ok(Some(y))
     }
+
+    /// No packed products outside x86-64: the plain ones.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(crate) fn product(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
