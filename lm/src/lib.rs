@@ -60,7 +60,7 @@ pub use generate::{
     generate, FinishReason, Generation, GenerationConfig, PromptBatch, RowProgress, StepTokens,
 };
 pub use hook::{HiddenStateHook, HookContext, HookError, NoHook, StateRecorder};
-pub use model::{CausalLm, Positions, StepInput};
+pub use model::{CausalLm, Positions, StepInput, PACK_MAX_BYTES};
 pub use sampling::Sampling;
 pub use tokenizer::{render_chat_template, ChatMessage, LmTokenizer};
 
