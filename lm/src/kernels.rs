@@ -15,21 +15,26 @@ use crate::error::{Error, Result};
 /// than to run.
 pub(crate) const MAX_ROWS: usize = 64;
 
-/// Whether the kernels take `x` (with `params` beside it): a decoding step, one position per
-/// row (`[batch, 1, features]` or `[batch, features]`, at most [`MAX_ROWS`] rows), float32
-/// or bfloat16 on the CPU (`params` of the same kind), contiguous, with no gradient wanted.
-/// Prompts keep libtorch's ops, which are threaded and give transformers' results to the bit.
+/// The rows of `x` when it is a decoding step: one position per row (`[batch, 1, features]`
+/// or `[batch, features]`), at most [`MAX_ROWS`] rows. Prompts keep libtorch's ops, which are
+/// threaded and give transformers' results to the bit.
+pub(crate) fn decoding_rows(x: &Tensor) -> Option<i64> {
+    match x.size()[..] {
+        [batch, 1, _] | [batch, _] if batch as usize <= MAX_ROWS => Some(batch),
+        _ => None,
+    }
+}
+
+/// Whether the kernels take `x` (with `params` beside it): a decoding step
+/// ([`decoding_rows`]), float32 or bfloat16 on the CPU (`params` of the same kind),
+/// contiguous, with no gradient wanted.
 pub(crate) fn applies(x: &Tensor, params: &[&Tensor]) -> bool {
     let kind = x.kind();
     let plain = |t: &Tensor| {
         t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous() && !t.requires_grad()
     };
-    let decoding = match x.size()[..] {
-        [batch, 1, _] | [batch, _] => batch as usize <= MAX_ROWS,
-        _ => false,
-    };
     matches!(kind, Kind::Float | Kind::BFloat16)
-        && decoding
+        && decoding_rows(x).is_some()
         && plain(x)
         && params.iter().all(|p| plain(p))
 }
@@ -271,12 +276,14 @@ fn decode_attention_of<T: Element>(
     let capacity = keys.size().get(2).copied().unwrap_or(0) as usize;
     let width = (n + 2 * kv) * d;
     let positions = start + 1;
-    let shape_error = Error::Kernel(format!(
-        "decode attention: qkv {:?}, cos {:?}, cache {:?}, start {start}",
-        qkv.size(),
-        step.cos.size(),
-        keys.size()
-    ));
+    let shape_error = || {
+        Error::Kernel(format!(
+            "decode attention: qkv {:?}, cos {:?}, cache {:?}, start {start}",
+            qkv.size(),
+            step.cos.size(),
+            keys.size()
+        ))
+    };
     let qkv = elements::<T>(qkv)?;
     let (cos, sin) = (elements::<T>(step.cos)?, elements::<T>(step.sin)?);
     let allowed = step.allowed.map(flags).transpose()?;
@@ -290,7 +297,7 @@ fn decode_attention_of<T: Element>(
         || values.size() != keys.size()
         || allowed.is_some_and(|a| a.len() != positions && a.len() != batch * positions)
     {
-        return Err(shape_error);
+        return Err(shape_error());
     }
     let mut out = Tensor::f_empty([batch as i64, 1, (n * d) as i64], (T::KIND, Device::Cpu))?;
     let o = elements_mut::<T>(&mut out)?;

@@ -353,7 +353,7 @@ impl CausalLm {
     /// shape, as views, which a trainer must not treat as leaves.
     ///
     /// On the CPU, a model of at most [`PACK_MAX_BYTES`] also packs its matrices and LM head
-    /// for decoding ([`crate::packed`]): a packed copy of each, made on the first decoding
+    /// for decoding (MKL's and oneDNN's packed products): a packed copy of each, made on the first decoding
     /// step, about as large again as the weights.
     pub fn prepare_for_inference(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
-use crate::kernels::MAX_ROWS;
+use crate::kernels::decoding_rows;
 
 // MKL, and these shim functions with it, are in x86-64 builds of libtorch; elsewhere
 // decoding takes the plain products.
@@ -168,9 +168,9 @@ impl PackedWeight {
         }
     }
 
-    /// `x W^T` for `x` `[batch, 1, in]` or `[batch, in]` (2 to [`MAX_ROWS`] rows in float32,
-    /// 1 to [`MAX_ROWS`] in bfloat16) on the CPU; `None` for any other input, or while the
-    /// pack serves another row count.
+    /// `x W^T` for a decoding step `x` ([`decoding_rows`]: `[batch, 1, in]` or `[batch, in]`),
+    /// of at least 2 rows in float32 and 1 in bfloat16, on the CPU; `None` for any other input,
+    /// or while the pack serves another row count.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = &self.weight;
@@ -178,8 +178,8 @@ impl PackedWeight {
         // MKL's packed product of one row is slower than its plain one (a matrix-vector
         // product at memory speed); oneDNN's is not.
         let fewest = if kind == Kind::Float { 2 } else { 1 };
-        let rows = match x.size()[..] {
-            [batch, 1, _] | [batch, _] if (fewest..=MAX_ROWS as i64).contains(&batch) => batch,
+        let rows = match decoding_rows(x) {
+            Some(rows) if rows >= fewest => rows,
             _ => return Ok(None),
         };
         if x.device() != Device::Cpu
@@ -232,6 +232,7 @@ impl PackedWeight {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+    use crate::kernels::MAX_ROWS;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         assert_eq!(a.size(), b.size());
