@@ -174,6 +174,9 @@ impl Attention {
         mut cache: Option<&mut KvCache>,
         layer: usize,
     ) -> Result<Tensor> {
+        if let Some(packed) = &masks.packed {
+            return self.forward_packed(x, rotary, packed, cache, layer);
+        }
         if let Some(cache) = cache.as_deref_mut() {
             if let Some(out) = self.decode_step(x, rotary, masks, cache, layer)? {
                 return self.o_proj.forward(&out);
@@ -197,23 +200,85 @@ impl Attention {
             Some(cache) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let mask = masks.get(self.window);
-        let out = match self.softcap {
+        let out = self.attend(&q, &k, &v, masks.get(self.window))?;
+        let out = out
+            .f_transpose(1, 2)?
+            .f_reshape([b, s, self.num_heads * self.head_dim])?;
+        self.o_proj.forward(&out)
+    }
+
+    /// Attention of `q` `[batch, heads, seq, head_dim]` over `k`, `v`
+    /// `[batch, kv_heads, keys, head_dim]` under `mask`: `[batch, heads, seq, head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Mask) -> Result<Tensor> {
+        Ok(match self.softcap {
             None => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
+                q,
+                k,
+                v,
                 mask.tensor.as_ref(),
                 0.0,
                 mask.is_causal,
                 self.scale,
                 self.num_kv_heads != self.num_heads,
             )?,
-            Some(cap) => self.softcapped(&q, &k, &v, mask, cap)?,
+            Some(cap) => self.softcapped(q, k, v, mask, cap)?,
+        })
+    }
+
+    /// A packed prefill ([`Packed`]): `x` `[1, tokens, hidden]` holds the rows' real tokens
+    /// side by side; each row's queries attend to its own keys only (causal, with this layer's
+    /// window), and its keys and values land in row `row` of the empty `cache`, right-aligned
+    /// to the batch's width as a left-padded prefill would leave them (zeros at the padding,
+    /// which later masks never let through).
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        packed: &Packed,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (n, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let tokens = x.size()[1];
+        let (q, k, v) = self.project(x)?;
+        let norm = |t: Tensor, n: &Option<Norm>| match n {
+            Some(n) => n.forward(&t),
+            None => Ok(t),
         };
-        let out = out
+        // [1, heads, tokens, head_dim]
+        let q = norm(q, &self.q_norm)?.f_transpose(1, 2)?;
+        let k = norm(k, &self.k_norm)?.f_transpose(1, 2)?;
+        let v = v.f_transpose(1, 2)?;
+        let (cos, sin) = self.cos_sin(rotary);
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let buffers = match cache {
+            Some(cache) => {
+                let shape = [packed.rows.len() as i64, kv, packed.width, d];
+                Some(cache.room(layer, &shape, (k.kind(), k.device()), packed.width)?)
+            }
+            None => None,
+        };
+        let mut outs = Vec::with_capacity(packed.rows.len());
+        for (r, seg) in packed.rows.iter().enumerate() {
+            let (qs, ks, vs) = (
+                q.f_narrow(2, seg.start, seg.len)?,
+                k.f_narrow(2, seg.start, seg.len)?,
+                v.f_narrow(2, seg.start, seg.len)?,
+            );
+            if let Some((kb, vb)) = buffers.as_deref() {
+                let pad = packed.width - seg.len;
+                for (buffer, new) in [(kb, &ks), (vb, &vs)] {
+                    let row = buffer.f_narrow(0, r as i64, 1)?;
+                    let _zeroed = row.f_narrow(2, 0, pad)?.f_zero_()?;
+                    row.f_narrow(2, pad, seg.len)?.f_copy_(new)?;
+                }
+            }
+            outs.push(self.attend(&qs, &ks, &vs, seg.masks.get(self.window))?);
+        }
+        let out = Tensor::f_cat(&outs, 2)?
             .f_transpose(1, 2)?
-            .f_reshape([b, s, self.num_heads * self.head_dim])?;
+            .f_reshape([1, tokens, n * d])?;
         self.o_proj.forward(&out)
     }
 
@@ -424,6 +489,31 @@ pub(crate) struct Masks {
     full: Mask,
     /// Per window size (a model has at most one).
     sliding: Option<(usize, Mask)>,
+    /// A packed prefill's rows, which replace both masks.
+    packed: Option<Packed>,
+}
+
+/// A prefill of left-padded rows with the padding left out: the rows' real tokens side by side
+/// in one row of `sum(len)` tokens, each row attending within its own segment. The products,
+/// norms and MLPs then do no work for padding, and attention none across rows (transformers'
+/// padded prefill computes both and masks them).
+#[derive(Debug)]
+pub(crate) struct Packed {
+    /// Per batch row, in order.
+    pub(crate) rows: Vec<Segment>,
+    /// The batch's width (its longest row).
+    pub(crate) width: i64,
+}
+
+/// One row of a [`Packed`] prefill.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Where the row's tokens start in the packed row.
+    pub(crate) start: i64,
+    /// Its real tokens.
+    pub(crate) len: i64,
+    /// Its causal masks (with the model's window), as of an unpadded row of `len` tokens.
+    pub(crate) masks: Masks,
 }
 
 impl Masks {
@@ -451,7 +541,23 @@ impl Masks {
             Some(w) => Some((w, Self::build(key_mask, Some(w as i64), past, seq, device)?)),
             None => None,
         };
-        Ok(Self { full, sliding })
+        Ok(Self {
+            full,
+            sliding,
+            packed: None,
+        })
+    }
+
+    /// The masks of a packed prefill.
+    pub(crate) fn packed(packed: Packed) -> Self {
+        Self {
+            full: Mask {
+                tensor: None,
+                is_causal: true,
+            },
+            sliding: None,
+            packed: Some(packed),
+        }
     }
 
     fn build(

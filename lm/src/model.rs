@@ -11,7 +11,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{Attention, Masks, ProjectionNames, Rotary};
+use crate::attention::{Attention, Masks, Packed, ProjectionNames, Rotary, Segment};
 use crate::cache::KvCache;
 use crate::config::{Architecture, AttentionWindow, BlockKind, ModelConfig};
 use crate::device::DType;
@@ -580,6 +580,11 @@ impl CausalLm {
         cache: &mut KvCache,
         positions: Positions,
     ) -> Result<Tensor> {
+        if positions == Positions::Last && cache.is_empty() {
+            if let Some(hidden) = self.prefill_packed(input, cache)? {
+                return Ok(hidden);
+            }
+        }
         let seq = input.input_ids.size()[1];
         let masks = Masks::new(
             input.key_mask,
@@ -601,6 +606,55 @@ impl CausalLm {
             Positions::All => x,
         };
         self.norm.forward(&x)
+    }
+
+    /// The prefill of a left-padded batch on the CPU without its padding (see [`Packed`]):
+    /// the last position's states `[batch, hidden]` as the padded pass would give them, with
+    /// the cache filled as it would leave it (zeros at the padding). `None` (nothing done)
+    /// where it does not apply: no padding, a mask that is not left padding, a CUDA device
+    /// (where the padded pass's one attention call is cheaper than one per row).
+    fn prefill_packed(&self, input: &StepInput<'_>, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let Some(key_mask) = input.key_mask else {
+            return Ok(None);
+        };
+        let (batch, width) = (key_mask.size()[0], key_mask.size()[1]);
+        if self.device != Device::Cpu || input.input_ids.size() != [batch, width] || batch < 2 {
+            return Ok(None);
+        }
+        let valid = Vec::<u8>::try_from(key_mask.f_to_kind(Kind::Uint8)?.f_flatten(0, -1)?)?;
+        let mut rows = Vec::with_capacity(batch as usize);
+        let (mut tokens, mut last) = (Vec::new(), Vec::with_capacity(batch as usize));
+        for (r, row) in valid.chunks_exact(width as usize).enumerate() {
+            let pad = row.iter().take_while(|&&v| v == 0).count();
+            if pad == row.len() || row[pad..].iter().any(|&v| v == 0) {
+                return Ok(None);
+            }
+            let (start, len) = (tokens.len() as i64, (row.len() - pad) as i64);
+            let first = (r * row.len() + pad) as i64;
+            tokens.extend(first..first + len);
+            last.push(start + len - 1);
+            let masks = Masks::new(None, &self.config.windows, 0, len, self.device)?;
+            rows.push(Segment { start, len, masks });
+        }
+        let tokens = Tensor::from_slice(&tokens);
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.f_flatten(0, -1)?
+                .f_index_select(0, &tokens)?
+                .f_unsqueeze(0)?)
+        };
+        let (ids, position_ids) = (pick(input.input_ids)?, pick(input.position_ids)?);
+        let masks = Masks::packed(Packed { rows, width });
+        let rotary = self.rotary(&position_ids)?;
+        let mut x = self.embed(&ids)?; // [1, tokens, hidden]
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &rotary, &masks, Some(&mut *cache), i)?;
+        }
+        cache.advance(width as usize);
+        cache.record(input.input_ids, input.position_ids)?;
+        let x = x
+            .f_select(0, 0)?
+            .f_index_select(0, &Tensor::from_slice(&last))?;
+        Ok(Some(self.norm.forward(&x)?))
     }
 
     /// Number of decoder layers.
