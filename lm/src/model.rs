@@ -626,7 +626,7 @@ impl CausalLm {
         let (mut tokens, mut last) = (Vec::new(), Vec::with_capacity(batch as usize));
         for (r, row) in valid.chunks_exact(width as usize).enumerate() {
             let pad = row.iter().take_while(|&&v| v == 0).count();
-            if pad == row.len() || row[pad..].iter().any(|&v| v == 0) {
+            if pad == row.len() || row[pad..].contains(&0) {
                 return Ok(None);
             }
             let (start, len) = (tokens.len() as i64, (row.len() - pad) as i64);
