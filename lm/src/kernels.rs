@@ -4,7 +4,8 @@
 //! went to their dispatch while the second core waited; these replace most of them. They
 //! take decoding steps in float32 or bfloat16 on the CPU ([`applies`]), computing in float32
 //! and rounding where transformers' ops round; anything else keeps the libtorch ops, which
-//! are also the reference the tests check these against.
+//! are also the reference the tests check these against. A step's attention over a long cache
+//! splits its rows over libtorch's two OpenMP threads ([`crate::team`]).
 
 use half::bf16;
 use tch::{Device, Kind, Tensor};
@@ -40,7 +41,7 @@ pub(crate) fn applies(x: &Tensor, params: &[&Tensor]) -> bool {
 }
 
 /// An element type the kernels read and write: computed in float32, stored rounded.
-pub(crate) trait Element: Copy + 'static {
+pub(crate) trait Element: Send + Sync + Copy + 'static {
     const KIND: Kind;
     fn get(self) -> f32;
     fn put(v: f32) -> Self;
@@ -315,17 +316,38 @@ fn decode_attention_of<T: Element>(
         start,
         heads: h,
     };
+    if batch >= 2 && batch * positions * n * d >= PARALLEL_WORK {
+        // Rows are independent: the second half of them on a second thread.
+        let mid = batch / 2;
+        let (step, second_step) = step.split(mid);
+        let (cache, second_cache) = cache.split(mid * kv * capacity * d);
+        let (o, second_o) = o.split_at_mut(mid * n * d);
+        crate::team::join(
+            || attend_fastest(&step, cache, o),
+            || attend_fastest(&second_step, second_cache, second_o),
+        );
+    } else {
+        attend_fastest(&step, cache, o);
+    }
+    Ok(out)
+}
+
+/// The attention work (rows x positions x heads x head dim) from which a decoding step's rows
+/// are split between two threads: below it, starting a thread costs more than it saves.
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// [`attend`] compiled for the best instructions this CPU has.
+fn attend_fastest<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
         // SAFETY: this CPU has AVX2 and FMA, all `attend_avx2` is compiled for.
         unsafe {
-            attend_avx2(&step, cache, o)
+            attend_avx2(step, cache, o)
         };
-        return Ok(out);
+        return;
     }
-    attend(&step, cache, o);
-    Ok(out)
+    attend(step, cache, o);
 }
 
 /// One decoding step's inputs, as slices (see [`decode_attention`]).
@@ -338,11 +360,64 @@ struct Step<'a, T> {
     heads: DecodeHeads,
 }
 
+impl<T> Step<'_, T> {
+    /// Rows `..mid` and rows `mid..`.
+    fn split(self, mid: usize) -> (Self, Self) {
+        let h = self.heads;
+        let width = (h.heads + 2 * h.kv_heads) * h.head_dim;
+        let (qkv, qkv_rest) = self.qkv.split_at(mid * width);
+        let (cos, cos_rest) = self.cos.split_at(mid * h.head_dim);
+        let (sin, sin_rest) = self.sin.split_at(mid * h.head_dim);
+        let positions = self.start + 1;
+        // One mask row for all rows, or one per row.
+        let (allowed, allowed_rest) = match self.allowed {
+            Some(a) if a.len() != positions => {
+                let (a, rest) = a.split_at(mid * positions);
+                (Some(a), Some(rest))
+            }
+            shared => (shared, shared),
+        };
+        let part = |qkv, cos, sin, allowed| Step {
+            qkv,
+            cos,
+            sin,
+            allowed,
+            start: self.start,
+            heads: h,
+        };
+        (
+            part(qkv, cos, sin, allowed),
+            part(qkv_rest, cos_rest, sin_rest, allowed_rest),
+        )
+    }
+}
+
 /// A layer's cache, `[batch, kv_heads, capacity, head_dim]` each.
 struct Cache<'a, T> {
     keys: &'a mut [T],
     values: &'a mut [T],
     capacity: usize,
+}
+
+impl<T> Cache<'_, T> {
+    /// The first `at` elements of each buffer (whole rows) and the rest.
+    fn split(self, at: usize) -> (Self, Self) {
+        let (keys, keys_rest) = self.keys.split_at_mut(at);
+        let (values, values_rest) = self.values.split_at_mut(at);
+        let capacity = self.capacity;
+        (
+            Cache {
+                keys,
+                values,
+                capacity,
+            },
+            Cache {
+                keys: keys_rest,
+                values: values_rest,
+                capacity,
+            },
+        )
+    }
 }
 
 /// [`attend`] compiled for AVX2 and FMA (eight float32 lanes instead of SSE2's four).
@@ -479,21 +554,42 @@ mod tests {
     /// value appended, for grouped heads, with no mask, a shared mask and per-row masks.
     #[test]
     fn decode_attention_matches_rotary_and_sdpa() -> Result<()> {
+        // Row 0 sees everything, row 1 not position 1, row 2 only positions 3 and up.
+        let per_row = [
+            true, true, true, true, true, true, true, false, true, true, true, true, false, false,
+            false, true, true, true,
+        ];
+        let shared = [false, true, true, true, true, true];
+        check_decode_attention(3, 9, 5, &shared, &per_row)?;
+        // Enough work to split the rows over two threads (3 rows: one and two).
+        let (start, capacity) = (200usize, 210);
+        assert!(3 * (start + 1) * 6 * 20 >= PARALLEL_WORK);
+        let shared: Vec<bool> = (0..=start).map(|p| p % 7 != 3).collect();
+        let per_row: Vec<bool> = (0..3 * (start + 1))
+            .map(|i| (i % (start + 1)) >= 11 * (i / (start + 1)) && i % 5 != 2)
+            .collect();
+        check_decode_attention(3, capacity, start as i64, &shared, &per_row)
+    }
+
+    /// [`decode_attention`] of `batch` rows (6 heads in 2 kv groups of 20 dims) at position
+    /// `start` against rotary + SDPA, with no mask, the `shared` one and the `per_row` ones.
+    fn check_decode_attention(
+        batch: i64,
+        capacity: i64,
+        start: i64,
+        shared: &[bool],
+        per_row: &[bool],
+    ) -> Result<()> {
         tch::manual_seed(2);
-        let (batch, n, kv, d, capacity, start) = (3i64, 6i64, 2i64, 20i64, 9i64, 5i64);
+        let (n, kv, d) = (6i64, 2i64, 20i64);
         let heads = DecodeHeads {
             heads: n as usize,
             kv_heads: kv as usize,
             head_dim: d as usize,
             scale: 0.3,
         };
-        // Row 0 sees everything, row 1 not position 1, row 2 only positions 3 and up.
-        let per_row = Tensor::from_slice(&[
-            true, true, true, true, true, true, true, false, true, true, true, true, false, false,
-            false, true, true, true,
-        ])
-        .view([batch, 1, 1, start + 1]);
-        let shared = Tensor::from_slice(&[false, true, true, true, true, true]).view([1, 1, 1, 6]);
+        let per_row = Tensor::from_slice(per_row).view([batch, 1, 1, start + 1]);
+        let shared = Tensor::from_slice(shared).view([1, 1, 1, start + 1]);
         for kind in [Kind::Float, Kind::BFloat16] {
             let qkv = randn(&[batch, 1, (n + 2 * kv) * d]).to_kind(kind);
             let angles = randn(&[batch, 1, 1, d / 2]).repeat([1, 1, 1, 2]);

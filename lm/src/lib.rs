@@ -44,6 +44,7 @@ mod packed;
 pub mod pretrain;
 mod rope;
 pub mod sampling;
+mod team;
 mod tokenizer;
 pub mod weights;
 
