@@ -228,6 +228,7 @@ pub fn generate_records(
         truncated_prompts += usize::from(cut);
         token_ids.push(ids);
     }
+    lm.model.warm_up(plan.batch_size.min(token_ids.len()))?;
     let mut config = plan.config.clone();
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for (batch, chunk) in token_ids.chunks(plan.batch_size).enumerate() {

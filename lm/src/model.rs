@@ -324,6 +324,8 @@ pub struct CausalLm {
     lm_head: Option<Tensor>,
     /// The LM head packed for decoding on the CPU ([`CausalLm::prepare_for_inference`]).
     head_pack: Option<PackedWeight>,
+    /// Whether decoding products take packed weights.
+    packs: bool,
     rope: Rope,
     /// Gemma 3's rotary table of the sliding-window layers.
     local_rope: Option<Rope>,
@@ -376,6 +378,29 @@ impl CausalLm {
                 .as_ref()
                 .map(|h| PackedWeight::new(h.shallow_clone()));
         }
+        self.packs = pack;
+        Ok(())
+    }
+
+    /// Makes the packed weights of the decoding products for batches of `rows` now (the
+    /// one-time work of the first decoding step, [`CausalLm::prepare_for_inference`]) by
+    /// running one decoding step of `rows` rows on a scratch cache; a stage calls it before
+    /// it times its batches, as a benchmark warms a model up. Nothing to do where nothing is
+    /// packed (a GPU, a model over [`PACK_MAX_BYTES`], a backbone).
+    pub fn warm_up(&self, rows: usize) -> Result<()> {
+        if !self.packs || rows == 0 || self.lm_head.is_none() {
+            return Ok(());
+        }
+        let rows = rows.min(crate::kernels::MAX_ROWS) as i64;
+        let zeros = Tensor::f_zeros([rows, 1], (Kind::Int64, self.device))?;
+        let input = StepInput {
+            input_ids: &zeros,
+            position_ids: &zeros,
+            key_mask: None,
+        };
+        let mut cache = self.new_cache(1);
+        let hidden = self.forward_hidden(&input, &mut cache, Positions::Last)?;
+        let _logits = self.logits(&hidden)?;
         Ok(())
     }
 
@@ -450,6 +475,7 @@ impl CausalLm {
             norm,
             lm_head,
             head_pack: None,
+            packs: false,
             rope,
             local_rope,
             names,

@@ -140,6 +140,7 @@ pub fn collect_rollouts(
         rollouts_per_part: settings.rollouts_per_part.max(1).div_ceil(batch) * batch,
         sort_by_length: settings.sort_by_length,
     };
+    lm.model.warm_up(batch.min(plan.prompts.len()))?;
     let start = Instant::now();
     let mut source = LmSource {
         lm,
