@@ -390,5 +390,9 @@ pub fn open_value_backend(
         )?),
         crate::BackendKind::Torch => None,
     };
-    artifact.backend(options.backend, lm.model.device(), runtime, None)
+    // On the CPU one ONNX Runtime thread: a decoding step's graph is small products of a few
+    // rows, and a second ORT thread would wait for the core that libtorch's OpenMP worker
+    // spins on (batch 8, SmolLM2: overhead 1.32x with ORT's default two threads).
+    let threads = (lm.model.device() == tch::Device::Cpu).then_some(1);
+    artifact.backend(options.backend, lm.model.device(), runtime, threads)
 }
