@@ -183,18 +183,7 @@ impl Attention {
             }
         }
         let (b, s) = (x.size()[0], x.size()[1]);
-        let (q, k, v) = self.project(x)?;
-        let norm = |t: Tensor, n: &Option<Norm>| match n {
-            Some(n) => n.forward(&t),
-            None => Ok(t),
-        };
-        // [batch, heads, seq, head_dim]
-        let q = norm(q, &self.q_norm)?.f_transpose(1, 2)?;
-        let k = norm(k, &self.k_norm)?.f_transpose(1, 2)?;
-        let v = v.f_transpose(1, 2)?;
-        let (cos, sin) = self.cos_sin(rotary);
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
+        let (q, k, v) = self.heads(x, rotary)?;
         // [batch, kv_heads, past + seq, head_dim]
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, &k, &v)?,
@@ -205,6 +194,25 @@ impl Attention {
             .f_transpose(1, 2)?
             .f_reshape([b, s, self.num_heads * self.head_dim])?;
         self.o_proj.forward(&out)
+    }
+
+    /// Queries `[batch, heads, seq, head_dim]`, keys and values `[batch, kv_heads, seq,
+    /// head_dim]` of `x` `[batch, seq, hidden]`: projected, normed per head where the family
+    /// does, queries and keys rotated.
+    fn heads(&self, x: &Tensor, rotary: &Rotary) -> Result<(Tensor, Tensor, Tensor)> {
+        let (q, k, v) = self.project(x)?;
+        let norm = |t: Tensor, n: &Option<Norm>| match n {
+            Some(n) => n.forward(&t),
+            None => Ok(t),
+        };
+        let q = norm(q, &self.q_norm)?.f_transpose(1, 2)?;
+        let k = norm(k, &self.k_norm)?.f_transpose(1, 2)?;
+        let (cos, sin) = self.cos_sin(rotary);
+        Ok((
+            apply_rotary(&q, cos, sin)?,
+            apply_rotary(&k, cos, sin)?,
+            v.f_transpose(1, 2)?,
+        ))
     }
 
     /// Attention of `q` `[batch, heads, seq, head_dim]` over `k`, `v`
@@ -240,18 +248,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (n, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let tokens = x.size()[1];
-        let (q, k, v) = self.project(x)?;
-        let norm = |t: Tensor, n: &Option<Norm>| match n {
-            Some(n) => n.forward(&t),
-            None => Ok(t),
-        };
-        // [1, heads, tokens, head_dim]
-        let q = norm(q, &self.q_norm)?.f_transpose(1, 2)?;
-        let k = norm(k, &self.k_norm)?.f_transpose(1, 2)?;
-        let v = v.f_transpose(1, 2)?;
-        let (cos, sin) = self.cos_sin(rotary);
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
+        let (q, k, v) = self.heads(x, rotary)?;
         let buffers = match cache {
             Some(cache) => {
                 let shape = [packed.rows.len() as i64, kv, packed.width, d];

@@ -189,6 +189,13 @@ mod tests {
         }
     }
 
+    const ACTIVATIONS: [Activation; 4] = [
+        Activation::Relu,
+        Activation::Tanh,
+        Activation::Gelu,
+        Activation::Silu,
+    ];
+
     /// Autograd's V and dV/dx, the reference.
     fn autograd(m: &ValueModel, x: &Tensor) -> (Tensor, Tensor) {
         tch::with_grad(|| {
@@ -202,15 +209,7 @@ mod tests {
     #[test]
     fn the_closed_form_gradient_is_autograds_for_every_activation_and_depth() {
         let x = Tensor::randn([9, 12], (Kind::Float, tch::Device::Cpu)) * 1.5;
-        for (k, activation) in [
-            Activation::Relu,
-            Activation::Tanh,
-            Activation::Gelu,
-            Activation::Silu,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (k, activation) in ACTIVATIONS.into_iter().enumerate() {
             for hidden in [vec![], vec![16], vec![16, 8]] {
                 let m = model(activation, &hidden, k as u64 + 1);
                 let (v, g) = m.value_and_grad(&x).expect("closed form");
@@ -228,15 +227,7 @@ mod tests {
     #[test]
     fn fused_steps_equal_the_step_by_step_loop_with_and_without_a_bound() {
         let h = Tensor::randn([5, 12], (Kind::Float, tch::Device::Cpu));
-        for (k, activation) in [
-            Activation::Relu,
-            Activation::Tanh,
-            Activation::Gelu,
-            Activation::Silu,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (k, activation) in ACTIVATIONS.into_iter().enumerate() {
             for hidden in [vec![], vec![16], vec![16, 8]] {
                 let m = model(activation, &hidden, k as u64 + 7);
                 for bound in [None, Some(0.05)] {
