@@ -324,8 +324,6 @@ pub struct CausalLm {
     lm_head: Option<Tensor>,
     /// The LM head packed for decoding on the CPU ([`CausalLm::prepare_for_inference`]).
     head_pack: Option<PackedWeight>,
-    /// Whether decoding products take packed weights.
-    packs: bool,
     rope: Rope,
     /// Gemma 3's rotary table of the sliding-window layers.
     local_rope: Option<Rope>,
@@ -355,8 +353,8 @@ impl CausalLm {
     /// shape, as views, which a trainer must not treat as leaves.
     ///
     /// On the CPU, a model of at most [`PACK_MAX_BYTES`] also packs its matrices and LM head
-    /// for decoding (MKL's and oneDNN's packed products): a packed copy of each, made on the first decoding
-    /// step, about as large again as the weights.
+    /// for decoding (MKL's and oneDNN's packed products): a packed copy of each, about as large
+    /// again as the weights, made on the first decoding step or by [`CausalLm::warm_up`].
     pub fn prepare_for_inference(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let cpu = self.device == Device::Cpu;
@@ -378,7 +376,6 @@ impl CausalLm {
                 .as_ref()
                 .map(|h| PackedWeight::new(h.shallow_clone()));
         }
-        self.packs = pack;
         Ok(())
     }
 
@@ -388,7 +385,7 @@ impl CausalLm {
     /// it times its batches, as a benchmark warms a model up. Nothing to do where nothing is
     /// packed (a GPU, a model over [`PACK_MAX_BYTES`], a backbone).
     pub fn warm_up(&self, rows: usize) -> Result<()> {
-        if !self.packs || rows == 0 || self.lm_head.is_none() {
+        if self.head_pack.is_none() || rows == 0 {
             return Ok(());
         }
         let rows = rows.min(crate::kernels::MAX_ROWS) as i64;
@@ -475,7 +472,6 @@ impl CausalLm {
             norm,
             lm_head,
             head_pack: None,
-            packs: false,
             rope,
             local_rope,
             names,

@@ -98,8 +98,8 @@ unsafe extern "C" fn body<A: FnOnce(), B: FnOnce()>(data: *mut c_void) {
 }
 
 /// Runs `first` and `second`, at once when libtorch's OpenMP team can take the second
-/// (libtorch set to two threads or more), else one after the other; returns when both are done. A panic in either is
-/// raised again here.
+/// (libtorch set to two threads or more), else one after the other; returns when both are
+/// done. A panic in either is raised again here.
 pub(crate) fn join<A, B>(first: A, second: B)
 where
     A: FnOnce() + Send,

@@ -118,7 +118,7 @@ impl ValueModel {
     ) -> Result<SgdOutcome, tch::TchError> {
         let _guard = tch::no_grad_guard();
         let h0 = h.f_to_kind(Kind::Float)?;
-        let before = self.value_of(&h0)?;
+        let before = self.value_in_units(&h0)?;
         let layers = self.mlp.layers();
         let top = layers[layers.len() - 1]
             .0
@@ -138,29 +138,13 @@ impl ValueModel {
         let after = if steps == 0 {
             before.shallow_clone()
         } else {
-            self.value_of(&x)?
+            self.value_in_units(&x)?
         };
         Ok(SgdOutcome {
             edited: x,
             before,
             after,
         })
-    }
-
-    /// V `[rows]` in reward units.
-    fn value_of(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let layers = self.mlp.layers();
-        let activation = self.mlp.activation();
-        let last = layers.len() - 1;
-        let mut a = x.shallow_clone();
-        for (w, b) in &layers[..last] {
-            a = crate::mlp::activate(activation, &a.f_linear(w, Some(b))?)?;
-        }
-        let (w_last, b_last) = &layers[last];
-        a.f_linear(w_last, Some(b_last))?
-            .f_squeeze_dim(-1)?
-            .f_mul_scalar(self.config.reward_std)?
-            .f_add_scalar(self.config.reward_mean)
     }
 }
 

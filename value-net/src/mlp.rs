@@ -177,11 +177,15 @@ pub struct ValueModel {
 impl ValueModel {
     /// `[batch, input]` -> V `[batch]` in reward units.
     pub fn value(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .mlp
+        Ok(self.value_in_units(x)?)
+    }
+
+    /// [`ValueModel::value`] with libtorch's error, for the closed-form gradient's callers.
+    pub(crate) fn value_in_units(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        self.mlp
             .forward_raw(x)?
             .f_mul_scalar(self.config.reward_std)?
-            .f_add_scalar(self.config.reward_mean)?)
+            .f_add_scalar(self.config.reward_mean)
     }
 
     /// Writes `config.json` and `model.safetensors` (float32) into the new folder `dir`, which
