@@ -70,7 +70,7 @@ impl Element for bf16 {
 
 /// The elements of a contiguous CPU tensor of `T`.
 #[allow(unsafe_code)]
-fn elements<T: Element>(t: &Tensor) -> Result<&[T]> {
+pub(crate) fn elements<T: Element>(t: &Tensor) -> Result<&[T]> {
     check(t, T::KIND)?;
     if t.numel() == 0 {
         return Ok(&[]);
@@ -85,7 +85,7 @@ fn elements<T: Element>(t: &Tensor) -> Result<&[T]> {
 
 /// The elements of a contiguous CPU tensor of `T`, to write.
 #[allow(unsafe_code)]
-fn elements_mut<T: Element>(t: &mut Tensor) -> Result<&mut [T]> {
+pub(crate) fn elements_mut<T: Element>(t: &mut Tensor) -> Result<&mut [T]> {
     check(t, T::KIND)?;
     if t.numel() == 0 {
         return Ok(&mut []);
@@ -132,23 +132,39 @@ fn sum_squares<T: Element>(x: &[T]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `a . b` in float32 with 16 independent lanes.
+/// `a . b` in float32 with 16 independent lanes (one AVX-512 register, two AVX2 ones),
+/// added pairwise at the end.
 #[inline(always)]
-fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y.get())
+        .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *l += x * y.get();
+        // Fixed-size chunks: the loop below becomes whole-register operations.
+        let (x, y): (&[f32; LANES], &[f32; LANES]) = match (x.try_into(), y.try_into()) {
+            (Ok(x), Ok(y)) => (x, y),
+            _ => unreachable!("chunks_exact yields chunks of {LANES}"),
+        };
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    // Halves added pairwise (a few vector adds) rather than lane by lane (15 dependent ones,
+    // which cost a decoding step's attention more than its products did).
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    lanes[0] + tail
 }
 
 /// Llama's RMS norm of each row of `x` `[.., hidden]`: `w * (x / sqrt(mean(x^2) + eps))`,
@@ -339,6 +355,16 @@ const PARALLEL_WORK: usize = 1 << 16;
 /// [`attend`] compiled for the best instructions this CPU has.
 fn attend_fastest<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[allow(unsafe_code)]
+        // SAFETY: this CPU has AVX-512F (and with it AVX2 and FMA), all `attend_avx512` is
+        // compiled for.
+        unsafe {
+            attend_avx512(step, cache, o)
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         #[allow(unsafe_code)]
         // SAFETY: this CPU has AVX2 and FMA, all `attend_avx2` is compiled for.
@@ -347,7 +373,7 @@ fn attend_fastest<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [
         };
         return;
     }
-    attend(step, cache, o);
+    attend(step, cache, o, dot);
 }
 
 /// One decoding step's inputs, as slices (see [`decode_attention`]).
@@ -424,12 +450,57 @@ impl<T> Cache<'_, T> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
-    attend(step, cache, o)
+    attend(step, cache, o, dot)
+}
+
+/// [`attend`] compiled for AVX-512 (sixteen float32 lanes: one register per chunk of
+/// [`dot`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_avx512<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
+    // SAFETY: this function is compiled for AVX-512F, all `dot_avx512` needs.
+    #[allow(unsafe_code)]
+    attend(step, cache, o, |a, b| unsafe { dot_avx512(a, b) })
+}
+
+/// `a . b` in float32 in one AVX-512 register of sums, added pairwise at the end (LLVM
+/// made [`dot`]'s 16 lanes eight pairs of two).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(unsafe_code)]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let len = a.len().min(b.len());
+    let full = len / 16 * 16;
+    let mut sums = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < full {
+        // SAFETY: `i + 16 <= len`, inside both slices.
+        let (x, y) = unsafe {
+            (
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+            )
+        };
+        sums = _mm512_fmadd_ps(x, y, sums);
+        i += 16;
+    }
+    let tail: f32 = a[full..len]
+        .iter()
+        .zip(&b[full..len])
+        .map(|(x, y)| x * y)
+        .sum();
+    _mm512_reduce_add_ps(sums) + tail
 }
 
 /// The body of [`decode_attention`], on validated slices; `o` `[batch, heads head_dim]`.
 #[inline(always)]
-fn attend<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
+fn attend<T: Element>(
+    step: &Step<'_, T>,
+    cache: Cache<'_, T>,
+    o: &mut [T],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
     let (qkv, cos, sin, allowed) = (step.qkv, step.cos, step.sin, step.allowed);
     let (start, h) = (step.start, step.heads);
     let (ks, vs, capacity) = (cache.keys, cache.values, cache.capacity);
@@ -437,10 +508,14 @@ fn attend<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
     let width = (n + 2 * kv) * d;
     let positions = start + 1;
     let batch = qkv.len() / width;
-    let mut q = vec![0f32; d];
-    let mut sum = vec![0f32; d];
-    let mut scores = vec![0f32; positions];
     let group = n / kv;
+    // The queries of one kv head's group of heads, their scores and their sums; the key or
+    // value of one position in float32, read and widened once for the whole group.
+    let mut q = vec![0f32; group * d];
+    let mut sum = vec![0f32; group * d];
+    let mut scores = vec![0f32; group * positions];
+    let mut totals = vec![0f32; group];
+    let mut row_f32 = vec![0f32; d];
     for r in 0..batch {
         let row = &qkv[r * width..(r + 1) * width];
         let (cos, sin) = (&cos[r * d..(r + 1) * d], &sin[r * d..(r + 1) * d]);
@@ -458,37 +533,60 @@ fn attend<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
                 &a[r * positions..(r + 1) * positions]
             }
         });
-        for head in 0..n {
-            let g = head / group;
-            rotate(&row[head * d..][..d], cos, sin, &mut q);
-            let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores.iter_mut().enumerate() {
-                *s = if allowed.is_none_or(|a| a[p] != 0) {
-                    dot(&q, &ks[at(g, p)..at(g, p) + d]) * h.scale
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max = max.max(*s);
+        for g in 0..kv {
+            for (j, q) in q.chunks_exact_mut(d).enumerate() {
+                rotate(&row[(g * group + j) * d..][..d], cos, sin, q);
             }
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
+            for p in 0..positions {
+                let open = allowed.is_none_or(|a| a[p] != 0);
+                if open {
+                    widen(&ks[at(g, p)..at(g, p) + d], &mut row_f32);
+                }
+                for (j, q) in q.chunks_exact(d).enumerate() {
+                    scores[j * positions + p] = if open {
+                        dot(q, &row_f32) * h.scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+            }
+            totals.fill(0.0);
+            for (scores, total) in scores.chunks_exact_mut(positions).zip(&mut totals) {
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    *total += *s;
+                }
             }
             sum.fill(0.0);
-            for (p, s) in scores.iter().enumerate() {
-                if *s != 0.0 {
-                    let weight = s / total;
-                    for (o, v) in sum.iter_mut().zip(&vs[at(g, p)..at(g, p) + d]) {
-                        *o += weight * v.get();
+            for p in 0..positions {
+                if (0..group).all(|j| scores[j * positions + p] == 0.0) {
+                    continue;
+                }
+                widen(&vs[at(g, p)..at(g, p) + d], &mut row_f32);
+                for (j, sum) in sum.chunks_exact_mut(d).enumerate() {
+                    let s = scores[j * positions + p];
+                    if s != 0.0 {
+                        let weight = s / totals[j];
+                        for (o, v) in sum.iter_mut().zip(&row_f32) {
+                            *o += weight * v;
+                        }
                     }
                 }
             }
-            let o = &mut o[(r * n + head) * d..(r * n + head + 1) * d];
+            let o = &mut o[(r * n + g * group) * d..(r * n + (g + 1) * group) * d];
             for (o, v) in o.iter_mut().zip(&sum) {
                 *o = T::put(*v);
             }
         }
+    }
+}
+
+/// `x` in float32.
+#[inline(always)]
+fn widen<T: Element>(x: &[T], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v.get();
     }
 }
 
@@ -652,7 +750,7 @@ mod tests {
     /// tests above run whichever this CPU takes).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn portable_and_avx2_bodies_agree() {
+    fn portable_avx2_and_avx512_bodies_agree() {
         if !(std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma"))
         {
@@ -680,7 +778,8 @@ mod tests {
                 scale: 0.2,
             },
         };
-        let run = |avx2: bool| {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let run = |body: &str| {
             let (mut keys, mut vals) = (
                 values(batch * kv * capacity * d, 4),
                 values(batch * kv * capacity * d, 5),
@@ -691,22 +790,30 @@ mod tests {
                 values: &mut vals,
                 capacity,
             };
-            if avx2 {
+            match body {
                 #[allow(unsafe_code)]
                 // SAFETY: checked above.
-                unsafe {
-                    attend_avx2(&step, cache, &mut out)
-                };
-            } else {
-                attend(&step, cache, &mut out);
+                "avx2" => unsafe { attend_avx2(&step, cache, &mut out) },
+                #[allow(unsafe_code)]
+                // SAFETY: checked above.
+                "avx512" => unsafe { attend_avx512(&step, cache, &mut out) },
+                _ => attend(&step, cache, &mut out, dot),
             }
             (out, keys, vals)
         };
-        let (portable, avx2) = (run(false), run(true));
-        assert_eq!(portable.1, avx2.1, "the same key written");
-        assert_eq!(portable.2, avx2.2, "the same value written");
-        for (a, b) in portable.0.iter().zip(&avx2.0) {
-            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        let portable = run("portable");
+        let bodies: &[&str] = if avx512 {
+            &["avx2", "avx512"]
+        } else {
+            &["avx2"]
+        };
+        for body in bodies {
+            let simd = run(body);
+            assert_eq!(portable.1, simd.1, "{body}: the same key written");
+            assert_eq!(portable.2, simd.2, "{body}: the same value written");
+            for (a, b) in portable.0.iter().zip(&simd.0) {
+                assert!((a - b).abs() < 1e-6, "{body}: {a} vs {b}");
+            }
         }
     }
 

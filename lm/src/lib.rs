@@ -47,6 +47,7 @@ pub mod sampling;
 mod team;
 mod tokenizer;
 pub mod weights;
+mod widened;
 
 use std::path::{Path, PathBuf};
 

@@ -12,13 +12,14 @@
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
 
 use std::ffi::{c_char, CStr};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
 use crate::kernels::decoding_rows;
+use crate::widened::{self, WidenedWeight};
 
 // MKL, and these shim functions with it, are in x86-64 builds of libtorch; elsewhere
 // decoding takes the plain products.
@@ -157,6 +158,9 @@ pub(crate) struct PackedWeight {
     /// `[out, in]` (a view of the layer's weight).
     weight: Tensor,
     state: Mutex<State>,
+    /// The bfloat16 weight in the widened products' layout (CPUs with AVX-512), made on the
+    /// first product; `None` inside when its shape does not fit them.
+    widened: OnceLock<Option<WidenedWeight>>,
 }
 
 impl PackedWeight {
@@ -165,16 +169,33 @@ impl PackedWeight {
         Self {
             weight,
             state: Mutex::default(),
+            widened: OnceLock::new(),
         }
     }
 
-    /// `x W^T` for a decoding step `x` ([`decoding_rows`]: `[batch, 1, in]` or `[batch, in]`),
-    /// of at least 2 rows in float32 and 1 in bfloat16, on the CPU; `None` for any other input,
-    /// or while the pack serves another row count.
+    /// `x W^T` on the CPU for a decoding step `x` ([`decoding_rows`]: `[batch, 1, in]` or
+    /// `[batch, in]`) of at least 2 rows in float32 and 1 in bfloat16, and for any bfloat16
+    /// `x` `[..., in]` where the CPU runs the widened products ([`crate::widened`]); `None`
+    /// for any other input, or while the pack serves another row count.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = &self.weight;
         let kind = x.kind();
+        if kind == Kind::BFloat16
+            && weight.kind() == kind
+            && x.device() == Device::Cpu
+            && !x.requires_grad()
+            && !weight.requires_grad()
+            && widened::available()
+        {
+            if self.widened.get().is_none() {
+                // Two threads may both make it; one keeps its copy.
+                let _ = self.widened.set(WidenedWeight::new(weight)?);
+            }
+            if let Some(widened) = self.widened.get().and_then(Option::as_ref) {
+                return Ok(Some(widened.product(x)?));
+            }
+        }
         // MKL's packed product of one row is slower than its plain one (a matrix-vector
         // product at memory speed); oneDNN's is not.
         let fewest = if kind == Kind::Float { 2 } else { 1 };
