@@ -26,7 +26,9 @@ Usage (from the repo root)::
   for `x` of `b` rows in the run's dtype, timed in torch (median of 20 passes after 3
   warm-ups); floor tokens/s = b / that time. recontrol's fraction of it is printed.
 * Also checks that recontrol's greedy tokens for batch size 1 equal HF's (f32), and reports
-  how many of recontrol's bf16 greedy tokens equal its f32 ones (the common prefix per prompt).
+  how many of recontrol's bf16 greedy tokens equal its f32 ones (the common prefix per prompt),
+  and for scale, at the largest batch, recontrol bf16 against HF bf16, HF bf16 against HF
+  f32, and recontrol f32 against HF f32.
 
 The model is cached in target/bench-model (when target/ exists) and rebuilt only
 when the settings change; otherwise it goes to a temporary directory.
@@ -333,6 +335,7 @@ def main() -> int:
 
         results = []
         tokens_by_dtype: dict[str, list[list[int]]] = {}
+        hf_tokens_by_dtype: dict[str, list[list[int]]] = {}
         for dtype in args.dtypes:
             model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch_dtypes[dtype]).eval()
             if prompts is None:
@@ -360,6 +363,8 @@ def main() -> int:
                       + f", weight-streaming floor {floor:.1f} tok/s")
                 if rc_rows is not None and b == max(args.batch_sizes):
                     tokens_by_dtype[dtype] = [list(row["tokens"]) for row in rc_rows]
+                    hf_tokens_by_dtype[dtype] = hf_generate(
+                        model, tokenizer, prompts[:b], n, eos_token_id=None).tolist()
 
                 if b == 1 and dtype == "f32" and rc_rows is not None:
                     # Reference greedy tokens for prompt 0 (both sides continue past </s>).
@@ -381,6 +386,19 @@ def main() -> int:
         print(f"\nrecontrol bf16 vs f32 greedy tokens (batch {max(args.batch_sizes)}): "
               f"{agreement['identical']} of {len(prefixes)} prompts identical over {n} tokens; "
               f"common prefix per prompt {prefixes} (mean {agreement['mean_common_prefix']:.1f})")
+        # For scale: two bf16 implementations (HF's and recontrol's) and HF's own bf16 against
+        # its f32, on the same batch.
+        for label, xs, ys in [
+            ("recontrol bf16 vs HF bf16", bf16, hf_tokens_by_dtype.get("bf16")),
+            ("HF bf16 vs HF f32", hf_tokens_by_dtype.get("bf16"), hf_tokens_by_dtype.get("f32")),
+            ("recontrol f32 vs HF f32", f32, hf_tokens_by_dtype.get("f32")),
+        ]:
+            if xs is None or ys is None:
+                continue
+            ps = [common_prefix(a, b) for a, b in zip(xs, ys)]
+            agreement[label] = ps
+            print(f"{label}: {sum(p == n for p in ps)} of {len(ps)} identical; common prefix "
+                  f"{ps} (mean {statistics.mean(ps):.1f})")
 
     # Table.
     print()

@@ -6,7 +6,8 @@
 //! both through AOTInductor's C shim (`aoti_torch_cpu__mkl_linear`,
 //! `aoti_torch_cpu__linear_pointwise`, and `aoti_torch_call_dispatcher` for the packing),
 //! whose tensor handles are `at::Tensor*` as `tch`'s are. MKL's pack serves one row count,
-//! oneDNN's any.
+//! oneDNN's any. Where [`crate::widened`] runs (AVX-512, no AMX), bfloat16 weights take its
+//! layout instead, for every product, prompts included.
 
 // Outside x86-64 only `PackedWeight` and its plain fallback remain.
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]

@@ -62,14 +62,19 @@ impl std::fmt::Debug for WidenedWeight {
     }
 }
 
-/// Whether this CPU runs the widened products (AVX-512 Foundation), checked once.
+/// Whether bfloat16 products take the widened kernels here, checked once: the CPU has
+/// AVX-512 Foundation and no AMX-BF16 (where it has AMX, oneDNN's tile products multiply
+/// prompts many times faster than float32 FMAs can), and `RECONTROL_NO_WIDENED` is unset.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVAILABLE.get_or_init(|| {
+            // CPUID leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16.
+            let amx_bf16 = (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1;
             std::env::var_os("RECONTROL_NO_WIDENED").is_none()
                 && std::arch::is_x86_feature_detected!("avx512f")
+                && !amx_bf16
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
