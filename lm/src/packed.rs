@@ -182,13 +182,15 @@ impl PackedWeight {
     pub(crate) fn product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = &self.weight;
         let kind = x.kind();
-        if kind == Kind::BFloat16
-            && weight.kind() == kind
-            && x.device() == Device::Cpu
-            && !x.requires_grad()
-            && !weight.requires_grad()
-            && widened::available()
+        if x.device() != Device::Cpu
+            || !matches!(kind, Kind::Float | Kind::BFloat16)
+            || weight.kind() != kind
+            || x.requires_grad()
+            || weight.requires_grad()
         {
+            return Ok(None);
+        }
+        if kind == Kind::BFloat16 && widened::available() {
             if self.widened.get().is_none() {
                 // Two threads may both make it; one keeps its copy.
                 let _ = self.widened.set(WidenedWeight::new(weight)?);
@@ -204,14 +206,6 @@ impl PackedWeight {
             Some(rows) if rows >= fewest => rows,
             _ => return Ok(None),
         };
-        if x.device() != Device::Cpu
-            || !matches!(kind, Kind::Float | Kind::BFloat16)
-            || weight.kind() != kind
-            || x.requires_grad()
-            || weight.requires_grad()
-        {
-            return Ok(None);
-        }
         let packed = {
             let mut state = self
                 .state

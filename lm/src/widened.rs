@@ -298,6 +298,20 @@ mod tests {
     use super::*;
     use tch::Device;
 
+    /// Whether this CPU takes the widened products; says so when a test is skipped.
+    fn runs_here() -> bool {
+        let runs = available();
+        if !runs {
+            eprintln!("skipped: the widened products do not run on this CPU");
+        }
+        runs
+    }
+
+    /// Normal random bfloat16 numbers of `shape`.
+    fn randn_bf16(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16)
+    }
+
     /// `x W^T` in float32 from the same bfloat16 numbers, rounded once to bfloat16.
     fn reference(x: &Tensor, w: &Tensor) -> Tensor {
         x.to_kind(Kind::Float)
@@ -318,27 +332,25 @@ mod tests {
 
     #[test]
     fn widened_products_match_float32_rounded_once() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !runs_here() {
             return Ok(());
         }
         tch::manual_seed(3);
         // Output features: one block, an odd number of blocks (a last group of one), many;
         // rows: every tile height, several tiles, several chunks (in = 2048: 64 rows).
         for (out, inp) in [(16, 2), (48, 10), (96, 64), (64, 2048)] {
-            let w = Tensor::randn([out, inp], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let w = randn_bf16(&[out, inp]);
             // Stored [in, out] as the CPU layout stores it: the pack reads a transposed view.
             let stored = w.tr().contiguous();
             let widened = WidenedWeight::new(&stored.tr())?.expect("fits the tiles");
             for rows in [1, 2, 3, 5, 7, 8, 9, 17, 70, 130] {
-                let x =
-                    Tensor::randn([rows, inp], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+                let x = randn_bf16(&[rows, inp]);
                 let got = widened.product(&x)?;
                 let d = ulps(&got, &reference(&x, &w));
                 assert!(d <= 1.0, "[{rows}, {inp}] x [{out}, {inp}]: {d} ulps");
             }
             // Decoding shape [batch, 1, in] keeps its leading dimensions.
-            let x = Tensor::randn([3, 1, inp], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+            let x = randn_bf16(&[3, 1, inp]);
             let got = widened.product(&x)?;
             assert_eq!(got.size(), [3, 1, out]);
             assert!(ulps(&got, &reference(&x, &w)) <= 1.0);
@@ -348,16 +360,15 @@ mod tests {
 
     #[test]
     fn a_product_large_enough_splits_and_matches() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !runs_here() {
             return Ok(());
         }
         tch::manual_seed(4);
         // 8 x 576 x 960 is over PARALLEL_WORK: the groups split over two threads.
-        let w = Tensor::randn([960, 576], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let w = randn_bf16(&[960, 576]);
         const { assert!(8 * 576 * 960 >= PARALLEL_WORK) };
         let widened = WidenedWeight::new(&w)?.expect("fits");
-        let x = Tensor::randn([8, 576], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let x = randn_bf16(&[8, 576]);
         let got = widened.product(&x)?;
         assert!(ulps(&got, &reference(&x, &w)) <= 1.0);
         // Exactly representable sums give the exact products, bit for bit.
@@ -379,8 +390,7 @@ mod tests {
 
     #[test]
     fn rounding_is_libtorchs_and_nan_is_kept() -> Result<()> {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
+        if !runs_here() {
             return Ok(());
         }
         // One input feature pair: y = x0 * w0 + x1 * w1 with w = (1, 0), so y = x0 exactly;
