@@ -6,8 +6,8 @@
 //! both through AOTInductor's C shim (`aoti_torch_cpu__mkl_linear`,
 //! `aoti_torch_cpu__linear_pointwise`, and `aoti_torch_call_dispatcher` for the packing),
 //! whose tensor handles are `at::Tensor*` as `tch`'s are. MKL's pack serves one row count,
-//! oneDNN's any. Where [`crate::widened`] runs (AVX-512, no AMX), bfloat16 weights take its
-//! layout instead, for every product, prompts included.
+//! oneDNN's any. Where [`crate::widened`] runs (AVX-512 or AVX2, no AMX), bfloat16 weights
+//! take its layout instead, for every product, prompts included.
 
 // Outside x86-64 only `PackedWeight` and its plain fallback remain.
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
@@ -96,6 +96,19 @@ fn pack(weight: &Tensor, rows: i64) -> Result<Tensor> {
 }
 
 #[cfg(target_arch = "x86_64")]
+/// Whether oneDNN packs bfloat16 weights on this CPU, found once by packing a small one:
+/// it needs AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or AMX, and refuses elsewhere (an AVX2
+/// CPU such as AMD's Zen 3, where bfloat16 decoding then takes the widened products, or
+/// libtorch's plain ones for shapes they do not fit).
+fn onednn_bfloat16() -> bool {
+    static PACKS: OnceLock<bool> = OnceLock::new();
+    *PACKS.get_or_init(|| {
+        let probe = Tensor::ones([16, 16], (Kind::BFloat16, Device::Cpu));
+        pack(&probe, 1).is_ok()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
 /// `x W^T` with `packed` from [`pack`] (`origin` the `[out, in]` weight it was packed from,
 /// `rows` its row count).
 #[allow(unsafe_code)]
@@ -159,8 +172,8 @@ pub(crate) struct PackedWeight {
     /// `[out, in]` (a view of the layer's weight).
     weight: Tensor,
     state: Mutex<State>,
-    /// The bfloat16 weight in the widened products' layout (CPUs with AVX-512), made on the
-    /// first product; `None` inside when its shape does not fit them.
+    /// The bfloat16 weight in the widened products' layout (CPUs with AVX-512 or AVX2 and no
+    /// AMX), made on the first product; `None` inside when its shape does not fit them.
     widened: OnceLock<Option<WidenedWeight>>,
 }
 
@@ -175,7 +188,8 @@ impl PackedWeight {
     }
 
     /// `x W^T` on the CPU for a decoding step `x` ([`decoding_rows`]: `[batch, 1, in]` or
-    /// `[batch, in]`) of at least 2 rows in float32 and 1 in bfloat16, and for any bfloat16
+    /// `[batch, in]`) of at least 2 rows in float32 and 1 in bfloat16 (where oneDNN packs
+    /// bfloat16 weights: [`onednn_bfloat16`]), and for any bfloat16
     /// `x` `[..., in]` where the CPU runs the widened products ([`crate::widened`]); `None`
     /// for any other input, or while the pack serves another row count.
     #[cfg(target_arch = "x86_64")]
@@ -198,6 +212,9 @@ impl PackedWeight {
             if let Some(widened) = self.widened.get().and_then(Option::as_ref) {
                 return Ok(Some(widened.product(x)?));
             }
+        }
+        if kind == Kind::BFloat16 && !onednn_bfloat16() {
+            return Ok(None);
         }
         // MKL's packed product of one row is slower than its plain one (a matrix-vector
         // product at memory speed); oneDNN's is not.
@@ -295,8 +312,16 @@ mod tests {
     #[test]
     fn bfloat16_packs_serve_any_row_count() -> Result<()> {
         tch::manual_seed(1);
+        // 40 output features: not the widened products' shape, so oneDNN's pack or none.
         let weight = Tensor::randn([40, 24], (Kind::BFloat16, Device::Cpu));
         let packed = PackedWeight::new(weight.shallow_clone());
+        if !onednn_bfloat16() {
+            // An AVX2 CPU: no pack, the caller's plain product (not an error).
+            let x = Tensor::randn([5, 1, 24], (Kind::BFloat16, Device::Cpu));
+            assert!(packed.product(&x)?.is_none());
+            eprintln!("skipped: oneDNN packs no bfloat16 weights on this CPU");
+            return Ok(());
+        }
         for rows in [1, 5, 8] {
             let x = Tensor::randn([rows, 1, 24], (Kind::BFloat16, Device::Cpu));
             let y = packed.product(&x)?.expect("one pack for every row count");
