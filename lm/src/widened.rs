@@ -31,8 +31,6 @@ use crate::error::{Error, Result};
 
 /// Output features per block: one AVX-512 register of float32 sums, two AVX2 ones.
 const BLOCK: usize = 16;
-/// The most rows a tile has, of either body.
-const MAX_TILE_ROWS: usize = 8;
 /// How far ahead in the weights' stream the tile asks for them (bytes): the hardware
 /// prefetcher alone left the loop waiting on memory (a prototype's 8-row pass over SmolLM2:
 /// 28 ms without, 14 ms with 1 KiB); generating 48 tokens at batch 8 in bf16, 1, 2, 4, 8 and
@@ -59,6 +57,9 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
+    /// Every body, the fastest first.
+    const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
+
     /// Blocks per group, read as one stream.
     fn blocks(self) -> usize {
         match self {
@@ -109,6 +110,12 @@ impl std::fmt::Debug for WidenedWeight {
     }
 }
 
+/// Whether the CPU has AMX-BF16 (CPUID leaf 7, sub-leaf 0: EDX bit 22).
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16() -> bool {
+    (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1
+}
+
 /// The body bfloat16 products take here, checked once: AVX-512F, else AVX2 with FMA, on a
 /// CPU without AMX-BF16 (where it has AMX, oneDNN's tile products multiply prompts many
 /// times faster than float32 FMAs can); none when `RECONTROL_NO_WIDENED` is set.
@@ -117,14 +124,10 @@ pub(crate) fn isa() -> Option<Isa> {
     {
         static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            // CPUID leaf 7, sub-leaf 0: EDX bit 22 is AMX-BF16.
-            let amx_bf16 = (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1;
-            if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16 {
+            if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16() {
                 return None;
             }
-            [Isa::Avx512, Isa::Avx2]
-                .into_iter()
-                .find(|isa| isa.runs_here())
+            Isa::ALL.into_iter().find(|isa| isa.runs_here())
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -286,7 +289,7 @@ impl WidenedWeight {
                         (Isa::Avx2, 2, 1) => tile_avx2::<2>(x, w, self.inp, dst, self.out),
                         (Isa::Avx2, 3, 1) => tile_avx2::<3>(x, w, self.inp, dst, self.out),
                         (Isa::Avx2, 4, 1) => tile_avx2::<4>(x, w, self.inp, dst, self.out),
-                        _ => unreachable!("tiles of 1 to {MAX_TILE_ROWS} rows by 1 or 2 blocks"),
+                        _ => unreachable!("a tile of {rows} rows by {blocks} blocks for {:?}", self.isa),
                     }
                 };
             }
@@ -370,7 +373,8 @@ unsafe fn tile<const R: usize, const B: usize>(
 
 /// `R` rows of `x` (`inp` apart) by one block of weights `w`, rounded to bfloat16 into `y`
 /// (`R` rows, `ldy` apart, 16 columns): [`tile`] for AVX2, a block's line read as two
-/// registers of eight features.
+/// registers of eight features, each sum rounded as the decoding kernels round
+/// (`bf16::from_f32`: to nearest even, as libtorch).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
@@ -408,19 +412,9 @@ unsafe fn tile_avx2<const R: usize>(x: &[f32], w: &[Line], inp: usize, y: *mut u
         _mm256_storeu_ps(block.as_mut_ptr(), sums[0]);
         _mm256_storeu_ps(block.as_mut_ptr().add(8), sums[1]);
         for (f, &s) in block.iter().enumerate() {
-            *y.add(r * ldy + f) = round_to_bf16(s);
+            *y.add(r * ldy + f) = half::bf16::from_f32(s).to_bits();
         }
     }
-}
-
-/// `v` rounded to the nearest bfloat16, ties to even, as c10::BFloat16 rounds (NaN becomes
-/// 0x7FC0): [`tile`]'s vector rounding, one number at a time.
-fn round_to_bf16(v: f32) -> u16 {
-    if v.is_nan() {
-        return 0x7FC0;
-    }
-    let bits = v.to_bits();
-    (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -431,10 +425,7 @@ mod tests {
     /// The bodies this CPU runs (on an AMX machine too, where products do not take them);
     /// says so when there are none and a test is skipped.
     fn bodies() -> Vec<Isa> {
-        let bodies: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .filter(|isa| isa.runs_here())
-            .collect();
+        let bodies: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.runs_here()).collect();
         if bodies.is_empty() {
             eprintln!("skipped: the widened products do not run on this CPU");
         }
@@ -561,8 +552,9 @@ mod tests {
             let nan = widened.product(&x)?;
             assert!(nan.isnan().all().int64_value(&[]) == 1, "{isa:?}");
         }
-        // The AVX2 body's scalar rounding against libtorch's, for float32 numbers about
-        // every bfloat16 boundary and tie (and infinities, signed zeros, subnormals).
+        // The AVX2 body's scalar rounding (`bf16::from_f32`, the decoding kernels' too)
+        // against libtorch's, for float32 numbers about every bfloat16 boundary and tie (and
+        // infinities, signed zeros, subnormals).
         let mut values: Vec<f32> = (-300..300)
             .flat_map(|i| {
                 let bits = ((i as f32) * 0.37).to_bits() & 0xFFFF_0000;
@@ -582,15 +574,17 @@ mod tests {
             .iter()
             .map(|v| v.to_bits())
             .collect();
-        let got: Vec<u16> = values.iter().map(|&v| round_to_bf16(v)).collect();
+        let got: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_bits())
+            .collect();
         assert_eq!(got, want);
         Ok(())
     }
 
     #[test]
     fn the_body_is_avx512_else_avx2_and_none_with_amx() {
-        let amx_bf16 = (std::arch::x86_64::__cpuid_count(7, 0).edx >> 22) & 1 == 1;
-        let want = if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16 {
+        let want = if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16() {
             None
         } else {
             bodies().first().copied()
