@@ -45,9 +45,9 @@ pub mod pretrain;
 mod rope;
 pub mod sampling;
 mod team;
+mod tiled;
 mod tokenizer;
 pub mod weights;
-mod widened;
 
 use std::path::{Path, PathBuf};
 

@@ -6,8 +6,9 @@
 //! both through AOTInductor's C shim (`aoti_torch_cpu__mkl_linear`,
 //! `aoti_torch_cpu__linear_pointwise`, and `aoti_torch_call_dispatcher` for the packing),
 //! whose tensor handles are `at::Tensor*` as `tch`'s are. MKL's pack serves one row count,
-//! oneDNN's any. Where [`crate::widened`] runs (AVX-512 or AVX2, no AMX), bfloat16 weights
-//! take its layout instead, for every product, prompts included.
+//! oneDNN's any. Where [`crate::tiled`] runs for their kind, weights take its layout instead:
+//! bfloat16 ones on CPUs with AVX-512 or AVX2 and no AMX, for every product, prompts
+//! included; float32 ones on CPUs other than Intel's, for decoding steps.
 
 // Outside x86-64 only `PackedWeight` and its plain fallback remain.
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
@@ -20,7 +21,7 @@ use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
 use crate::kernels::decoding_rows;
-use crate::widened::{self, WidenedWeight};
+use crate::tiled::{self, TiledWeight};
 
 // MKL, and these shim functions with it, are in x86-64 builds of libtorch; elsewhere
 // decoding takes the plain products.
@@ -98,7 +99,7 @@ fn pack(weight: &Tensor, rows: i64) -> Result<Tensor> {
 #[cfg(target_arch = "x86_64")]
 /// Whether oneDNN packs bfloat16 weights on this CPU, found once by packing a small one:
 /// it needs AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or AMX, and refuses elsewhere (an AVX2
-/// CPU such as AMD's Zen 3, where bfloat16 decoding then takes the widened products, or
+/// CPU such as AMD's Zen 3, where bfloat16 decoding then takes the tiled products, or
 /// libtorch's plain ones for shapes they do not fit).
 fn onednn_bfloat16() -> bool {
     static PACKS: OnceLock<bool> = OnceLock::new();
@@ -172,9 +173,9 @@ pub(crate) struct PackedWeight {
     /// `[out, in]` (a view of the layer's weight).
     weight: Tensor,
     state: Mutex<State>,
-    /// The bfloat16 weight in the widened products' layout (CPUs with AVX-512 or AVX2 and no
-    /// AMX), made on the first product; `None` inside when its shape does not fit them.
-    widened: OnceLock<Option<WidenedWeight>>,
+    /// The weight in the tiled products' layout where they take its kind ([`tiled::isa`]),
+    /// made on the first product; `None` inside when its shape does not fit them.
+    tiled: OnceLock<Option<TiledWeight>>,
 }
 
 impl PackedWeight {
@@ -183,15 +184,15 @@ impl PackedWeight {
         Self {
             weight,
             state: Mutex::default(),
-            widened: OnceLock::new(),
+            tiled: OnceLock::new(),
         }
     }
 
     /// `x W^T` on the CPU for a decoding step `x` ([`decoding_rows`]: `[batch, 1, in]` or
-    /// `[batch, in]`) of at least 2 rows in float32 and 1 in bfloat16 (where oneDNN packs
-    /// bfloat16 weights: [`onednn_bfloat16`]), and for any bfloat16
-    /// `x` `[..., in]` where the CPU runs the widened products ([`crate::widened`]); `None`
-    /// for any other input, or while the pack serves another row count.
+    /// `[batch, in]`) of at least 2 rows in float32 (1 where the tiled products take float32)
+    /// and 1 in bfloat16 (where oneDNN packs bfloat16 weights: [`onednn_bfloat16`]), and for
+    /// any bfloat16 `x` `[..., in]` where the tiled products take bfloat16 ([`tiled::isa`]);
+    /// `None` for any other input, or while the pack serves another row count.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn product(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let weight = &self.weight;
@@ -204,13 +205,16 @@ impl PackedWeight {
         {
             return Ok(None);
         }
-        if kind == Kind::BFloat16 && widened::available() {
-            if self.widened.get().is_none() {
+        // bfloat16 tiles take prompts too; float32 ones decoding steps (prompts keep
+        // libtorch's products, threaded over many rows).
+        let tiles = kind == Kind::BFloat16 || decoding_rows(x).is_some();
+        if tiles && tiled::isa(kind).is_some() {
+            if self.tiled.get().is_none() {
                 // Two threads may both make it; one keeps its copy.
-                let _ = self.widened.set(WidenedWeight::new(weight)?);
+                let _ = self.tiled.set(TiledWeight::new(weight)?);
             }
-            if let Some(widened) = self.widened.get().and_then(Option::as_ref) {
-                return Ok(Some(widened.product(x)?));
+            if let Some(tiled) = self.tiled.get().and_then(Option::as_ref) {
+                return Ok(Some(tiled.product(x)?));
             }
         }
         if kind == Kind::BFloat16 && !onednn_bfloat16() {
@@ -312,7 +316,7 @@ mod tests {
     #[test]
     fn bfloat16_packs_serve_any_row_count() -> Result<()> {
         tch::manual_seed(1);
-        // 40 output features: not the widened products' shape, so oneDNN's pack or none.
+        // 40 output features: not the tiled products' shape, so oneDNN's pack or none.
         let weight = Tensor::randn([40, 24], (Kind::BFloat16, Device::Cpu));
         let packed = PackedWeight::new(weight.shallow_clone());
         if !onednn_bfloat16() {
