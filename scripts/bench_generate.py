@@ -10,7 +10,7 @@ Usage (from the repo root)::
 
     .venv/bin/python scripts/bench_generate.py [--recontrol target/release/recontrol] \\
         [--model DIR] [--new-tokens 64] [--batch-sizes 1 8] [--dtypes f32 bf16] [--repeats 3] \\
-        [--json FILE] [--hf-only]
+        [--json FILE] [--hf-only] [--variant NAME=VALUE ...]
 
 * HF: one warm-up, then `repeats` timed calls of
   `model.generate(..., max_new_tokens=N, eos_token_id=None, do_sample=False)`
@@ -21,10 +21,17 @@ Usage (from the repo root)::
   --ignore-eos --out OUT.jsonl`; tokens/s = sum(num_tokens) / (sum of the per-batch
   `seconds`, model loading excluded); median over repeats.
 * The two sides alternate (HF, recontrol, HF, ...) so a slow spell hits both.
+* `--variant NAME=VALUE` (repeatable) also times recontrol with that environment setting
+  (e.g. `RECONTROL_F32_TILES=0`: MKL's float32 products instead of the tiles), in the same
+  alternation, and prints its tokens/s and its ratio to the default recontrol: how a CPU's
+  choice of kernels is measured.
 * The weight-streaming floor, in the same run: one pass of `x @ W^T` over every matrix the
   model multiplies by per token (all linear maps and the LM head; not the embedding lookup),
   for `x` of `b` rows in the run's dtype, timed in torch (median of 20 passes after 3
-  warm-ups); floor tokens/s = b / that time. recontrol's fraction of it is printed.
+  warm-ups); floor tokens/s = b / that time. recontrol's fraction of it is printed. Where
+  torch's products are slow (MKL runs generic code on AMD's CPUs) that floor is low, so a
+  second one is printed too: the read floor, one `sum()` of every such matrix (each byte
+  read once, at what torch's reductions get from memory), tokens/s = b / that time.
 * Also checks that recontrol's greedy tokens for batch size 1 equal HF's (f32), and reports
   how many of recontrol's bf16 greedy tokens equal its f32 ones (the common prefix per prompt),
   and for scale, at the largest batch, recontrol bf16 against HF bf16, HF bf16 against HF
@@ -222,16 +229,20 @@ def hf_rate(model, tokenizer, prompts, b: int, n: int) -> float:
 
 
 @torch.no_grad()
-def weight_floor(model, b: int, dtype: torch.dtype) -> float:
+def weight_floor(model, b: int, dtype: torch.dtype, read_only: bool = False) -> float:
     """Tokens/s of one bare pass of `x @ W^T` (x: b rows) over every matrix multiplied per
-    token: the model's linear layers and its LM head (tied or not), in `dtype`."""
+    token: the model's linear layers and its LM head (tied or not), in `dtype`; with
+    `read_only`, of one `sum()` of each instead (the read floor)."""
     weights = [m.weight.detach().to(dtype).contiguous()
                for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.randn(b, w.shape[1], dtype=dtype) for w in weights}
 
     def one_pass():
         for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
+            if read_only:
+                w.sum()
+            else:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
 
     for _ in range(3):
         one_pass()
@@ -247,7 +258,7 @@ def weight_floor(model, b: int, dtype: torch.dtype) -> float:
 
 
 def run_recontrol(binary: Path, model: Path, prompts_file: Path, out_file: Path,
-                  b: int, n: int, dtype: str = "f32") -> list[dict]:
+                  b: int, n: int, dtype: str = "f32", env: dict | None = None) -> list[dict]:
     cmd = [
         str(binary), "generate",
         "--model", str(model),
@@ -258,7 +269,7 @@ def run_recontrol(binary: Path, model: Path, prompts_file: Path, out_file: Path,
         "--ignore-eos",
         "--out", str(out_file),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         print(f"recontrol failed (exit {proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
         print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
@@ -275,13 +286,16 @@ def recontrol_rate(rows: list[dict], b: int) -> float:
     return tokens / seconds
 
 
-def recontrol_run(binary, model, prompts, work: Path, b: int, n: int, dtype: str, r: int):
-    """Tokens/s of one recontrol run on the first `b` prompts, and its rows."""
+def recontrol_run(binary, model, prompts, work: Path, b: int, n: int, dtype: str, r: int,
+                  env: dict | None = None):
+    """Tokens/s of one recontrol run on the first `b` prompts (with `env` added to the
+    environment), and its rows."""
     prompts_file = work / f"prompts_b{b}.jsonl"
     with open(prompts_file, "w", encoding="utf-8") as f:
         for p in prompts[:b]:
             f.write(json.dumps({"prompt": p}) + "\n")
-    rows = run_recontrol(binary, model, prompts_file, work / f"out_{dtype}_b{b}_{r}.jsonl", b, n, dtype)
+    rows = run_recontrol(binary, model, prompts_file, work / f"out_{dtype}_b{b}_{r}.jsonl", b, n, dtype,
+                         env)
     assert len(rows) == b, f"expected {b} rows, got {len(rows)}"
     assert all(row["num_tokens"] == n for row in rows), [row["num_tokens"] for row in rows]
     return recontrol_rate(rows, b), rows
@@ -307,7 +321,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results table as JSON here")
     ap.add_argument("--hf-only", action="store_true", help="skip recontrol (test the HF half)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="also time recontrol with this environment setting (repeatable)")
     args = ap.parse_args()
+    variants = []
+    for v in args.variant:
+        name, eq, value = v.partition("=")
+        if not eq or not name:
+            ap.error(f"--variant: expected NAME=VALUE, got {v!r}")
+        variants.append((v, {name: value}))
     for b in args.batch_sizes:
         if not 1 <= b <= len(PROMPTS):
             ap.error(f"batch sizes must be in 1..{len(PROMPTS)}")
@@ -344,23 +366,35 @@ def main() -> int:
                 print(f"prompt lengths (tokens incl. special tokens): {lens}")
             for b in args.batch_sizes:
                 floor = weight_floor(model, b, torch_dtypes[dtype])
+                read_floor = weight_floor(model, b, torch_dtypes[dtype], read_only=True)
                 hf_generate(model, tokenizer, prompts[:b], n, eos_token_id=None)  # warm-up
                 hf_rates, rc_rates, rc_rows = [], [], None
+                variant_rates = {label: [] for label, _ in variants}
                 for r in range(args.repeats):
                     hf_rates.append(hf_rate(model, tokenizer, prompts, b, n))
                     if not args.hf_only:
                         rate, rc_rows = recontrol_run(binary, mdir, prompts, work, b, n, dtype, r)
                         rc_rates.append(rate)
+                        for label, env in variants:
+                            rate, _ = recontrol_run(binary, mdir, prompts, work, b, n, dtype, r, env)
+                            variant_rates[label].append(rate)
                 hf = statistics.median(hf_rates)
                 rc = statistics.median(rc_rates) if rc_rates else None
                 results.append({"dtype": dtype, "batch": b, "hf_tok_s": hf, "recontrol_tok_s": rc,
                                 "ratio": rc / hf if rc is not None else None,
                                 "floor_tok_s": floor,
                                 "floor_fraction": rc / floor if rc is not None else None,
-                                "hf_runs": hf_rates, "recontrol_runs": rc_rates})
+                                "read_floor_tok_s": read_floor,
+                                "read_floor_fraction": rc / read_floor if rc is not None else None,
+                                "hf_runs": hf_rates, "recontrol_runs": rc_rates,
+                                "variants": {label: {"tok_s": statistics.median(rates), "runs": rates}
+                                             for label, rates in variant_rates.items() if rates}})
                 print(f"  {dtype} batch {b}: HF {hf:.1f} tok/s"
                       + (f", recontrol {rc:.1f} tok/s" if rc is not None else "")
-                      + f", weight-streaming floor {floor:.1f} tok/s")
+                      + f", weight-streaming floor {floor:.1f} tok/s, read floor {read_floor:.1f}")
+                for label, v in results[-1]["variants"].items():
+                    print(f"    recontrol with {label}: {v['tok_s']:.1f} tok/s "
+                          f"(default / this: {rc / v['tok_s']:.2f}x)")
                 if rc_rows is not None and b == max(args.batch_sizes):
                     tokens_by_dtype[dtype] = [list(row["tokens"]) for row in rc_rows]
                     hf_tokens_by_dtype[dtype] = hf_generate(
@@ -403,13 +437,20 @@ def main() -> int:
     # Table.
     print()
     print(f"{'dtype':>5}  {'batch':>5}  {'HF tok/s':>10}  {'recontrol tok/s':>15}  {'ratio':>6}  "
-          f"{'floor tok/s':>11}  {'of floor':>8}")
+          f"{'floor tok/s':>11}  {'of floor':>8}  {'read floor':>10}  {'of read':>7}")
     for r in results:
         rc = f"{r['recontrol_tok_s']:.1f}" if r["recontrol_tok_s"] is not None else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
         frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] is not None else "-"
+        read = (f"{100 * r['read_floor_fraction']:.0f}%"
+                if r["read_floor_fraction"] is not None else "-")
         print(f"{r['dtype']:>5}  {r['batch']:>5}  {r['hf_tok_s']:>10.1f}  {rc:>15}  {ratio:>6}  "
-              f"{r['floor_tok_s']:>11.1f}  {frac:>8}")
+              f"{r['floor_tok_s']:>11.1f}  {frac:>8}  {r['read_floor_tok_s']:>10.1f}  {read:>7}")
+    for r in results:
+        for label, v in r["variants"].items():
+            print(f"{r['dtype']:>5}  {r['batch']:>5}  recontrol with {label}: {v['tok_s']:.1f} tok/s; "
+                  f"default / this {r['recontrol_tok_s'] / v['tok_s']:.2f}x, "
+                  f"this / HF {v['tok_s'] / r['hf_tok_s']:.2f}x")
     by = {(r["dtype"], r["batch"]): r["recontrol_tok_s"] for r in results}
     for b in args.batch_sizes:
         if by.get(("f32", b)) and by.get(("bf16", b)):
