@@ -2,7 +2,7 @@
 //! weights are laid out once as the tile loop reads them (one stream per group of output
 //! features), and a tile of a few rows keeps its sums in registers while the stream goes by.
 //! Two element types, two bodies each (AVX-512F, and AVX2 with FMA: most laptops, AMD's Zen 3
-//! servers):
+//! servers), and a third for bfloat16:
 //!
 //! - **bfloat16, widened** (CPUs without AMX): the weights stay bfloat16 in memory (half the
 //!   bytes of float32) and are widened to float32 in registers, where float32 FMAs multiply
@@ -15,6 +15,13 @@
 //!   half the bytes; widened in registers it takes 14 ms (prototype, 2 threads), near the 12 ms
 //!   the memory allows. Prompts (many rows) gain as well: float32 FMAs do twice `vdpbf16ps`'s
 //!   work per cycle there. With AVX2 alone oneDNN has no bfloat16 instructions at all.
+//! - **bfloat16, paired** (CPUs with AVX512-BF16 other than Intel's: AMD's Zen 4 and later):
+//!   a third body for the same layout, where `vdpbf16ps` runs at the rate of a float32 FMA and
+//!   so does twice its multiplications. Widened, a batch of 8 rows (and a prompt) is bound by
+//!   the FMAs there, so bfloat16 ran no faster than the float32 tiles. `vdpbf16ps` multiplies
+//!   exactly and adds in float32 as the widened body does, up to the order of each pair's two
+//!   terms, but reads and writes subnormal numbers as zero. `RECONTROL_BF16_DOT=1` or `=0`
+//!   overrides the choice.
 //! - **float32** (decoding steps, on CPUs other than Intel's): MKL's products, packed or not,
 //!   run its generic code on AMD's CPUs; on a Zen 3 guest a decoding step of 8 rows through
 //!   SmolLM2 in MKL's packs streamed the weights at about 6 GB/s where the widened bfloat16
@@ -60,6 +67,9 @@ struct Line([u32; BLOCK]);
 /// The tiles' body: the vector instructions it is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
+    /// AVX-512F with AVX512-BF16, for bfloat16 only: `vdpbf16ps` multiplies the weights'
+    /// pairs by the inputs' (both bfloat16) into float32 sums.
+    Avx512Bf16,
     /// AVX-512F: 32 registers of 16 float32.
     Avx512,
     /// AVX2 and FMA: 16 registers of 8 float32.
@@ -68,30 +78,40 @@ pub(crate) enum Isa {
 
 impl Isa {
     /// Every body, the fastest first.
-    const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
+    const ALL: [Isa; 3] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2];
 
     /// Blocks per group, read as one stream.
     fn blocks(self) -> usize {
         match self {
-            Isa::Avx512 => 2,
+            Isa::Avx512Bf16 | Isa::Avx512 => 2,
             Isa::Avx2 => 1,
         }
     }
 
     /// Rows per tile. AVX-512: 8 rows by 2 blocks is 16 sums, 4 widened weights and 2
-    /// broadcasts in the 32 registers. AVX2: 4 rows by one block (two registers) is 8 sums,
-    /// 4 widened weights, the mask and 2 broadcasts in the 16.
+    /// broadcasts in the 32 registers (2 weights and 1 broadcast in float32 or paired).
+    /// AVX2: 4 rows by one block (two registers) is 8 sums, 4 widened weights, the mask and 2
+    /// broadcasts in the 16.
     fn tile_rows(self) -> usize {
         match self {
-            Isa::Avx512 => 8,
+            Isa::Avx512Bf16 | Isa::Avx512 => 8,
             Isa::Avx2 => 4,
         }
+    }
+
+    /// Whether the body multiplies weights of `format`.
+    fn takes(self, format: Format) -> bool {
+        self != Isa::Avx512Bf16 || format == Format::Bf16
     }
 
     /// Whether this CPU runs the body.
     #[cfg(target_arch = "x86_64")]
     fn runs_here(self) -> bool {
         match self {
+            Isa::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
             Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
             Isa::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
@@ -105,9 +125,11 @@ impl Isa {
         false
     }
 
-    /// The fastest body this CPU runs.
-    fn here() -> Option<Isa> {
-        Isa::ALL.into_iter().find(|isa| isa.runs_here())
+    /// The fastest body this CPU runs for `format` (the paired one where [`bf16_dot`]).
+    fn here(format: Format) -> Option<Isa> {
+        Isa::ALL.into_iter().find(|&isa| {
+            isa.runs_here() && isa.takes(format) && (isa != Isa::Avx512Bf16 || bf16_dot())
+        })
     }
 }
 
@@ -176,20 +198,40 @@ fn intel() -> bool {
         .eq(*b"GenuineIntel")
 }
 
-/// Whether the tiles take float32 decoding products: `RECONTROL_F32_TILES` `0` (no) or any
-/// other value (yes); unset, on CPUs other than Intel's.
+/// A choice that `variable` overrides (`0`: no, any other value: yes), else on CPUs other
+/// than Intel's.
 #[cfg(target_arch = "x86_64")]
-fn f32_tiles() -> bool {
-    match std::env::var_os("RECONTROL_F32_TILES") {
+fn off_intel(variable: &str) -> bool {
+    match std::env::var_os(variable) {
         Some(v) => v != "0",
         None => !intel(),
     }
 }
 
-/// The body products of `kind` take here, checked once: AVX-512F, else AVX2 with FMA, for
-/// bfloat16 on a CPU without AMX-BF16 (where it has AMX, oneDNN's tile products multiply
-/// prompts many times faster than float32 FMAs can; none either when `RECONTROL_NO_WIDENED`
-/// is set), for float32 where [`f32_tiles`]; none for other kinds.
+/// Whether the tiles take float32 decoding products (`RECONTROL_F32_TILES`).
+#[cfg(target_arch = "x86_64")]
+fn f32_tiles() -> bool {
+    off_intel("RECONTROL_F32_TILES")
+}
+
+/// Whether bfloat16 products take the paired body where the CPU has it
+/// (`RECONTROL_BF16_DOT`): measured on AMD's Zen 4, not on Intel's CPUs with AVX512-BF16
+/// (Cooper Lake; Sapphire Rapids guests without AMX, whose `vdpbf16ps` runs at half rate).
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot() -> bool {
+    off_intel("RECONTROL_BF16_DOT")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_dot() -> bool {
+    false
+}
+
+/// The body products of `kind` take here, checked once: AVX-512F (with AVX512-BF16 where
+/// [`bf16_dot`], for bfloat16), else AVX2 with FMA; for bfloat16 on a CPU without AMX-BF16
+/// (where it has AMX, oneDNN's tile products multiply prompts many times faster than float32
+/// FMAs can; none either when `RECONTROL_NO_WIDENED` is set), for float32 where
+/// [`f32_tiles`]; none for other kinds.
 pub(crate) fn isa(kind: Kind) -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -200,9 +242,9 @@ pub(crate) fn isa(kind: Kind) -> Option<Isa> {
                 if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16() {
                     return None;
                 }
-                Isa::here()
+                Isa::here(Format::Bf16)
             }),
-            Format::F32 => *F32.get_or_init(|| Isa::here().filter(|_| f32_tiles())),
+            Format::F32 => *F32.get_or_init(|| Isa::here(Format::F32).filter(|_| f32_tiles())),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -233,7 +275,12 @@ impl TiledWeight {
         let Some(format) = Format::of(weight.kind()) else {
             return Ok(None);
         };
-        if !isa.runs_here() || out == 0 || inp == 0 || out % BLOCK != 0 || inp % format.step() != 0
+        if !isa.runs_here()
+            || !isa.takes(format)
+            || out == 0
+            || inp == 0
+            || out % BLOCK != 0
+            || inp % format.step() != 0
         {
             return Ok(None);
         }
@@ -296,26 +343,31 @@ impl TiledWeight {
         if rows == 0 {
             return Ok(y);
         }
-        match self.format {
-            Format::Bf16 => {
+        match (self.format, self.isa) {
+            (Format::Bf16, Isa::Avx512Bf16) => {
+                let out: &mut [bf16] = crate::kernels::elements_mut(&mut y)?;
+                let out = Output(out.as_mut_ptr() as *mut u8);
+                self.run(Rows::Bf16(crate::kernels::elements(&x)?), rows, out);
+            }
+            (Format::Bf16, _) => {
                 let wide: Vec<f32> = crate::kernels::elements::<bf16>(&x)?
                     .iter()
                     .map(|v| v.to_f32())
                     .collect();
                 let out: &mut [bf16] = crate::kernels::elements_mut(&mut y)?;
-                self.run(&wide, rows, Output(out.as_mut_ptr() as *mut u8));
+                self.run(Rows::F32(&wide), rows, Output(out.as_mut_ptr() as *mut u8));
             }
-            Format::F32 => {
+            (Format::F32, _) => {
                 let out: &mut [f32] = crate::kernels::elements_mut(&mut y)?;
                 let out = Output(out.as_mut_ptr() as *mut u8);
-                self.run(crate::kernels::elements::<f32>(&x)?, rows, out);
+                self.run(Rows::F32(crate::kernels::elements(&x)?), rows, out);
             }
         }
         Ok(y)
     }
 
-    /// `y = x W^T` for `rows` float32 rows `x`, into `y` `[rows, out]` of the weight's kind.
-    fn run(&self, x: &[f32], rows: usize, y: Output) {
+    /// `y = x W^T` for `rows` rows `x`, into `y` `[rows, out]` of the weight's kind.
+    fn run(&self, x: Rows<'_>, rows: usize, y: Output) {
         assert_eq!(x.len(), rows * self.inp);
         let groups = self.out.div_ceil(BLOCK * self.isa.blocks());
         if groups >= 2 && rows * self.inp * self.out >= PARALLEL_WORK {
@@ -330,7 +382,7 @@ impl TiledWeight {
     }
 
     /// The output features of `groups` for every row.
-    fn run_groups(&self, x: &[f32], rows: usize, y: &Output, groups: std::ops::Range<usize>) {
+    fn run_groups(&self, x: Rows<'_>, rows: usize, y: &Output, groups: std::ops::Range<usize>) {
         let tile_rows = self.isa.tile_rows();
         let chunk = (CHUNK_BYTES / (4 * self.inp)).max(tile_rows) / tile_rows * tile_rows;
         let steps = self.inp / self.format.step();
@@ -345,7 +397,7 @@ impl TiledWeight {
                 while row < end {
                     let tile = (end - row).min(tile_rows);
                     self.tile(
-                        &x[row * self.inp..][..tile * self.inp],
+                        x.rows(row * self.inp, tile * self.inp),
                         w,
                         blocks,
                         y,
@@ -361,7 +413,7 @@ impl TiledWeight {
 
     /// One tile: `x` (its rows) by one group of weights `w`, into `y` at `row`, `column`.
     #[allow(unsafe_code)]
-    fn tile(&self, x: &[f32], w: &[Line], blocks: usize, y: &Output, row: usize, column: usize) {
+    fn tile(&self, x: Rows<'_>, w: &[Line], blocks: usize, y: &Output, row: usize, column: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             let rows = x.len() / self.inp;
@@ -371,27 +423,30 @@ impl TiledWeight {
             let f32_dst = (y.0 as *mut f32).wrapping_add(at);
             macro_rules! dispatch {
                 ($($r:literal)*) => {
-                    match (self.isa, self.format, rows, blocks) {
+                    match (self.isa, self.format, x, rows, blocks) {
                         $(
-                            (Isa::Avx512, Format::Bf16, $r, 2) => tile::<$r, 2>(x, w, inp, bf16_dst, ldy),
-                            (Isa::Avx512, Format::Bf16, $r, 1) => tile::<$r, 1>(x, w, inp, bf16_dst, ldy),
-                            (Isa::Avx512, Format::F32, $r, 2) => tile_f32::<$r, 2>(x, w, inp, f32_dst, ldy),
-                            (Isa::Avx512, Format::F32, $r, 1) => tile_f32::<$r, 1>(x, w, inp, f32_dst, ldy),
+                            (Isa::Avx512Bf16, _, Rows::Bf16(x), $r, 2) => tile_dot::<$r, 2>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512Bf16, _, Rows::Bf16(x), $r, 1) => tile_dot::<$r, 1>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 2) => tile::<$r, 2>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 1) => tile::<$r, 1>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512, Format::F32, Rows::F32(x), $r, 2) => tile_f32::<$r, 2>(x, w, inp, f32_dst, ldy),
+                            (Isa::Avx512, Format::F32, Rows::F32(x), $r, 1) => tile_f32::<$r, 1>(x, w, inp, f32_dst, ldy),
                         )*
-                        (Isa::Avx2, Format::Bf16, 1, 1) => tile_avx2::<1>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, 2, 1) => tile_avx2::<2>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, 3, 1) => tile_avx2::<3>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, 4, 1) => tile_avx2::<4>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::F32, 1, 1) => tile_avx2_f32::<1>(x, w, inp, f32_dst, ldy),
-                        (Isa::Avx2, Format::F32, 2, 1) => tile_avx2_f32::<2>(x, w, inp, f32_dst, ldy),
-                        (Isa::Avx2, Format::F32, 3, 1) => tile_avx2_f32::<3>(x, w, inp, f32_dst, ldy),
-                        (Isa::Avx2, Format::F32, 4, 1) => tile_avx2_f32::<4>(x, w, inp, f32_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 1, 1) => tile_avx2::<1>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 2, 1) => tile_avx2::<2>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 3, 1) => tile_avx2::<3>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 4, 1) => tile_avx2::<4>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::F32, Rows::F32(x), 1, 1) => tile_avx2_f32::<1>(x, w, inp, f32_dst, ldy),
+                        (Isa::Avx2, Format::F32, Rows::F32(x), 2, 1) => tile_avx2_f32::<2>(x, w, inp, f32_dst, ldy),
+                        (Isa::Avx2, Format::F32, Rows::F32(x), 3, 1) => tile_avx2_f32::<3>(x, w, inp, f32_dst, ldy),
+                        (Isa::Avx2, Format::F32, Rows::F32(x), 4, 1) => tile_avx2_f32::<4>(x, w, inp, f32_dst, ldy),
                         _ => unreachable!("a tile of {rows} rows by {blocks} blocks for {self:?} {:?}", self.isa),
                     }
                 };
             }
             // SAFETY: `for_isa` found the body's instructions on this CPU; `x` holds `rows`
-            // rows of `inp` and `w` the group's `blocks * steps` lines; the destination is row
+            // rows of `inp` (in the element type its body reads: `product` gives the paired
+            // body bfloat16 rows, the others float32) and `w` the group's `blocks * steps` lines; the destination is row
             // `row`, column `column` of the `[rows, out]` output of the weight's element type,
             // whose tile (these rows, `blocks * 16` columns from `column`) lies inside it and
             // is written by this call alone (the threads take disjoint groups, so disjoint
@@ -402,6 +457,30 @@ impl TiledWeight {
         unreachable!(
             "tiled weights are made on x86-64 only ({x:?} {w:?} {blocks} {y:?} {row} {column})"
         );
+    }
+}
+
+/// The rows of `x` as a body reads them: bfloat16 for the paired one, float32 for the others.
+#[derive(Clone, Copy, Debug)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Rows<'a> {
+    fn len(self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+
+    /// The `len` elements from `start`.
+    fn rows(self, start: usize, len: usize) -> Rows<'a> {
+        match self {
+            Rows::F32(x) => Rows::F32(&x[start..][..len]),
+            Rows::Bf16(x) => Rows::Bf16(&x[start..][..len]),
+        }
     }
 }
 
@@ -492,8 +571,8 @@ unsafe fn tile_avx2_f32<const R: usize>(
     }
 }
 
-/// `R` rows of `x` (`inp` apart) by `B` blocks of bfloat16 weights `w`, widened, rounded to bfloat16 into `y`
-/// (`R` rows, `ldy` apart, `B * 16` columns).
+/// `R` rows of `x` (`inp` apart) by `B` blocks of bfloat16 weights `w`, widened, rounded to
+/// bfloat16 into `y` (`R` rows, `ldy` apart, `B * 16` columns).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f")]
@@ -532,25 +611,82 @@ unsafe fn tile<const R: usize, const B: usize>(
             }
         }
     }
-    let one = _mm512_set1_epi32(1);
-    let rounding = _mm512_set1_epi32(0x7FFF);
-    let nan = _mm512_set1_epi32(0x7FC0);
     for (r, sums) in sums.iter().enumerate() {
         for (b, &s) in sums.iter().enumerate() {
-            // Round to nearest even as c10::BFloat16 does; NaN becomes 0x7FC0.
-            let bits = _mm512_castps_si512(s);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
-            let rounded =
-                _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(bits, rounding), lsb));
-            let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(s, s);
-            let half = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, is_nan, nan));
-            _mm256_storeu_si256(y.add(r * ldy + b * BLOCK) as *mut __m256i, half);
+            store_bf16(s, y.add(r * ldy + b * BLOCK));
         }
     }
 }
 
-/// `R` rows of `x` (`inp` apart) by one block of bfloat16 weights `w`, rounded to bfloat16 into `y`
-/// (`R` rows, `ldy` apart, 16 columns): [`tile`] for AVX2, a block's line read as two
+/// 16 float32 sums rounded to bfloat16 (to nearest even, as c10::BFloat16; NaN becomes
+/// 0x7FC0) into `y[..16]`.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_bf16(s: std::arch::x86_64::__m512, y: *mut u16) {
+    use std::arch::x86_64::*;
+    let bits = _mm512_castps_si512(s);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+        _mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)),
+        lsb,
+    ));
+    let is_nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(s, s);
+    let nan = _mm512_set1_epi32(0x7FC0);
+    let half = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, is_nan, nan));
+    // SAFETY: the caller's `y` holds 16 elements.
+    _mm256_storeu_si256(y as *mut __m256i, half);
+}
+
+/// `R` rows of bfloat16 `x` (`inp` apart) by `B` blocks of bfloat16 weights `w`, paired by
+/// `vdpbf16ps` (a lane's two weights by the row's two inputs at that step, added to its
+/// float32 sum), rounded to bfloat16 into `y` (`R` rows, `ldy` apart, `B * 16` columns).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_dot<const R: usize, const B: usize>(
+    x: &[bf16],
+    w: &[Line],
+    inp: usize,
+    y: *mut u16,
+    ldy: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() == R * inp && w.len() == B * inp / 2);
+    let mut sums = [[_mm512_setzero_ps(); B]; R];
+    // A row's inputs by pairs: one 32-bit lane each, as the weights' lanes.
+    let pairs = x.as_ptr() as *const i32;
+    let lines = w.as_ptr();
+    for pair in 0..inp / 2 {
+        let mut ws = [_mm512_setzero_si512(); B];
+        for (b, wb) in ws.iter_mut().enumerate() {
+            // SAFETY (all the pointer arithmetic here): `pair * B + b < w.len()`, a line is
+            // 64 bytes aligned to 64, and `(r * inp) / 2 + pair < x.len() / 2` (`inp` is even;
+            // bfloat16 data is only 2-aligned, hence the unaligned read); the prefetch only
+            // hints and may point past the end.
+            let line = lines.add(pair * B + b);
+            _mm_prefetch::<_MM_HINT_T0>((line as *const i8).wrapping_add(PREFETCH));
+            *wb = _mm512_load_si512(line as *const _);
+        }
+        for (r, sums) in sums.iter_mut().enumerate() {
+            let xp = _mm512_set1_epi32(pairs.add(r * inp / 2 + pair).read_unaligned());
+            let xp: __m512bh = std::mem::transmute(xp);
+            for b in 0..B {
+                let wb: __m512bh = std::mem::transmute(ws[b]);
+                sums[b] = _mm512_dpbf16_ps(sums[b], xp, wb);
+            }
+        }
+    }
+    for (r, sums) in sums.iter().enumerate() {
+        for (b, &s) in sums.iter().enumerate() {
+            store_bf16(s, y.add(r * ldy + b * BLOCK));
+        }
+    }
+}
+
+/// `R` rows of `x` (`inp` apart) by one block of bfloat16 weights `w`, rounded to bfloat16
+/// into `y` (`R` rows, `ldy` apart, 16 columns): [`tile`] for AVX2, a block's line read as two
 /// registers of eight features, each sum rounded as the decoding kernels round
 /// (`bf16::from_f32`: to nearest even, as libtorch).
 #[cfg(target_arch = "x86_64")]
@@ -600,10 +736,14 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// The bodies this CPU runs (also where products do not take them: bfloat16 on an AMX
-    /// machine, float32 on Intel's); says so when there are none and a test is skipped.
-    fn bodies() -> Vec<Isa> {
-        let bodies: Vec<Isa> = Isa::ALL.into_iter().filter(|isa| isa.runs_here()).collect();
+    /// The bodies this CPU runs for `format` (also where products do not take them: bfloat16
+    /// on an AMX machine, float32 on Intel's); says so when there are none and a test is
+    /// skipped.
+    fn bodies(format: Format) -> Vec<Isa> {
+        let bodies: Vec<Isa> = Isa::ALL
+            .into_iter()
+            .filter(|isa| isa.runs_here() && isa.takes(format))
+            .collect();
         if bodies.is_empty() {
             eprintln!("skipped: the tiled products do not run on this CPU");
         }
@@ -649,7 +789,7 @@ mod tests {
 
     #[test]
     fn widened_products_match_float32_rounded_once() -> Result<()> {
-        for isa in bodies() {
+        for isa in bodies(Format::Bf16) {
             tch::manual_seed(3);
             // Output features: one block, an odd number of blocks (a last group of one),
             // many; rows: every tile height, several tiles, several chunks (in = 2048: 64
@@ -678,7 +818,7 @@ mod tests {
 
     #[test]
     fn a_product_large_enough_splits_and_matches() -> Result<()> {
-        for isa in bodies() {
+        for isa in bodies(Format::Bf16) {
             tch::manual_seed(4);
             // 8 x 576 x 960 is over PARALLEL_WORK: the groups split over two threads.
             let w = randn_bf16(&[960, 576]);
@@ -705,7 +845,7 @@ mod tests {
 
     #[test]
     fn float32_products_match_torchs() -> Result<()> {
-        for isa in bodies() {
+        for isa in bodies(Format::F32) {
             tch::manual_seed(5);
             // An odd number of inputs (float32 steps are single features), one block, an odd
             // number of blocks, several chunks (in = 2048: 64 rows); rows as in the bfloat16
@@ -745,7 +885,7 @@ mod tests {
 
     #[test]
     fn rounding_is_libtorchs_and_nan_is_kept() -> Result<()> {
-        for isa in bodies() {
+        for isa in bodies(Format::Bf16) {
             // One input feature pair: y = x0 * w0 + x1 * w1 with w = (1, 1/256); sums that
             // fall between two bfloat16 numbers (ties among them) come from two features.
             let w = Tensor::from_slice(&[1f32, 1.0 / 256.0].repeat(16))
@@ -800,12 +940,30 @@ mod tests {
         Ok(())
     }
 
+    /// Whether the CPU is Intel's, from the vendor string's registers as the manuals give them.
+    fn intel_cpu() -> bool {
+        let vendor = std::arch::x86_64::__cpuid(0);
+        (vendor.ebx, vendor.edx, vendor.ecx) == (0x756E_6547, 0x4965_6E69, 0x6C65_746E)
+    }
+
+    /// Whether the setting `variable` (or, unset, a CPU other than Intel's) turns a choice on.
+    fn setting(variable: &str) -> bool {
+        match std::env::var(variable) {
+            Ok(v) => v != "0",
+            Err(_) => !intel_cpu(),
+        }
+    }
+
     #[test]
-    fn the_body_is_avx512_else_avx2_and_none_with_amx() {
+    fn the_body_is_paired_else_avx512_else_avx2_and_none_with_amx() {
+        assert_eq!(intel_cpu(), intel());
         let want = if std::env::var_os("RECONTROL_NO_WIDENED").is_some() || amx_bf16() {
             None
         } else {
-            bodies().first().copied()
+            let dot = setting("RECONTROL_BF16_DOT");
+            bodies(Format::Bf16)
+                .into_iter()
+                .find(|&isa| isa != Isa::Avx512Bf16 || dot)
         };
         assert_eq!(isa(Kind::BFloat16), want);
         assert_eq!(isa(Kind::Half), None);
@@ -813,15 +971,13 @@ mod tests {
 
     #[test]
     fn float32_takes_the_tiles_off_intel_cpus() {
-        let vendor = std::arch::x86_64::__cpuid(0);
-        let intel = (vendor.ebx, vendor.edx, vendor.ecx) == (0x756E_6547, 0x4965_6E69, 0x6C65_746E);
-        assert_eq!(intel, super::intel());
-        let on = match std::env::var("RECONTROL_F32_TILES") {
-            Ok(v) => v != "0",
-            Err(_) => !intel,
+        let want = if setting("RECONTROL_F32_TILES") {
+            bodies(Format::F32).first().copied()
+        } else {
+            None
         };
-        let want = if on { bodies().first().copied() } else { None };
         assert_eq!(isa(Kind::Float), want);
+        assert_ne!(want, Some(Isa::Avx512Bf16));
     }
 
     #[test]
@@ -833,7 +989,7 @@ mod tests {
             assert!(TiledWeight::new(&w)?.is_none(), "{:?}", w.size());
         }
         // float32 tiles take an odd number of inputs (one per step).
-        for isa in bodies() {
+        for isa in bodies(Format::F32) {
             let w = Tensor::zeros([32, 25], (Kind::Float, Device::Cpu));
             assert!(TiledWeight::for_isa(&w, isa)?.is_some());
             let w = Tensor::zeros([40, 25], (Kind::Float, Device::Cpu));
