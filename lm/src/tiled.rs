@@ -178,7 +178,11 @@ pub(crate) struct TiledWeight {
 
 impl std::fmt::Debug for TiledWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TiledWeight({:?} [{}, {}])", self.format, self.out, self.inp)
+        write!(
+            f,
+            "TiledWeight({:?} [{}, {}])",
+            self.format, self.out, self.inp
+        )
     }
 }
 
