@@ -263,6 +263,42 @@ fn strong_close(
     fapl.fclose_degree(hdf5::plist::file_access::FileCloseDegree::Strong)
 }
 
+/// Marks `file`'s descriptor close-on-exec. HDF5 opens files without `O_CLOEXEC`, so a child
+/// process started by any thread while a store is open (another test of the same binary, a
+/// server's worker) inherited the descriptor and with it the file's lock: the store, closed
+/// here, then refused to open for writing ("unable to lock file", errno 11) until that child
+/// exited. Seen as a flaky `labelling_fills_rewards_refuses_labelled_stores_and_resumes`.
+/// Best effort: a descriptor it cannot reach stays as HDF5 left it.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn close_on_exec(file: &hdf5::File) {
+    let id = file.id();
+    hdf5::sync::sync(|| {
+        let mut handle: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: `id` is an open file of this process (borrowed for the call); under the
+        // crate's global HDF5 lock. With the default (sec2) driver the handle points at the
+        // file's `int` descriptor, which stays open as long as `file`.
+        let status = unsafe {
+            hdf5_sys::h5f::H5Fget_vfd_handle(id, hdf5_sys::h5p::H5P_DEFAULT, &mut handle)
+        };
+        if status < 0 || handle.is_null() {
+            return;
+        }
+        // SAFETY: as above: a live `int`.
+        let fd = unsafe { *(handle as *const libc::c_int) };
+        // SAFETY: fcntl on a descriptor this process owns, only adding FD_CLOEXEC.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn close_on_exec(_file: &hdf5::File) {}
+
 fn hdf5_error(path: &Path) -> impl Fn(hdf5::Error) -> StoreError + '_ {
     move |e| StoreError::Hdf5 {
         path: path.to_owned(),
@@ -336,6 +372,49 @@ mod testing {
 mod tests {
     use super::testing::meta;
     use super::*;
+
+    /// Whether every descriptor of this process open on `path` is close-on-exec (and one is).
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn descriptors_close_on_exec(path: &Path) -> bool {
+        let path = path.canonicalize().expect("canonical path");
+        let mut found = 0;
+        for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+            let entry = entry.expect("entry");
+            if std::fs::read_link(entry.path()).ok().as_deref() != Some(path.as_path()) {
+                continue;
+            }
+            let fd: libc::c_int = entry.file_name().to_str().expect("fd").parse().expect("fd");
+            // SAFETY: F_GETFD only reads the flags of a descriptor number.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if flags < 0 || flags & libc::FD_CLOEXEC == 0 {
+                return false;
+            }
+            found += 1;
+        }
+        found > 0
+    }
+
+    /// A child process must not inherit an open store (and its lock): see [`close_on_exec`].
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn open_stores_are_not_inherited_by_child_processes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.h5");
+        let writer = StoreWriter::create(&path, &meta(3, StateDtype::F32)).expect("create");
+        assert!(descriptors_close_on_exec(&path), "the writer's");
+        writer.finish().expect("finish");
+        for rw in [false, true] {
+            let store = if rw {
+                Store::open_rw(&path)
+            } else {
+                Store::open(&path)
+            }
+            .expect("open");
+            assert!(descriptors_close_on_exec(&path), "rw {rw}");
+            drop(store);
+        }
+    }
 
     /// Each setting that keeps stores apart, with the message it gives.
     #[test]

@@ -6,7 +6,8 @@ use hdf5::types::VarLenUnicode;
 use ndarray::{s, Array1, Array2};
 
 use super::{
-    hdf5_error, strong_close, Result, Rollout, StateDtype, StoreError, StoreMeta, FORMAT_VERSION,
+    close_on_exec, hdf5_error, strong_close, Result, Rollout, StateDtype, StoreError, StoreMeta,
+    FORMAT_VERSION,
 };
 
 /// Reading: a strong close and a 16 MiB chunk cache, so that reads of neighbouring rows do
@@ -69,6 +70,7 @@ impl Store {
         };
         let file = opened
             .map_err(|e| layout(format!("cannot open as HDF5 (truncated or corrupt?): {e}")))?;
+        close_on_exec(&file);
         let version: i64 = file
             .attr("format_version")
             .and_then(|a| a.read_scalar())

@@ -6,8 +6,8 @@ use hdf5::types::VarLenUnicode;
 use ndarray::{s, Array2};
 
 use super::{
-    hdf5_error, strong_close, Result, Rollout, StateDtype, StoreError, StoreMeta, CHUNK_1D,
-    CHUNK_ROWS, FORMAT_VERSION,
+    close_on_exec, hdf5_error, strong_close, Result, Rollout, StateDtype, StoreError, StoreMeta,
+    CHUNK_1D, CHUNK_ROWS, FORMAT_VERSION,
 };
 
 /// Appends rollouts to a new store.
@@ -40,6 +40,7 @@ impl StoreWriter {
             .with_fcpl(|p| p.obj_track_times(false))
             .create(path)
             .map_err(&err)?;
+        close_on_exec(&file);
         let h = meta.hidden_size;
         let chunk_rows = chunk_rows(h, meta.state_dtype);
         let states = match meta.state_dtype {
