@@ -136,7 +136,8 @@ impl Isa {
 /// The weights' element type in the tiles (the products' inputs and outputs are the same).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
-    /// bfloat16, widened to float32 in registers; sums rounded once to bfloat16.
+    /// bfloat16 (widened to float32 in registers, or paired by `vdpbf16ps`); sums rounded
+    /// once to bfloat16.
     Bf16,
     /// float32.
     F32,
@@ -289,36 +290,20 @@ impl TiledWeight {
             return Ok(None);
         }
         let weight = weight.f_contiguous()?;
-        // Each lane's 32 bits for output feature `o` at step `s`.
-        let lane: Box<dyn Fn(usize, usize) -> u32> = match format {
+        let steps = inp / format.step();
+        let lines = match format {
             Format::Bf16 => {
                 let w: &[bf16] = crate::kernels::elements(&weight)?;
-                Box::new(move |o, s| {
+                lay_out(out, steps, isa, |o, s| {
                     let pair = &w[o * inp + 2 * s..][..2];
                     u32::from(pair[0].to_bits()) | u32::from(pair[1].to_bits()) << 16
                 })
             }
             Format::F32 => {
                 let w: &[f32] = crate::kernels::elements(&weight)?;
-                Box::new(move |o, s| w[o * inp + s].to_bits())
+                lay_out(out, steps, isa, |o, s| w[o * inp + s].to_bits())
             }
         };
-        let steps = inp / format.step();
-        let mut lines = vec![Line::default(); out / BLOCK * steps];
-        let group_blocks = isa.blocks();
-        for group in 0..out.div_ceil(BLOCK * group_blocks) {
-            let first = group * BLOCK * group_blocks;
-            let blocks = ((out - first) / BLOCK).min(group_blocks);
-            let base = first / BLOCK * steps;
-            for step in 0..steps {
-                for block in 0..blocks {
-                    let line = &mut lines[base + step * blocks + block].0;
-                    for (f, lane_bits) in line.iter_mut().enumerate() {
-                        *lane_bits = lane(first + block * BLOCK + f, step);
-                    }
-                }
-            }
-        }
         Ok(Some(Self {
             out,
             inp,
@@ -431,15 +416,15 @@ impl TiledWeight {
                         $(
                             (Isa::Avx512Bf16, _, Rows::Bf16(x), $r, 2) => tile_dot::<$r, 2>(x, w, inp, bf16_dst, ldy),
                             (Isa::Avx512Bf16, _, Rows::Bf16(x), $r, 1) => tile_dot::<$r, 1>(x, w, inp, bf16_dst, ldy),
-                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 2) => tile::<$r, 2>(x, w, inp, bf16_dst, ldy),
-                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 1) => tile::<$r, 1>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 2) => tile_widened::<$r, 2>(x, w, inp, bf16_dst, ldy),
+                            (Isa::Avx512, Format::Bf16, Rows::F32(x), $r, 1) => tile_widened::<$r, 1>(x, w, inp, bf16_dst, ldy),
                             (Isa::Avx512, Format::F32, Rows::F32(x), $r, 2) => tile_f32::<$r, 2>(x, w, inp, f32_dst, ldy),
                             (Isa::Avx512, Format::F32, Rows::F32(x), $r, 1) => tile_f32::<$r, 1>(x, w, inp, f32_dst, ldy),
                         )*
-                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 1, 1) => tile_avx2::<1>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 2, 1) => tile_avx2::<2>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 3, 1) => tile_avx2::<3>(x, w, inp, bf16_dst, ldy),
-                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 4, 1) => tile_avx2::<4>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 1, 1) => tile_widened_avx2::<1>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 2, 1) => tile_widened_avx2::<2>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 3, 1) => tile_widened_avx2::<3>(x, w, inp, bf16_dst, ldy),
+                        (Isa::Avx2, Format::Bf16, Rows::F32(x), 4, 1) => tile_widened_avx2::<4>(x, w, inp, bf16_dst, ldy),
                         (Isa::Avx2, Format::F32, Rows::F32(x), 1, 1) => tile_avx2_f32::<1>(x, w, inp, f32_dst, ldy),
                         (Isa::Avx2, Format::F32, Rows::F32(x), 2, 1) => tile_avx2_f32::<2>(x, w, inp, f32_dst, ldy),
                         (Isa::Avx2, Format::F32, Rows::F32(x), 3, 1) => tile_avx2_f32::<3>(x, w, inp, f32_dst, ldy),
@@ -450,11 +435,11 @@ impl TiledWeight {
             }
             // SAFETY: `for_isa` found the body's instructions on this CPU; `x` holds `rows`
             // rows of `inp` (in the element type its body reads: `product` gives the paired
-            // body bfloat16 rows, the others float32) and `w` the group's `blocks * steps` lines; the destination is row
-            // `row`, column `column` of the `[rows, out]` output of the weight's element type,
-            // whose tile (these rows, `blocks * 16` columns from `column`) lies inside it and
-            // is written by this call alone (the threads take disjoint groups, so disjoint
-            // columns).
+            // body bfloat16 rows, the others float32) and `w` the group's `blocks * steps`
+            // lines; the destination is row `row`, column `column` of the `[rows, out]` output
+            // of the weight's element type, whose tile (these rows, `blocks * 16` columns from
+            // `column`) lies inside it and is written by this call alone (the threads take
+            // disjoint groups, so disjoint columns).
             unsafe { dispatch!(1 2 3 4 5 6 7 8) }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -462,6 +447,28 @@ impl TiledWeight {
             "tiled weights are made on x86-64 only ({x:?} {w:?} {blocks} {y:?} {row} {column})"
         );
     }
+}
+
+/// The lines of a weight of `out` output features and `steps` input steps for body `isa`,
+/// `lane(o, s)` the 32 bits of output feature `o` at step `s` (generic, so that the copy of
+/// every weight at loading calls it inline).
+fn lay_out(out: usize, steps: usize, isa: Isa, lane: impl Fn(usize, usize) -> u32) -> Vec<Line> {
+    let mut lines = vec![Line::default(); out / BLOCK * steps];
+    let group_blocks = isa.blocks();
+    for group in 0..out.div_ceil(BLOCK * group_blocks) {
+        let first = group * BLOCK * group_blocks;
+        let blocks = ((out - first) / BLOCK).min(group_blocks);
+        let base = first / BLOCK * steps;
+        for step in 0..steps {
+            for block in 0..blocks {
+                let line = &mut lines[base + step * blocks + block].0;
+                for (f, lane_bits) in line.iter_mut().enumerate() {
+                    *lane_bits = lane(first + block * BLOCK + f, step);
+                }
+            }
+        }
+    }
+    lines
 }
 
 /// The rows of `x` as a body reads them: bfloat16 for the paired one, float32 for the others.
@@ -580,7 +587,7 @@ unsafe fn tile_avx2_f32<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize, const B: usize>(
+unsafe fn tile_widened<const R: usize, const B: usize>(
     x: &[f32],
     w: &[Line],
     inp: usize,
@@ -690,13 +697,19 @@ unsafe fn tile_dot<const R: usize, const B: usize>(
 }
 
 /// `R` rows of `x` (`inp` apart) by one block of bfloat16 weights `w`, rounded to bfloat16
-/// into `y` (`R` rows, `ldy` apart, 16 columns): [`tile`] for AVX2, a block's line read as two
+/// into `y` (`R` rows, `ldy` apart, 16 columns): [`tile_widened`] for AVX2, a block's line read as two
 /// registers of eight features, each sum rounded as the decoding kernels round
 /// (`bf16::from_f32`: to nearest even, as libtorch).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const R: usize>(x: &[f32], w: &[Line], inp: usize, y: *mut u16, ldy: usize) {
+unsafe fn tile_widened_avx2<const R: usize>(
+    x: &[f32],
+    w: &[Line],
+    inp: usize,
+    y: *mut u16,
+    ldy: usize,
+) {
     use std::arch::x86_64::*;
     debug_assert!(x.len() == R * inp && w.len() == inp / 2);
     let high = _mm256_set1_epi32(0xFFFF_0000_u32 as i32);
