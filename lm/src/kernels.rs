@@ -49,9 +49,11 @@ pub(crate) trait Element: Send + Sync + Copy + 'static {
 
 impl Element for f32 {
     const KIND: Kind = Kind::Float;
+    #[inline(always)]
     fn get(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn put(v: f32) -> Self {
         v
     }
@@ -59,12 +61,20 @@ impl Element for f32 {
 
 impl Element for bf16 {
     const KIND: Kind = Kind::BFloat16;
+    #[inline(always)]
     fn get(self) -> f32 {
         self.to_f32()
     }
-    /// Round to nearest even, as libtorch rounds.
+    /// Round to nearest even, as libtorch rounds (and `half`'s `from_f32`), without a
+    /// branch, so that loops of it vectorize: `x + 0x7fff + lsb` carries into the kept bits
+    /// exactly when the dropped half is above a half unit, or equal with an odd lsb; a NaN
+    /// keeps its sign and top bits, made quiet.
+    #[inline(always)]
     fn put(v: f32) -> Self {
-        bf16::from_f32(v)
+        let x = v.to_bits();
+        let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+        let quiet = (x >> 16) | 0x40;
+        bf16::from_bits(if v.is_nan() { quiet } else { rounded } as u16)
     }
 }
 
@@ -259,21 +269,33 @@ pub(crate) struct DecodeHeads {
     pub(crate) scale: f32,
 }
 
-/// `x * cos + rotate_half(x) * sin` into `out`, each product and the sum rounded to `T`.
+/// `x * cos + rotate_half(x) * sin` into `out`, each product and the sum rounded to `T`
+/// (two loops over zipped halves, without a branch or an index check inside, so that they
+/// vectorize).
 #[inline(always)]
 fn rotate<T: Element, U: Element>(x: &[T], cos: &[T], sin: &[T], out: &mut [U]) {
     let half = x.len() / 2;
-    for i in 0..x.len() {
-        let rotated = if i < half {
-            -x[i + half].get()
-        } else {
-            x[i - half].get()
-        };
-        let (a, b) = (
-            T::put(x[i].get() * cos[i].get()),
-            T::put(rotated * sin[i].get()),
-        );
-        out[i] = U::put(T::put(a.get() + b.get()).get());
+    let (x1, x2) = x.split_at(half);
+    let (cos1, cos2) = cos[..x.len()].split_at(half);
+    let (sin1, sin2) = sin[..x.len()].split_at(half);
+    let (out1, out2) = out[..x.len()].split_at_mut(half);
+    let one = |x: T, cos: T, rotated: f32, sin: T| {
+        let (a, b) = (T::put(x.get() * cos.get()), T::put(rotated * sin.get()));
+        U::put(T::put(a.get() + b.get()).get())
+    };
+    let pairs = out1
+        .iter_mut()
+        .zip(x1.iter().zip(x2))
+        .zip(cos1.iter().zip(sin1));
+    for ((o, (a, b)), (c, s)) in pairs {
+        *o = one(*a, *c, -b.get(), *s);
+    }
+    let pairs = out2
+        .iter_mut()
+        .zip(x2.iter().zip(x1))
+        .zip(cos2.iter().zip(sin2));
+    for ((o, (a, b)), (c, s)) in pairs {
+        *o = one(*a, *c, b.get(), *s);
     }
 }
 
@@ -378,15 +400,21 @@ fn decode_attention_of<T: Element>(
 /// are split between two threads: below it, starting a thread costs more than it saves.
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// [`attend`] compiled for the best instructions this CPU has.
+/// [`attend`] compiled for the best instructions this CPU has: with AVX-512 and a head
+/// dimension of 64, 128 or 256, each head in [`crate::head_avx512`]'s body.
 fn attend_fastest<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         #[allow(unsafe_code)]
-        // SAFETY: this CPU has AVX-512F (and with it AVX2 and FMA), all `attend_avx512` is
-        // compiled for.
+        // SAFETY: this CPU has AVX-512F (and with it AVX2 and FMA), all `attend_avx512` and
+        // `attend_heads_avx512` are compiled for.
         unsafe {
-            attend_avx512(step, cache, o)
+            match step.heads.head_dim {
+                64 => attend_heads_avx512::<T, 4>(step, cache, o),
+                128 => attend_heads_avx512::<T, 8>(step, cache, o),
+                256 => attend_heads_avx512::<T, 16>(step, cache, o),
+                _ => attend_avx512(step, cache, o),
+            }
         };
         return;
     }
@@ -399,7 +427,7 @@ fn attend_fastest<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [
         };
         return;
     }
-    attend(step, cache, o, dot);
+    attend(step, cache, o, |h, s, o| head(h, s, o, dot));
 }
 
 /// One decoding step's inputs, as slices (see [`decode_attention`]).
@@ -476,7 +504,7 @@ impl<T> Cache<'_, T> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
-    attend(step, cache, o, dot)
+    attend(step, cache, o, |h, s, o| head(h, s, o, dot))
 }
 
 /// [`attend`] compiled for AVX-512 (sixteen float32 lanes: one register per chunk of
@@ -486,7 +514,25 @@ fn attend_avx2<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T])
 fn attend_avx512<T: Element>(step: &Step<'_, T>, cache: Cache<'_, T>, o: &mut [T]) {
     // SAFETY: this function is compiled for AVX-512F, all `dot_avx512` needs.
     #[allow(unsafe_code)]
-    attend(step, cache, o, |a, b| unsafe { dot_avx512(a, b) })
+    attend(step, cache, o, |h, s, o| {
+        head(h, s, o, |a, b| unsafe { dot_avx512(a, b) })
+    })
+}
+
+/// [`attend`] with each head in [`crate::head_avx512::head`], for a head dimension of `16 C`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_heads_avx512<T: Element, const C: usize>(
+    step: &Step<'_, T>,
+    cache: Cache<'_, T>,
+    o: &mut [T],
+) {
+    // SAFETY: this function is compiled for AVX-512F, all `head` needs; `attend` gives it
+    // heads of `step.heads.head_dim` = 16 C dimensions.
+    #[allow(unsafe_code)]
+    attend(step, cache, o, |h, s, o| unsafe {
+        crate::head_avx512::head::<T, C>(h, &mut s.scores, o)
+    })
 }
 
 /// `a . b` in float32 in one AVX-512 register of sums, added pairwise at the end (LLVM
@@ -519,13 +565,39 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     _mm512_reduce_add_ps(sums) + tail
 }
 
+/// One row's attention for one kv head (see [`attend`]): its group of rotated queries `q`
+/// `[group, head_dim]` over positions `0..positions` of its cache `keys`, `values`
+/// `[.., head_dim]`, those `allowed` (none: all).
+pub(crate) struct Head<'a, T> {
+    pub(crate) q: &'a [f32],
+    pub(crate) keys: &'a [T],
+    pub(crate) values: &'a [T],
+    pub(crate) allowed: Option<&'a [u8]>,
+    pub(crate) positions: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) scale: f32,
+}
+
+/// Working space of [`head`], sized once per step.
+pub(crate) struct Scratch {
+    /// `[group, positions]`.
+    pub(crate) scores: Vec<f32>,
+    /// `[group]`.
+    totals: Vec<f32>,
+    /// `[group, head_dim]`.
+    sum: Vec<f32>,
+    /// `[head_dim]`.
+    row: Vec<f32>,
+}
+
 /// The body of [`decode_attention`], on validated slices; `o` `[batch, heads head_dim]`.
+/// Writes each row's new key and value, then runs `head` for each row and kv head.
 #[inline(always)]
 fn attend<T: Element>(
     step: &Step<'_, T>,
     cache: Cache<'_, T>,
     o: &mut [T],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
+    head: impl Fn(&Head<'_, T>, &mut Scratch, &mut [T]),
 ) {
     let (qkv, cos, sin, allowed) = (step.qkv, step.cos, step.sin, step.allowed);
     let (start, h) = (step.start, step.heads);
@@ -535,13 +607,14 @@ fn attend<T: Element>(
     let positions = start + 1;
     let batch = qkv.len() / width;
     let group = n / kv;
-    // The queries of one kv head's group of heads, their scores and their sums; the key or
-    // value of one position in float32, read and widened once for the whole group.
+    // The queries of one kv head's group of heads, in float32.
     let mut q = vec![0f32; group * d];
-    let mut sum = vec![0f32; group * d];
-    let mut scores = vec![0f32; group * positions];
-    let mut totals = vec![0f32; group];
-    let mut row_f32 = vec![0f32; d];
+    let mut scratch = Scratch {
+        scores: vec![0f32; group * positions],
+        totals: vec![0f32; group],
+        sum: vec![0f32; group * d],
+        row: vec![0f32; d],
+    };
     for r in 0..batch {
         let row = &qkv[r * width..(r + 1) * width];
         let (cos, sin) = (&cos[r * d..(r + 1) * d], &sin[r * d..(r + 1) * d]);
@@ -563,48 +636,77 @@ fn attend<T: Element>(
             for (j, q) in q.chunks_exact_mut(d).enumerate() {
                 rotate(&row[(g * group + j) * d..][..d], cos, sin, q);
             }
-            for p in 0..positions {
-                let open = allowed.is_none_or(|a| a[p] != 0);
-                if open {
-                    widen(&ks[at(g, p)..at(g, p) + d], &mut row_f32);
-                }
-                for (j, q) in q.chunks_exact(d).enumerate() {
-                    scores[j * positions + p] = if open {
-                        dot(q, &row_f32) * h.scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                }
-            }
-            totals.fill(0.0);
-            for (scores, total) in scores.chunks_exact_mut(positions).zip(&mut totals) {
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    *total += *s;
-                }
-            }
-            sum.fill(0.0);
-            for p in 0..positions {
-                if (0..group).all(|j| scores[j * positions + p] == 0.0) {
-                    continue;
-                }
-                widen(&vs[at(g, p)..at(g, p) + d], &mut row_f32);
-                for (j, sum) in sum.chunks_exact_mut(d).enumerate() {
-                    let s = scores[j * positions + p];
-                    if s != 0.0 {
-                        let weight = s / totals[j];
-                        for (o, v) in sum.iter_mut().zip(&row_f32) {
-                            *o += weight * v;
-                        }
-                    }
-                }
-            }
+            let one = Head {
+                q: &q,
+                keys: &ks[at(g, 0)..at(g, positions)],
+                values: &vs[at(g, 0)..at(g, positions)],
+                allowed,
+                positions,
+                head_dim: d,
+                scale: h.scale,
+            };
             let o = &mut o[(r * n + g * group) * d..(r * n + (g + 1) * group) * d];
-            for (o, v) in o.iter_mut().zip(&sum) {
-                *o = T::put(*v);
+            head(&one, &mut scratch, o);
+        }
+    }
+}
+
+/// One row's attention for one kv head ([`Head`]) into `o` `[group, head_dim]`: scores by
+/// `dot`, softmax and weighted sums in float32.
+#[inline(always)]
+fn head<T: Element>(
+    h: &Head<'_, T>,
+    s: &mut Scratch,
+    o: &mut [T],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let (d, positions) = (h.head_dim, h.positions);
+    let group = h.q.len() / d;
+    let (scores, totals, sum, row_f32) = (
+        &mut s.scores[..group * positions],
+        &mut s.totals[..group],
+        &mut s.sum[..group * d],
+        &mut s.row[..d],
+    );
+    for p in 0..positions {
+        let open = h.allowed.is_none_or(|a| a[p] != 0);
+        if open {
+            widen(&h.keys[p * d..(p + 1) * d], row_f32);
+        }
+        for (j, q) in h.q.chunks_exact(d).enumerate() {
+            scores[j * positions + p] = if open {
+                dot(q, row_f32) * h.scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+    totals.fill(0.0);
+    for (scores, total) in scores.chunks_exact_mut(positions).zip(totals.iter_mut()) {
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            *total += *s;
+        }
+    }
+    sum.fill(0.0);
+    for p in 0..positions {
+        if (0..group).all(|j| scores[j * positions + p] == 0.0) {
+            continue;
+        }
+        widen(&h.values[p * d..(p + 1) * d], row_f32);
+        for (j, sum) in sum.chunks_exact_mut(d).enumerate() {
+            let s = scores[j * positions + p];
+            if s != 0.0 {
+                let weight = s / totals[j];
+                for (o, v) in sum.iter_mut().zip(row_f32.iter()) {
+                    *o += weight * v;
+                }
             }
         }
+    }
+    for (o, v) in o.iter_mut().zip(sum.iter()) {
+        *o = T::put(*v);
     }
 }
 
@@ -640,6 +742,27 @@ mod tests {
         match kind {
             Kind::BFloat16 => scale / 128.0,
             _ => 1e-5 * scale.max(1.0),
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let specials = [
+            0x7f7f_ffffu32, // the largest float32: rounds to infinity
+            0x7f80_0000,    // infinity
+            0xff80_0000,
+            0x7fc0_0001, // NaNs
+            0xffa0_0000,
+            0x7f80_0001,
+            0x3f80_8000, // ties: to even (down)
+            0x3f81_8000, // (up)
+            0x0000_8000,
+            0x8000_0001,
+        ];
+        for x in (0..=u32::MAX).step_by(997).chain(specials) {
+            let v = f32::from_bits(x);
+            let (got, want) = (<bf16 as Element>::put(v), bf16::from_f32(v));
+            assert_eq!(got.to_bits(), want.to_bits(), "{x:#010x}");
         }
     }
 
@@ -689,7 +812,10 @@ mod tests {
             false, true, true, true,
         ];
         let shared = [false, true, true, true, true, true];
-        check_decode_attention(3, 9, 5, &shared, &per_row)?;
+        // 20 dimensions: the portable body; 64 and 128: AVX-512's (where the CPU has it).
+        for d in [20, 64, 128] {
+            check_decode_attention(3, 9, 5, d, &shared, &per_row)?;
+        }
         // Enough work to split the rows over two threads (3 rows: one and two).
         let (start, capacity) = (200usize, 210);
         assert!(3 * (start + 1) * 6 * 20 >= PARALLEL_WORK);
@@ -697,20 +823,24 @@ mod tests {
         let per_row: Vec<bool> = (0..3 * (start + 1))
             .map(|i| (i % (start + 1)) >= 11 * (i / (start + 1)) && i % 5 != 2)
             .collect();
-        check_decode_attention(3, capacity, start as i64, &shared, &per_row)
+        for d in [20, 64] {
+            check_decode_attention(3, capacity, start as i64, d, &shared, &per_row)?;
+        }
+        Ok(())
     }
 
-    /// [`decode_attention`] of `batch` rows (6 heads in 2 kv groups of 20 dims) at position
+    /// [`decode_attention`] of `batch` rows (6 heads in 2 kv groups of `d` dims) at position
     /// `start` against rotary + SDPA, with no mask, the `shared` one and the `per_row` ones.
     fn check_decode_attention(
         batch: i64,
         capacity: i64,
         start: i64,
+        d: i64,
         shared: &[bool],
         per_row: &[bool],
     ) -> Result<()> {
         tch::manual_seed(2);
-        let (n, kv, d) = (6i64, 2i64, 20i64);
+        let (n, kv) = (6i64, 2i64);
         let heads = DecodeHeads {
             heads: n as usize,
             kv_heads: kv as usize,
@@ -787,7 +917,15 @@ mod tests {
         {
             return;
         }
-        let (batch, n, kv, d, capacity, start) = (2, 4, 2, 24, 7, 4);
+        // 24 dimensions: the portable body in each instruction set; 64: also AVX-512's own.
+        for d in [24, 64] {
+            bodies_agree(d);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn bodies_agree(d: usize) {
+        let (batch, n, kv, capacity, start) = (2, 4, 2, 7, 4);
         let values = |len: usize, seed: usize| -> Vec<f32> {
             (0..len)
                 .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
@@ -828,22 +966,27 @@ mod tests {
                 #[allow(unsafe_code)]
                 // SAFETY: checked above.
                 "avx512" => unsafe { attend_avx512(&step, cache, &mut out) },
-                _ => attend(&step, cache, &mut out, dot),
+                #[allow(unsafe_code)]
+                // SAFETY: checked above; `d` is 64.
+                "avx512 heads" => unsafe { attend_heads_avx512::<f32, 4>(&step, cache, &mut out) },
+                _ => attend(&step, cache, &mut out, |h, s, o| head(h, s, o, dot)),
             }
             (out, keys, vals)
         };
         let portable = run("portable");
-        let bodies: &[&str] = if avx512 {
-            &["avx2", "avx512"]
-        } else {
-            &["avx2"]
+        let bodies: &[&str] = match (avx512, d) {
+            (true, 64) => &["avx2", "avx512", "avx512 heads"],
+            (true, _) => &["avx2", "avx512"],
+            _ => &["avx2"],
         };
         for body in bodies {
             let simd = run(body);
             assert_eq!(portable.1, simd.1, "{body}: the same key written");
             assert_eq!(portable.2, simd.2, "{body}: the same value written");
+            // The same sums in another order, and a polynomial exp, for AVX-512's own body.
+            let tolerance = if *body == "avx512 heads" { 1e-5 } else { 1e-6 };
             for (a, b) in portable.0.iter().zip(&simd.0) {
-                assert!((a - b).abs() < 1e-6, "{body}: {a} vs {b}");
+                assert!((a - b).abs() < tolerance, "{body}: {a} vs {b}");
             }
         }
     }

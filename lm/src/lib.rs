@@ -34,6 +34,7 @@ mod decoding;
 mod device;
 mod error;
 mod generate;
+mod head_avx512;
 mod hook;
 mod kernels;
 mod layers;
