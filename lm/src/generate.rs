@@ -403,8 +403,7 @@ fn choose_tokens(
 ) -> Result<Vec<i64>> {
     let logits = model.logits(hidden)?; // [batch, vocab]
     if samplers.first().map(Sampler::sampling) == Some(&Sampling::Greedy) {
-        let next = logits.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?;
-        return Ok(Vec::<i64>::try_from(next)?);
+        return crate::sampling::greedy_tokens(&logits);
     }
     let vocab = logits.size()[1] as usize;
     let flat = Vec::<f32>::try_from(

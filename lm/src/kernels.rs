@@ -203,6 +203,73 @@ fn rms_norm_of<T: Element>(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tens
     Ok(out)
 }
 
+/// Each row's index of its largest value, as libtorch's `argmax(-1)` gives it on the CPU:
+/// the first maximum, or the first NaN where the row has one. `logits` `[rows, vocab]`,
+/// float32 or bfloat16 on the CPU, contiguous, `vocab >= 1`; `None` otherwise (the caller
+/// keeps libtorch's op). Many rows split over the team's two threads.
+pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Option<Vec<i64>>> {
+    let plain = logits.device() == Device::Cpu
+        && logits.dim() == 2
+        && logits.size()[1] >= 1
+        && logits.is_contiguous()
+        && !logits.requires_grad();
+    match (plain, logits.kind()) {
+        (true, Kind::Float) => argmax_of::<f32>(logits).map(Some),
+        (true, Kind::BFloat16) => argmax_of::<bf16>(logits).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The elements (rows x vocabulary) from which [`argmax_rows`] splits its rows over two
+/// threads.
+const ARGMAX_PARALLEL: usize = 1 << 15;
+
+fn argmax_of<T: Element>(logits: &Tensor) -> Result<Vec<i64>> {
+    let vocab = logits.size()[1] as usize;
+    let x = elements::<T>(logits)?;
+    let mut out = vec![0i64; x.len() / vocab];
+    let rows_argmax = |x: &[T], out: &mut [i64]| {
+        for (row, o) in x.chunks_exact(vocab).zip(out) {
+            *o = first_max(row) as i64;
+        }
+    };
+    if out.len() >= 2 && x.len() >= ARGMAX_PARALLEL {
+        let mid = out.len() / 2;
+        let (first, second) = out.split_at_mut(mid);
+        let (x1, x2) = x.split_at(mid * vocab);
+        crate::team::join(|| rows_argmax(x1, first), || rows_argmax(x2, second));
+    } else {
+        rows_argmax(x, &mut out);
+    }
+    Ok(out)
+}
+
+/// libtorch's argmax of one non-empty row: the row's maximum over 16 lanes (so that it
+/// vectorizes) and whether it holds a NaN, then the first position holding that.
+fn first_max<T: Element>(row: &[T]) -> usize {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut nan = [false; 16];
+    let chunks = row.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for ((l, n), v) in lanes.iter_mut().zip(&mut nan).zip(c) {
+            let v = v.get();
+            *n |= v.is_nan();
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    let has_nan = nan.iter().any(|&n| n) || tail.iter().any(|v| v.get().is_nan());
+    if has_nan {
+        return row.iter().position(|v| v.get().is_nan()).unwrap_or(0);
+    }
+    let max = lanes
+        .iter()
+        .copied()
+        .chain(tail.iter().map(|v| v.get()))
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    row.iter().position(|v| v.get() == max).unwrap_or(0)
+}
+
 /// `silu(gate) * up` of `both` `[.., 2 inter]` = `[gate | up]`: `[.., inter]`.
 pub(crate) fn silu_mul(both: &Tensor) -> Result<Tensor> {
     match both.kind() {
@@ -764,6 +831,36 @@ mod tests {
             let (got, want) = (<bf16 as Element>::put(v), bf16::from_f32(v));
             assert_eq!(got.to_bits(), want.to_bits(), "{x:#010x}");
         }
+    }
+
+    #[test]
+    fn argmax_rows_is_libtorchs() -> Result<()> {
+        tch::manual_seed(3);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            // One row, rows with a tail, and enough to split over two threads.
+            for (rows, vocab) in [(1, 1), (1, 40), (3, 17), (5, 333), (8, 4099)] {
+                // Rounded to a few values: many ties.
+                let x = (randn(&[rows, vocab]) * 3.0).round().to_kind(kind);
+                let want = Vec::<i64>::try_from(x.argmax(-1, false))?;
+                assert_eq!(argmax_rows(&x)?, Some(want), "{kind:?} {rows}x{vocab}");
+            }
+            // A NaN (in a row's tail, and twice in a row), a row of -inf, a row all equal.
+            let x = (randn(&[4, 35]) * 3.0).round();
+            let _ = x.get(0).get(33).fill_(f64::NAN);
+            let _ = x.get(1).get(7).fill_(f64::NAN);
+            let _ = x.get(1).get(20).fill_(f64::NAN);
+            let _ = x.get(2).fill_(f64::NEG_INFINITY);
+            let _ = x.get(3).fill_(2.0);
+            let x = x.to_kind(kind);
+            let want = Vec::<i64>::try_from(x.argmax(-1, false))?;
+            assert_eq!(want, [33, 7, 0, 0], "libtorch's own rule");
+            assert_eq!(argmax_rows(&x)?, Some(want), "{kind:?}");
+        }
+        // Not taken: a non-contiguous view, a third dimension.
+        let x = randn(&[4, 6]);
+        assert_eq!(argmax_rows(&x.tr())?, None);
+        assert_eq!(argmax_rows(&x.view([2, 2, 6]))?, None);
+        Ok(())
     }
 
     #[test]

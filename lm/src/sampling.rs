@@ -162,6 +162,17 @@ fn unnormalised(logits: &[f32], temperature: f64) -> Vec<(usize, f64)> {
         .collect()
 }
 
+/// Every row's greedy token from `logits` `[rows, vocab]` on any device: libtorch's
+/// `argmax(-1)` (the first maximum; the first NaN where a row has one), by a CPU kernel
+/// for float32 and bfloat16 logits on the CPU.
+pub fn greedy_tokens(logits: &tch::Tensor) -> Result<Vec<i64>> {
+    if let Some(tokens) = crate::kernels::argmax_rows(logits)? {
+        return Ok(tokens);
+    }
+    let next = logits.f_argmax(-1, false)?.f_to_device(tch::Device::Cpu)?;
+    Ok(Vec::<i64>::try_from(next)?)
+}
+
 /// Index of the largest value; the first on ties; NaN never wins.
 pub fn argmax(values: &[f32]) -> usize {
     let mut best = 0;

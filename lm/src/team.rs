@@ -10,6 +10,7 @@
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 type Body = unsafe extern "C" fn(*mut c_void);
@@ -131,6 +132,33 @@ where
     }
 }
 
+/// Runs `work` over `0..items` in ranges that the two threads of [`join`] claim as they go,
+/// each claim a quarter of what is left (at least one item): where the halves of a fixed
+/// split finished apart (one core slowed by its neighbours on the host), the first thread
+/// done now takes from the other's share. Returns when every item is done.
+pub(crate) fn share(items: usize, work: impl Fn(std::ops::Range<usize>) + Sync) {
+    let next = AtomicUsize::new(0);
+    let claim = || {
+        let mut start = next.load(Ordering::Relaxed);
+        loop {
+            if start >= items {
+                return None;
+            }
+            let end = start + ((items - start) / 4).max(1);
+            match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(start..end),
+                Err(now) => start = now,
+            }
+        }
+    };
+    let run = || {
+        while let Some(range) = claim() {
+            work(range);
+        }
+    };
+    join(run, run);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +176,22 @@ mod tests {
         let total: u32 = (1..=50).sum();
         assert!(out[..500].iter().all(|&x| x == total));
         assert!(out[500..].iter().all(|&x| x == 2 * total));
+    }
+
+    #[test]
+    fn shared_items_are_each_done_once() {
+        for items in [0, 1, 2, 7, 1000] {
+            let done: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+            share(items, |range| {
+                for i in range {
+                    done[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(
+                done.iter().all(|d| d.load(Ordering::Relaxed) == 1),
+                "{items}"
+            );
+        }
     }
 
     #[test]

@@ -360,11 +360,7 @@ impl TiledWeight {
         assert_eq!(x.len(), rows * self.inp);
         let groups = self.out.div_ceil(BLOCK * self.isa.blocks());
         if groups >= 2 && rows * self.inp * self.out >= PARALLEL_WORK {
-            let mid = groups / 2;
-            crate::team::join(
-                || self.run_groups(x, rows, &y, 0..mid),
-                || self.run_groups(x, rows, &y, mid..groups),
-            );
+            crate::team::share(groups, |range| self.run_groups(x, rows, &y, range));
         } else {
             self.run_groups(x, rows, &y, 0..groups);
         }

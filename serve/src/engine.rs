@@ -473,13 +473,7 @@ impl Engine {
     /// stream, as `recontrol generate` does.
     fn choose(&self, b: &mut Batch) -> EngineResult<Vec<i64>> {
         let logits = self.model.logits(&b.hidden).map_err(torch)?; // [rows, vocab]
-        let mut next = Vec::<i64>::try_from(
-            logits
-                .f_argmax(-1, false)
-                .and_then(|t| t.f_to_device(Device::Cpu))
-                .map_err(torch)?,
-        )
-        .map_err(torch)?;
+        let mut next = recontrol_lm::sampling::greedy_tokens(&logits).map_err(torch)?;
         let sampled: Vec<usize> = (0..b.rows.len())
             .filter(|&i| b.rows[i].sampler.sampling() != &Sampling::Greedy)
             .collect();
