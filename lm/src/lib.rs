@@ -27,6 +27,7 @@
 //! ```
 
 mod attention;
+mod avx512;
 pub mod bpe;
 mod cache;
 pub mod config;
@@ -34,7 +35,6 @@ mod decoding;
 mod device;
 mod error;
 mod generate;
-mod head_avx512;
 mod hook;
 mod kernels;
 mod layers;

@@ -1,6 +1,8 @@
-//! One row's decoding attention for one kv head in AVX-512, for head dimensions of 16 C
-//! (64, 128, 256): the queries and the running sums stay in registers, the exponentials are
-//! sixteen at a time. It replaced [`crate::kernels`]' portable body on these CPUs, where a
+//! AVX-512 bodies of [`crate::kernels`]' decoding kernels: sixteen float32 lanes at a time,
+//! with exponentials by a polynomial instead of one `expf` call per element.
+//!
+//! [`head`], one row's decoding attention for one kv head for head dimensions of 16 C (64,
+//! 128, 256), keeps the queries and the running sums in registers. It replaced [`crate::kernels`]' portable body on these CPUs, where a
 //! dot product of 64 ended in its own horizontal sum and a softmax in one `expf` call per
 //! score. In a scratch loop over `decode_attention` at a SmolLM2 layer's shapes (batch 8,
 //! 64 positions) one call took 111 us in bfloat16 before, 24-27 us with this body and the
@@ -32,6 +34,77 @@ unsafe fn load16<T: Element>(x: &[T], at: usize) -> __m512 {
         } else {
             _mm512_loadu_ps(p as *const f32)
         }
+    }
+}
+
+/// Sixteen float32 lanes rounded to bfloat16 as [`Element::put`] rounds (to nearest even;
+/// a NaN kept, made quiet), as float32 bits (the low sixteen zero).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round_bf16(x: __m512) -> __m512i {
+    let bits = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let up = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb);
+    let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+    let rounded = _mm512_and_si512(_mm512_add_epi32(bits, up), high);
+    let quiet = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x0040_0000)), high);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_mask_mov_epi32(rounded, nan, quiet)
+}
+
+/// `x` rounded to `T` and back to float32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn round<T: Element>(x: __m512) -> __m512 {
+    if matches!(T::KIND, Kind::BFloat16) {
+        _mm512_castsi512_ps(round_bf16(x))
+    } else {
+        x
+    }
+}
+
+/// Stores sixteen lanes into `x` from `at`, rounded to `T`.
+///
+/// # Safety
+/// `at + 16 <= x.len()`; the CPU has AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store16<T: Element>(x: &mut [T], at: usize, v: __m512) {
+    debug_assert!(at + 16 <= x.len());
+    // SAFETY: the caller keeps the sixteen elements inside `x`.
+    unsafe {
+        let p = x.as_mut_ptr().add(at);
+        if matches!(T::KIND, Kind::BFloat16) {
+            let halves = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(round_bf16(v)));
+            _mm256_storeu_si256(p as *mut __m256i, halves);
+        } else {
+            _mm512_storeu_ps(p as *mut f32, v);
+        }
+    }
+}
+
+/// `silu(gate) * up` into `out`, elementwise, rounded as [`crate::kernels`]' portable body
+/// rounds: `put(up * put(g / (1 + exp(-g))))`. The three slices have one length.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn silu_mul_row<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {
+    let n = out.len();
+    assert!(gate.len() == n && up.len() == n);
+    let full = n / 16 * 16;
+    for at in (0..full).step_by(16) {
+        // SAFETY: `at + 16 <= full <= n`, inside all three slices.
+        unsafe {
+            let g = load16(gate, at);
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let silu = round::<T>(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e)));
+            store16(out, at, _mm512_mul_ps(load16(up, at), silu));
+        }
+    }
+    for ((o, g), u) in out[full..].iter_mut().zip(&gate[full..]).zip(&up[full..]) {
+        let g = g.get();
+        *o = T::put(u.get() * T::put(g / (1.0 + (-g).exp())).get());
     }
 }
 
@@ -232,6 +305,34 @@ fn softmax(s: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounding_is_puts() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let specials = [
+            0x7f7f_ffffu32,
+            0x7f80_0000,
+            0x7fc0_0001,
+            0xff80_0001,
+            0x3f80_8000,
+        ];
+        let xs: Vec<u32> = (0..=u32::MAX).step_by(9973).chain(specials).collect();
+        for chunk in xs.chunks(16) {
+            let mut lanes = [0f32; 16];
+            for (l, x) in lanes.iter_mut().zip(chunk) {
+                *l = f32::from_bits(*x);
+            }
+            let mut got = [half::bf16::ZERO; 16];
+            // SAFETY: AVX-512F checked above; both arrays hold sixteen elements.
+            unsafe { store16(&mut got, 0, _mm512_loadu_ps(lanes.as_ptr())) };
+            for (x, g) in lanes.iter().zip(got) {
+                let want = <half::bf16 as Element>::put(*x);
+                assert_eq!(g.to_bits(), want.to_bits(), "{:#010x}", x.to_bits());
+            }
+        }
+    }
 
     #[test]
     fn exp16_matches_expf() {
