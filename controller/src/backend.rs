@@ -11,6 +11,8 @@ use std::path::Path;
 use recontrol_export::{
     build_model, ControllerSpec, GraphKind, GraphSession, OrtRuntime, Producer, ValueDir,
 };
+use recontrol_lm::DecodingProduct;
+use recontrol_value_net::grad::HiddenProducts;
 use recontrol_value_net::ValueModel;
 use tch::{Device, Kind, Tensor};
 
@@ -47,15 +49,62 @@ pub trait GradientBackend {
 pub struct TorchBackend {
     model: ValueModel,
     device: Device,
+    /// On the CPU, the gradient steps' products by recontrol-lm's decoding products: a
+    /// 576 x 576 product of one to eight rows took libtorch (MKL's generic code on an AMD
+    /// CPU) about as long as reading a matrix thirty times its size.
+    products: Option<PackedValue>,
 }
 
 impl TorchBackend {
     /// Loads a value directory on `device`.
     pub fn load(value_dir: &Path, device: Device) -> Result<Self> {
+        let model = ValueModel::load(value_dir, device)?;
+        let products = match device {
+            Device::Cpu => Some(PackedValue::new(&model)?),
+            _ => None,
+        };
         Ok(Self {
-            model: ValueModel::load(value_dir, device)?,
+            model,
             device,
+            products,
         })
+    }
+}
+
+/// A value MLP's hidden products ([`HiddenProducts`]) by [`DecodingProduct`]s.
+#[derive(Debug)]
+struct PackedValue {
+    /// Per hidden layer: `x W^T`, the bias, and `g W` (the product by `W^T`).
+    layers: Vec<(DecodingProduct, Tensor, DecodingProduct)>,
+}
+
+impl PackedValue {
+    fn new(model: &ValueModel) -> Result<Self> {
+        let layers = model.mlp.layers();
+        let layers = layers[..layers.len() - 1]
+            .iter()
+            .map(|(w, b)| -> Result<_> {
+                let w = w.detach();
+                let back = DecodingProduct::new(&w.f_tr()?.f_contiguous()?);
+                Ok((DecodingProduct::new(&w), b.detach(), back))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+}
+
+fn lm_error(e: recontrol_lm::Error) -> tch::TchError {
+    tch::TchError::Torch(e.to_string())
+}
+
+impl HiddenProducts for PackedValue {
+    fn forward(&self, layer: usize, x: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+        let (product, bias, _) = &self.layers[layer];
+        product.forward(x).map_err(lm_error)?.f_add(bias)
+    }
+
+    fn backward(&self, layer: usize, g: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+        self.layers[layer].2.forward(g).map_err(lm_error)
     }
 }
 
@@ -82,9 +131,14 @@ impl GradientBackend for TorchBackend {
         steps: usize,
         max_edit_norm: Option<f64>,
     ) -> Option<Result<(Tensor, Tensor, Tensor)>> {
+        let outcome = match &self.products {
+            Some(products) => self
+                .model
+                .sgd_steps_with(h, alpha, steps, max_edit_norm, products),
+            None => self.model.sgd_steps(h, alpha, steps, max_edit_norm),
+        };
         Some(
-            self.model
-                .sgd_steps(h, alpha, steps, max_edit_norm)
+            outcome
                 .map(|o| (o.edited, o.before, o.after))
                 .map_err(Into::into),
         )
@@ -234,5 +288,74 @@ impl GradientBackend for OnnxBackend {
             ))
         };
         Some(run())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recontrol_value_net::{Activation, ValueConfig, ValueMlp};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let diff = f64::try_from((a - b).abs().max()).expect("scalar");
+        diff / f64::try_from(b.abs().max()).expect("scalar").max(1e-12)
+    }
+
+    /// The CPU backend's steps by recontrol-lm's decoding products against the value net's
+    /// own (libtorch's `linear` and `matmul`), for one and two hidden layers, 1 to 8 rows,
+    /// with and without the edit bound.
+    #[test]
+    fn decoding_products_give_libtorchs_steps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (case, (activation, hidden)) in [
+            (Activation::Tanh, vec![96]),
+            (Activation::Relu, vec![96, 64]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let input = 64;
+            let seed = case as u64 + 1;
+            let model = ValueModel {
+                mlp: ValueMlp::new(input, &hidden, activation, seed, Device::Cpu).expect("mlp"),
+                config: ValueConfig {
+                    input_dim: input,
+                    hidden_dims: hidden.clone(),
+                    activation,
+                    reward_mean: 0.5,
+                    reward_std: 4.0,
+                    lm_hidden_size: input,
+                    lm_identity: "test".into(),
+                    target: None,
+                    training: serde_json::json!({}),
+                    seed,
+                    git_revision: "test".into(),
+                    recontrol_version: "test".into(),
+                },
+            };
+            let path = dir.path().join(format!("v{case}"));
+            model.save(&path).expect("save");
+            let mut backend = TorchBackend::load(&path, Device::Cpu).expect("load");
+            assert!(
+                backend.products.is_some(),
+                "the CPU takes the decoding products"
+            );
+            for rows in [1, 3, 8] {
+                tch::manual_seed(rows);
+                let h = Tensor::randn([rows, input as i64], (Kind::Float, Device::Cpu));
+                for bound in [None, Some(0.05)] {
+                    let (edited, before, after) = backend
+                        .fused_sgd(&h, 0.02, 30, bound)
+                        .expect("fused")
+                        .expect("steps");
+                    let want = model.sgd_steps(&h, 0.02, 30, bound).expect("steps");
+                    let label = format!("{activation:?} {hidden:?} rows {rows} bound {bound:?}");
+                    assert!(max_rel(&edited, &want.edited) < 1e-5, "{label}: edited");
+                    assert!(max_rel(&before, &want.before) < 1e-5, "{label}: before");
+                    assert!(max_rel(&after, &want.after) < 1e-5, "{label}: after");
+                    assert!(max_rel(&edited, &h) > 1e-4, "{label}: the steps moved h");
+                }
+            }
+        }
     }
 }

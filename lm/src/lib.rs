@@ -64,6 +64,7 @@ pub use generate::{
 };
 pub use hook::{HiddenStateHook, HookContext, HookError, NoHook, StateRecorder};
 pub use model::{CausalLm, Positions, StepInput, PACK_MAX_BYTES};
+pub use packed::DecodingProduct;
 pub use sampling::Sampling;
 pub use tokenizer::{render_chat_template, ChatMessage, LmTokenizer};
 

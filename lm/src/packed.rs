@@ -167,6 +167,28 @@ struct State {
     other: Option<(i64, u32)>,
 }
 
+/// `x W^T` of a fixed weight for decoding-sized `x` (up to 64 rows) by the products
+/// generation uses ([`PackedWeight`]: the tiles or a packed form, whichever this CPU's policy
+/// takes), libtorch's `linear` where none applies (another device, gradients, more rows).
+/// For other crates' small matrices: the controller's value MLP.
+#[derive(Debug)]
+pub struct DecodingProduct(PackedWeight);
+
+impl DecodingProduct {
+    /// For `weight` `[out, in]` (any strides).
+    pub fn new(weight: &Tensor) -> Self {
+        Self(PackedWeight::new(weight.shallow_clone()))
+    }
+
+    /// `x W^T`, `x` `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.0.product(x)? {
+            Some(y) => Ok(y),
+            None => Ok(x.f_linear(&self.0.weight, None::<&Tensor>)?),
+        }
+    }
+}
+
 /// A layer matrix with its packed form, made on its first decoding product.
 #[derive(Debug)]
 pub(crate) struct PackedWeight {

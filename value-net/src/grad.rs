@@ -45,6 +45,31 @@ fn derivative(activation: Activation, z: &Tensor) -> Result<Tensor, tch::TchErro
     }
 }
 
+/// The two products by each hidden layer `i` of the value MLP that the gradient steps take:
+/// `x W_i^T + b_i` going forward and `g W_i` going back. [`TorchProducts`] are libtorch's
+/// ops; the controller gives recontrol-lm's decoding products on the CPU.
+pub trait HiddenProducts {
+    /// `x W_i^T + b_i`, `x` `[rows, in_i]`.
+    fn forward(&self, layer: usize, x: &Tensor) -> Result<Tensor, tch::TchError>;
+    /// `g W_i`, `g` `[rows, out_i]`.
+    fn backward(&self, layer: usize, g: &Tensor) -> Result<Tensor, tch::TchError>;
+}
+
+/// A value net's hidden products as libtorch's `linear` and `matmul`.
+#[derive(Debug)]
+pub struct TorchProducts<'a>(pub &'a ValueModel);
+
+impl HiddenProducts for TorchProducts<'_> {
+    fn forward(&self, layer: usize, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let (w, b) = &self.0.mlp.layers()[layer];
+        x.f_linear(w, Some(b))
+    }
+
+    fn backward(&self, layer: usize, g: &Tensor) -> Result<Tensor, tch::TchError> {
+        g.f_matmul(&self.0.mlp.layers()[layer].0)
+    }
+}
+
 /// What one decoding step's edit did: the edited states and V before and after.
 #[derive(Debug)]
 pub struct SgdOutcome {
@@ -85,22 +110,26 @@ impl ValueModel {
     /// `alpha * dV/dx` `[rows, input]` (or `[1, input]` for a linear value, the same for every
     /// row) of `x [rows, input]`, with `top` = `alpha * std * W_L` `[1, d_{L-1}]`: the forward
     /// pass keeps only what the backward pass needs (no value, no last activation).
-    fn ascent(&self, x: &Tensor, top: &Tensor) -> Result<Tensor, tch::TchError> {
-        let layers = self.mlp.layers();
+    fn ascent(
+        &self,
+        x: &Tensor,
+        top: &Tensor,
+        products: &dyn HiddenProducts,
+    ) -> Result<Tensor, tch::TchError> {
+        let hidden = self.mlp.layers().len() - 1;
         let activation = self.mlp.activation();
-        let hidden = &layers[..layers.len() - 1];
-        let mut pre = Vec::with_capacity(hidden.len());
+        let mut pre = Vec::with_capacity(hidden);
         let mut a = x.shallow_clone();
-        for (i, (w, b)) in hidden.iter().enumerate() {
-            let z = a.f_linear(w, Some(b))?;
-            if i + 1 < hidden.len() {
+        for i in 0..hidden {
+            let z = products.forward(i, &a)?;
+            if i + 1 < hidden {
                 a = crate::mlp::activate(activation, &z)?;
             }
             pre.push(z);
         }
         let mut g = top.shallow_clone();
-        for ((w, _), z) in hidden.iter().zip(&pre).rev() {
-            g = g.f_mul(&derivative(activation, z)?)?.f_matmul(w)?;
+        for (i, z) in pre.iter().enumerate().rev() {
+            g = products.backward(i, &g.f_mul(&derivative(activation, z)?)?)?;
         }
         Ok(g)
     }
@@ -116,6 +145,19 @@ impl ValueModel {
         steps: usize,
         max_edit_norm: Option<f64>,
     ) -> Result<SgdOutcome, tch::TchError> {
+        self.sgd_steps_with(h, alpha, steps, max_edit_norm, &TorchProducts(self))
+    }
+
+    /// [`Self::sgd_steps`] with the hidden layers' products by `products` (the same
+    /// arithmetic up to the order of the additions inside them).
+    pub fn sgd_steps_with(
+        &self,
+        h: &Tensor,
+        alpha: f64,
+        steps: usize,
+        max_edit_norm: Option<f64>,
+        products: &dyn HiddenProducts,
+    ) -> Result<SgdOutcome, tch::TchError> {
         let _guard = tch::no_grad_guard();
         let h0 = h.f_to_kind(Kind::Float)?;
         let before = self.value_in_units(&h0)?;
@@ -125,7 +167,7 @@ impl ValueModel {
             .f_mul_scalar(alpha * self.config.reward_std)?;
         let mut x = h0.shallow_clone();
         for _ in 0..steps {
-            x = x.f_add(&self.ascent(&x, &top)?)?;
+            x = x.f_add(&self.ascent(&x, &top, products)?)?;
             if let Some(bound) = max_edit_norm {
                 let u = x.f_sub(&h0)?;
                 let norm = u
