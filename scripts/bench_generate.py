@@ -32,6 +32,9 @@ Usage (from the repo root)::
   torch's products are slow (MKL runs generic code on AMD's CPUs) that floor is low, so a
   second one is printed too: the read floor, one `sum()` of every such matrix (each byte
   read once, at what torch's reductions get from memory), tokens/s = b / that time.
+* With both dtypes: recontrol's bf16 / f32 speed in `repeats` alternating pairs of runs
+  (f32, bf16, f32, ...), the median of the pairs' ratios: the dtypes' blocks run minutes apart
+  and a machine's speed drifts between them.
 * Also checks that recontrol's greedy tokens for batch size 1 equal HF's (f32), and reports
   how many of recontrol's bf16 greedy tokens equal its f32 ones (the common prefix per prompt),
   and for scale, at the largest batch, recontrol bf16 against HF bf16, HF bf16 against HF
@@ -411,6 +414,18 @@ def main() -> int:
                         print(f"    recontrol: {ours}\n    HF:        {cont}")
             del model
 
+        # bf16 against f32 in alternating pairs of recontrol runs (f32, bf16, f32, ...): the
+        # two dtypes' blocks above run minutes apart, and this machine's speed drifts between
+        # them (HF's own bf16 rate moved by 25% from one such block to the next).
+        paired: dict[int, list[float]] = {}
+        if not args.hf_only and "f32" in args.dtypes and "bf16" in args.dtypes:
+            for b in args.batch_sizes:
+                paired[b] = []
+                for r in range(args.repeats):
+                    f32_rate, _ = recontrol_run(binary, mdir, prompts, work, b, n, "f32", r)
+                    bf16_rate, _ = recontrol_run(binary, mdir, prompts, work, b, n, "bf16", r)
+                    paired[b].append(bf16_rate / f32_rate)
+
     agreement = None
     if "f32" in tokens_by_dtype and "bf16" in tokens_by_dtype:
         f32, bf16 = tokens_by_dtype["f32"], tokens_by_dtype["bf16"]
@@ -454,7 +469,12 @@ def main() -> int:
     by = {(r["dtype"], r["batch"]): r["recontrol_tok_s"] for r in results}
     for b in args.batch_sizes:
         if by.get(("f32", b)) and by.get(("bf16", b)):
-            print(f"recontrol bf16 / f32 at batch {b}: {by[('bf16', b)] / by[('f32', b)]:.2f}x")
+            print(f"recontrol bf16 / f32 at batch {b}: {by[('bf16', b)] / by[('f32', b)]:.2f}x "
+                  f"(medians of the blocks above)")
+    for b, ratios in paired.items():
+        print(f"recontrol bf16 / f32 at batch {b}, alternating pairs: median "
+              f"{statistics.median(ratios):.2f}x (pairs: "
+              + ", ".join(f"{x:.2f}" for x in ratios) + ")")
     if args.json:
         report = {
             "new_tokens": n,
@@ -464,6 +484,7 @@ def main() -> int:
             "model": str(args.model) if args.model else MODEL_SETTINGS,
             "results": results,
             "bf16_vs_f32_tokens": agreement,
+            "bf16_over_f32_paired": {str(b): ratios for b, ratios in paired.items()},
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
