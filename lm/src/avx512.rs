@@ -2,9 +2,9 @@
 //! with exponentials by a polynomial instead of one `expf` call per element.
 //!
 //! [`head`], one row's decoding attention for one kv head for head dimensions of 16 C (64,
-//! 128, 256), keeps the queries and the running sums in registers. It replaced [`crate::kernels`]' portable body on these CPUs, where a
-//! dot product of 64 ended in its own horizontal sum and a softmax in one `expf` call per
-//! score. In a scratch loop over `decode_attention` at a SmolLM2 layer's shapes (batch 8,
+//! 128, 256), keeps the queries and the running sums in registers. It replaced
+//! [`crate::kernels`]' portable body on these CPUs, where a dot product of 64 ended in its
+//! own horizontal sum and a softmax in one `expf` call per score. In a scratch loop over `decode_attention` at a SmolLM2 layer's shapes (batch 8,
 //! 64 positions) one call took 111 us in bfloat16 before, 24-27 us with this body and the
 //! vectorized rotary and rounding of `kernels`; float32 72 us before, 20-23 us after.
 
@@ -84,12 +84,13 @@ unsafe fn store16<T: Element>(x: &mut [T], at: usize, v: __m512) {
 }
 
 /// `silu(gate) * up` into `out`, elementwise, rounded as [`crate::kernels`]' portable body
-/// rounds: `put(up * put(g / (1 + exp(-g))))`. The three slices have one length.
+/// rounds: `put(up * put(g / (1 + exp(-g))))`, for the whole sixteens of the three slices'
+/// one length; returns how many elements it did (the caller does the rest).
 ///
 /// # Safety
 /// The CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn silu_mul_row<T: Element>(gate: &[T], up: &[T], out: &mut [T]) {
+pub(crate) unsafe fn silu_mul_row<T: Element>(gate: &[T], up: &[T], out: &mut [T]) -> usize {
     let n = out.len();
     assert!(gate.len() == n && up.len() == n);
     let full = n / 16 * 16;
@@ -102,10 +103,7 @@ pub(crate) unsafe fn silu_mul_row<T: Element>(gate: &[T], up: &[T], out: &mut [T
             store16(out, at, _mm512_mul_ps(load16(up, at), silu));
         }
     }
-    for ((o, g), u) in out[full..].iter_mut().zip(&gate[full..]).zip(&up[full..]) {
-        let g = g.get();
-        *o = T::put(u.get() * T::put(g / (1.0 + (-g).exp())).get());
-    }
+    full
 }
 
 /// `exp(x)` of sixteen lanes: Cephes' `expf` (a degree-6 polynomial after taking out the
@@ -206,28 +204,24 @@ pub(crate) unsafe fn head<T: Element, const C: usize>(
             std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) });
         let s = &mut scores[j * positions..(j + 1) * positions];
         // Four positions at a time, their four sums added across lanes together.
+        // Positions not allowed (and past the end) are not computed; their lanes' sums are
+        // not read.
+        let closed = _mm512_set1_ps(f32::NAN);
         let score = |p: usize| {
-            if h.allowed.is_some_and(|a| a[p] == 0) {
-                return None;
+            if p >= positions || h.allowed.is_some_and(|a| a[p] == 0) {
+                return closed;
             }
             // SAFETY: position `p < positions` of `d` values is inside `h.keys`.
             let mut acc = _mm512_mul_ps(q[0], unsafe { load16(h.keys, p * d) });
             for (c, q) in q.iter().enumerate().skip(1) {
                 acc = _mm512_fmadd_ps(*q, unsafe { load16(h.keys, p * d + 16 * c) }, acc);
             }
-            Some(acc)
+            acc
         };
-        let closed = _mm512_set1_ps(f32::NAN);
         let mut p = 0;
         while p < positions {
             let count = (positions - p).min(4);
-            let acc: [__m512; 4] = std::array::from_fn(|i| {
-                if i < count {
-                    score(p + i).unwrap_or(closed)
-                } else {
-                    closed
-                }
-            });
+            let acc: [__m512; 4] = std::array::from_fn(|i| score(p + i));
             let mut sums = [0f32; 4];
             // SAFETY: `sums` holds four float32.
             unsafe { _mm_storeu_ps(sums.as_mut_ptr(), sum4(acc)) };
@@ -253,13 +247,9 @@ pub(crate) unsafe fn head<T: Element, const C: usize>(
             }
         }
         let o = &mut o[j * d..(j + 1) * d];
-        let mut out = [0f32; 16];
         for (c, sum) in sum.iter().enumerate() {
-            // SAFETY: `out` holds sixteen float32.
-            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), *sum) };
-            for (o, v) in o[16 * c..16 * (c + 1)].iter_mut().zip(out) {
-                *o = T::put(v);
-            }
+            // SAFETY: `o` holds `d` = 16 C elements.
+            unsafe { store16(o, 16 * c, *sum) };
         }
     }
 }

@@ -326,16 +326,21 @@ fn silu_mul_into<T: Element>(both: &[T], inter: usize, start: usize, mut o: &mut
 /// `silu(gate) * up` elementwise into `o`: `put(up * put(g / (1 + exp(-g))))`, libtorch's
 /// `silu` and product in `T`; sixteen at a time where the CPU has AVX-512.
 fn silu_mul_row<T: Element>(gate: &[T], up: &[T], o: &mut [T]) {
+    // The whole sixteens in AVX-512, the rest here.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    let done = if std::arch::is_x86_feature_detected!("avx512f") {
         #[allow(unsafe_code)]
         // SAFETY: this CPU has AVX-512F, all `silu_mul_row` is compiled for.
         unsafe {
             crate::avx512::silu_mul_row(gate, up, o)
-        };
-        return;
-    }
-    for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+        }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    let (gate, up) = (&gate[done..], &up[done..]);
+    for ((o, g), u) in o[done..].iter_mut().zip(gate).zip(up) {
         let g = g.get();
         *o = T::put(u.get() * T::put(g / (1.0 + (-g).exp())).get());
     }

@@ -134,26 +134,6 @@ impl ValueModel {
         Ok(g)
     }
 
-    /// V `[rows]` in reward units of `x [rows, input]` (`value_in_units`), the hidden
-    /// layers' products by `products`.
-    fn value_with(
-        &self,
-        x: &Tensor,
-        products: &dyn HiddenProducts,
-    ) -> Result<Tensor, tch::TchError> {
-        let layers = self.mlp.layers();
-        let last = layers.len() - 1;
-        let mut a = x.shallow_clone();
-        for i in 0..last {
-            a = crate::mlp::activate(self.mlp.activation(), &products.forward(i, &a)?)?;
-        }
-        let (w, b) = &layers[last];
-        a.f_linear(w, Some(b))?
-            .f_squeeze_dim(-1)?
-            .f_mul_scalar(self.config.reward_std)?
-            .f_add_scalar(self.config.reward_mean)
-    }
-
     /// `steps` updates `h <- h + alpha * dV/dh` of `h [rows, input]` (each row's total edit
     /// projected onto `max_edit_norm` after every step, as the editor does), in one call. V is
     /// computed twice, before the first step and after the last; the steps compute only the
@@ -181,7 +161,7 @@ impl ValueModel {
     ) -> Result<SgdOutcome, tch::TchError> {
         let _guard = tch::no_grad_guard();
         let h0 = h.f_to_kind(Kind::Float)?;
-        let before = self.value_with(&h0, products)?;
+        let before = self.value_in_units(&h0, products)?;
         let layers = self.mlp.layers();
         let top = layers[layers.len() - 1]
             .0
@@ -201,7 +181,7 @@ impl ValueModel {
         let after = if steps == 0 {
             before.shallow_clone()
         } else {
-            self.value_with(&x, products)?
+            self.value_in_units(&x, products)?
         };
         Ok(SgdOutcome {
             edited: x,

@@ -13,6 +13,7 @@ use recontrol_io::AtomicDir;
 use recontrol_train::write_safetensors;
 use tch::{Device, Kind, Tensor};
 
+use crate::grad::{HiddenProducts, TorchProducts};
 use crate::{Error, Result};
 
 /// PyTorch's form of each activation.
@@ -177,13 +178,25 @@ pub struct ValueModel {
 impl ValueModel {
     /// `[batch, input]` -> V `[batch]` in reward units.
     pub fn value(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.value_in_units(x)?)
+        Ok(self.value_in_units(x, &TorchProducts(self))?)
     }
 
-    /// [`ValueModel::value`] with libtorch's error, for the closed-form gradient's callers.
-    pub(crate) fn value_in_units(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        self.mlp
-            .forward_raw(x)?
+    /// [`ValueModel::value`] with the hidden layers' products by `products` and libtorch's
+    /// error, for the closed-form gradient's callers.
+    pub(crate) fn value_in_units(
+        &self,
+        x: &Tensor,
+        products: &dyn HiddenProducts,
+    ) -> Result<Tensor, tch::TchError> {
+        let layers = self.mlp.layers();
+        let last = layers.len() - 1;
+        let mut a = x.shallow_clone();
+        for i in 0..last {
+            a = activate(self.mlp.activation(), &products.forward(i, &a)?)?;
+        }
+        let (w, b) = &layers[last];
+        a.f_linear(w, Some(b))?
+            .f_squeeze_dim(-1)?
             .f_mul_scalar(self.config.reward_std)?
             .f_add_scalar(self.config.reward_mean)
     }
